@@ -22,6 +22,7 @@ cd "$(dirname "$0")"
 : "${POPALIGN_ALPHA:=0.5}"                                # weight of the winners' mean in the pooled anchor
 : "${LAMBDA_WINNER:=1.0}"
 : "${LAMBDA_LOSER:=1.0}"
+: "${TIMESTEP_SHARING:=pair}"                             # pair: each pair draws its own t (the original); batch: one t per global batch
 # The original replaces a pair's caption by the empty prompt 20% of the time, without saying so.
 # It is kept as the default here, in plain sight; set 0 to train on every caption.
 : "${CAPTION_DROPOUT:=0.2}"
@@ -62,7 +63,8 @@ accelerate launch $LAUNCH_ARGS train_popalign.py \
   --pairs_file "$PAIRS_FILE" --output_dir "$OUTPUT_DIR" --pretrained_model "$MODEL" --vae "$VAE" \
   --resolution "$RESOLUTION" --cache_dir "$CACHE_DIR" \
   --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" \
-  --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --caption_dropout "$CAPTION_DROPOUT" \
+  --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
+  --caption_dropout "$CAPTION_DROPOUT" \
   --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM" \

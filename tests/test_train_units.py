@@ -252,3 +252,17 @@ def test_accelerate_configs_load():
     assert deepspeed.distributed_type == "DEEPSPEED" and deepspeed.deepspeed_config["zero_stage"] == 2
     fsdp = load_config_from_file(str(root / "fsdp.yaml"))
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "BasicTransformerBlock"
+
+
+def test_batch_timestep_sharing_draws_one_t_per_micro_step_for_every_process():
+    from popalign.training.trainer import micro_step_timestep
+
+    shared = TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="batch", seed=3)
+    draws = [micro_step_timestep(shared, step, 1000) for step in range(400)]
+    # A pure function of (seed, micro-step): every process computes the same t for a micro-step.
+    assert draws == [micro_step_timestep(shared, step, 1000) for step in range(400)]
+    assert all(0 <= t < 1000 for t in draws) and len(set(draws)) > 300
+    assert min(draws) < 100 and max(draws) >= 900
+    assert micro_step_timestep(TrainConfig(pairs_file="p.csv", output_dir="o"), 5, 1000) is None  # default: per pair
+    with pytest.raises(InputError, match="--timestep_sharing"):
+        TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="step").validate()

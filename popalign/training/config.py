@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from popalign.io import InputError
 
 LOSSES = ("popalign", "dpo", "sft", "sudo")
+TIMESTEP_SHARING = ("pair", "batch")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -58,6 +59,10 @@ class TrainConfig:
     popalign_alpha: float = field(default=0.5, metadata=_help("weight of the winners' mean in the pooled PopAlign anchor"))
     lambda_winner: float = field(default=1.0, metadata=_help("PopAlign weight of the winner terms"))
     lambda_loser: float = field(default=1.0, metadata=_help("PopAlign weight of the loser terms"))
+    timestep_sharing: str = field(default="pair",
+        metadata=_help("'pair': each pair draws its own t (the original); 'batch': one t per micro-step, shared by every "
+                       "pair of the global batch, so the pooled PopAlign anchor compares errors at one noise level",
+                       choices=TIMESTEP_SHARING))
 
     # optimisation
     learning_rate: float = field(default=5e-7, metadata=_help("peak learning rate"))
@@ -115,7 +120,7 @@ class TrainConfig:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
             raise InputError(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        choices = {"loss": LOSSES, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
+        choices = {"loss": LOSSES, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")

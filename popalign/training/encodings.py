@@ -157,8 +157,12 @@ def assemble_batch(
     kind: str,
     resolution: int,
     with_losers: bool,
+    shared_timestep: Optional[int] = None,
 ) -> TrainingBatch:
-    """The pairs at these stream positions, with each pair's own noise, timestep and caption dropout."""
+    """The pairs at these stream positions, with each pair's own noise, timestep and caption dropout.
+
+    `shared_timestep` replaces every pair's own timestep (one noise level for the whole batch).
+    """
     pair_indices = stream_pair_indices(len(pairs), seed, positions.start, len(positions))
     winners, losers, noises, timesteps, texts = [], [], [], [], []
     for position, pair_index in zip(positions, pair_indices):
@@ -168,7 +172,7 @@ def assemble_batch(
         if with_losers:
             losers.append(pairs.encodings.get(LATENTS, pairs.loser_keys[pair_index]))
         noises.append(drawn.noise)
-        timesteps.append(drawn.timestep)
+        timesteps.append(drawn.timestep if shared_timestep is None else shared_timestep)
         caption_key = pairs.empty_caption_key if drawn.drop_caption else pairs.caption_keys[pair_index]
         texts.append(pairs.encodings.get(TEXT, caption_key))
 

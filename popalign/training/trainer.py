@@ -337,12 +337,20 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
                        alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step)
 
 
+def micro_step_timestep(config: TrainConfig, micro_step: int, num_train_timesteps: int) -> Optional[int]:
+    """With --timestep_sharing batch: the t ~ U{0..T-1} of this global micro-step, the same on every process; else None."""
+    if config.timestep_sharing != "batch":
+        return None
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "batch_timestep", micro_step))
+    return int(torch.randint(0, num_train_timesteps, (), generator=generator))
+
+
 def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Callable]) -> dict:
     """One micro-batch of this process: errors of policy and reference, the loss, backward (and the optimizer step when due)."""
     config, accelerator, unet = run.config, run.accelerator, run.unet
     positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
     batch = assemble_batch(run.pairs, positions, config.seed, run.num_train_timesteps, config.caption_dropout, run.kind,
-                           config.resolution, config.needs_losers)
+                           config.resolution, config.needs_losers, micro_step_timestep(config, micro_step, run.num_train_timesteps))
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
     move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
