@@ -22,6 +22,8 @@ cd "$(dirname "$0")"
 : "${POPALIGN_ALPHA:=0.5}"                                # weight of the winners' mean in the pooled anchor
 : "${LAMBDA_WINNER:=1.0}"
 : "${LAMBDA_LOSER:=1.0}"
+: "${MIN_TIMESTEP:=0}"                                     # training timesteps t ~ U{MIN_TIMESTEP..MAX_TIMESTEP}
+: "${MAX_TIMESTEP:=-1}"                                    # -1 = the scheduler's last timestep
 : "${TIMESTEP_SHARING:=pair}"                             # pair: each pair draws its own t (the original); batch: one t per global batch
 # The original replaces a pair's caption by the empty prompt 20% of the time, without saying so.
 # It is kept as the default here, in plain sight; set 0 to train on every caption.
@@ -64,6 +66,7 @@ accelerate launch $LAUNCH_ARGS train_popalign.py \
   --resolution "$RESOLUTION" --cache_dir "$CACHE_DIR" \
   --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" \
   --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
+  --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP" \
   --caption_dropout "$CAPTION_DROPOUT" \
   --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE" \

@@ -266,3 +266,21 @@ def test_batch_timestep_sharing_draws_one_t_per_micro_step_for_every_process():
     assert micro_step_timestep(TrainConfig(pairs_file="p.csv", output_dir="o"), 5, 1000) is None  # default: per pair
     with pytest.raises(InputError, match="--timestep_sharing"):
         TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="step").validate()
+
+
+def test_timesteps_are_drawn_within_the_configured_range():
+    from popalign.training.data import timestep_bounds
+    from popalign.training.trainer import micro_step_timestep
+
+    assert timestep_bounds(1000) == (0, 1000)
+    assert timestep_bounds(1000, 200, 799) == (200, 800)
+    draws = [sample_randomness(0, position, (1,), 800, 0.0, min_timestep=200).timestep for position in range(2000)]
+    assert min(draws) == 200 and max(draws) == 799
+    # The default range draws exactly what it drew before the range existed.
+    assert sample_randomness(4, 7, (1,), 1000, 0.0).timestep == sample_randomness(4, 7, (1,), 1000, 0.0, min_timestep=0).timestep
+    shared = TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="batch", min_timestep=600, max_timestep=999)
+    assert all(600 <= micro_step_timestep(shared, step, 1000) <= 999 for step in range(300))
+    with pytest.raises(InputError, match="--min_timestep"):
+        timestep_bounds(1000, 0, 1000)
+    with pytest.raises(InputError, match="--min_timestep"):
+        TrainConfig(pairs_file="p.csv", output_dir="o", min_timestep=500, max_timestep=100).validate()

@@ -59,6 +59,8 @@ class TrainConfig:
     popalign_alpha: float = field(default=0.5, metadata=_help("weight of the winners' mean in the pooled PopAlign anchor"))
     lambda_winner: float = field(default=1.0, metadata=_help("PopAlign weight of the winner terms"))
     lambda_loser: float = field(default=1.0, metadata=_help("PopAlign weight of the loser terms"))
+    min_timestep: int = field(default=0, metadata=_help("smallest training timestep t (t ~ U{min..max})"))
+    max_timestep: int = field(default=-1, metadata=_help("largest training timestep t; -1 = the scheduler's last (T-1)"))
     timestep_sharing: str = field(default="pair",
         metadata=_help("'pair': each pair draws its own t (the original); 'batch': one t per micro-step, shared by every "
                        "pair of the global batch, so the pooled PopAlign anchor compares errors at one noise level",
@@ -114,6 +116,8 @@ class TrainConfig:
         for name in ("lora_rank", "lora_alpha", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.min_timestep < 0 or self.max_timestep < -1 or (self.max_timestep >= 0 and self.min_timestep > self.max_timestep):
+            raise InputError(f"--min_timestep {self.min_timestep} / --max_timestep {self.max_timestep}: need 0 <= min <= max (max -1 = the last)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise InputError(f"--caption_dropout must be in [0, 1] (got {self.caption_dropout})")
         if not 0.0 <= self.popalign_alpha <= 1.0:

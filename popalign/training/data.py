@@ -149,10 +149,20 @@ class SampleRandomness:
     drop_caption: bool
 
 
-def sample_randomness(seed: int, position: int, latent_shape: tuple[int, ...], num_train_timesteps: int, caption_dropout: float) -> SampleRandomness:
-    """Noise ~ N(0, I), t ~ U{0..T-1} and the caption-dropout coin of one stream position."""
+def timestep_bounds(num_train_timesteps: int, min_timestep: int = 0, max_timestep: int = -1) -> tuple[int, int]:
+    """(low, high) with t drawn from U{low..high-1}: [min_timestep, max_timestep], max_timestep -1 meaning T-1."""
+    high = num_train_timesteps if max_timestep < 0 else max_timestep + 1
+    if not 0 <= min_timestep < high <= num_train_timesteps:
+        raise InputError(f"--min_timestep {min_timestep} / --max_timestep {max_timestep}: need 0 <= min <= max <= "
+                         f"{num_train_timesteps - 1} (the scheduler's last timestep)")
+    return min_timestep, high
+
+
+def sample_randomness(seed: int, position: int, latent_shape: tuple[int, ...], num_train_timesteps: int, caption_dropout: float,
+                      min_timestep: int = 0) -> SampleRandomness:
+    """Noise ~ N(0, I), t ~ U{min_timestep..num_train_timesteps-1} and the caption-dropout coin of one stream position."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "sample", position))
     noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
-    timestep = int(torch.randint(0, num_train_timesteps, (), generator=generator))
+    timestep = int(torch.randint(min_timestep, num_train_timesteps, (), generator=generator))
     drop_caption = bool(torch.rand((), generator=generator) < caption_dropout)
     return SampleRandomness(noise=noise, timestep=timestep, drop_caption=drop_caption)

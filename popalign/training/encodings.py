@@ -158,16 +158,19 @@ def assemble_batch(
     resolution: int,
     with_losers: bool,
     shared_timestep: Optional[int] = None,
+    min_timestep: int = 0,
 ) -> TrainingBatch:
     """The pairs at these stream positions, with each pair's own noise, timestep and caption dropout.
 
-    `shared_timestep` replaces every pair's own timestep (one noise level for the whole batch).
+    Timesteps are drawn from U{min_timestep..num_train_timesteps-1}; `shared_timestep` replaces every
+    pair's own timestep (one noise level for the whole batch).
     """
     pair_indices = stream_pair_indices(len(pairs), seed, positions.start, len(positions))
     winners, losers, noises, timesteps, texts = [], [], [], [], []
     for position, pair_index in zip(positions, pair_indices):
         winner = pairs.encodings.get(LATENTS, pairs.winner_keys[pair_index])
-        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), num_train_timesteps, caption_dropout)
+        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), num_train_timesteps, caption_dropout,
+                                  min_timestep)
         winners.append(winner)
         if with_losers:
             losers.append(pairs.encodings.get(LATENTS, pairs.loser_keys[pair_index]))

@@ -28,7 +28,7 @@ from popalign.training.checkpoints import (
     resolve_resume_checkpoint,
 )
 from popalign.training.config import TrainConfig
-from popalign.training.data import derive_seed, process_stream_positions, read_pairs
+from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs
 from popalign.training.models import SD, SDXL, add_lora_adapter, add_noise, denoising_target, load_noise_scheduler, load_unet, model_kind
 
@@ -338,19 +338,21 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, num_train_timesteps: int) -> Optional[int]:
-    """With --timestep_sharing batch: the t ~ U{0..T-1} of this global micro-step, the same on every process; else None."""
+    """With --timestep_sharing batch: the t ~ U{min..max timestep} of this global micro-step, the same on every process; else None."""
     if config.timestep_sharing != "batch":
         return None
+    low, high = timestep_bounds(num_train_timesteps, config.min_timestep, config.max_timestep)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "batch_timestep", micro_step))
-    return int(torch.randint(0, num_train_timesteps, (), generator=generator))
+    return int(torch.randint(low, high, (), generator=generator))
 
 
 def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Callable]) -> dict:
     """One micro-batch of this process: errors of policy and reference, the loss, backward (and the optimizer step when due)."""
     config, accelerator, unet = run.config, run.accelerator, run.unet
     positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
-    batch = assemble_batch(run.pairs, positions, config.seed, run.num_train_timesteps, config.caption_dropout, run.kind,
-                           config.resolution, config.needs_losers, micro_step_timestep(config, micro_step, run.num_train_timesteps))
+    low, high = timestep_bounds(run.num_train_timesteps, config.min_timestep, config.max_timestep)
+    batch = assemble_batch(run.pairs, positions, config.seed, high, config.caption_dropout, run.kind, config.resolution,
+                           config.needs_losers, micro_step_timestep(config, micro_step, run.num_train_timesteps), low)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
     move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
