@@ -1,0 +1,74 @@
+"""A shortened run of the toy demo (demo.sh): the real numbered scripts 1 -> 2 -> 3 -> 4 -> eval on the
+shipped toy base, with small image counts and a short PopAlign run.
+
+It checks the direction of the result with a margin: on the same evaluation prompts and the same
+per-image seeds, the PopAlign model's neutral-prompt discrepancy is clearly below the base
+model's. The sizes are the smallest at which that difference stands well above the sampling
+noise of the evaluation (see the margin below), so the test can fail for real: a loss with the
+wrong sign, pairs with winners and losers swapped, or a trainer that does not update the U-Net all
+leave the discrepancy where the base has it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Shortened demo settings (demo.sh reads them from the environment).
+SHORT_RUN = {
+    "TRAIN_IMAGES_PER_NEUTRAL_PROMPT": "40",
+    "TRAIN_IMAGES_PER_IDENTITY_PROMPT": "8",
+    "PAIR_ITERATIONS": "400",
+    "TRAIN_STEPS": "300",
+    "TRAIN_BATCH_SIZE": "16",
+    "TRAIN_WARMUP_STEPS": "20",
+    "EVAL_IMAGES_PER_NEUTRAL_PROMPT": "60",
+    "EVAL_IMAGES_PER_IDENTITY_PROMPT": "4",
+    "NUM_PROCESSES": "2",
+}
+# Required drop of the mean (gender + race) / 2 neutral-prompt discrepancy, in discrepancy units.
+# With 60 images per neutral prompt the standard error of one prompt's discrepancy is about 0.05,
+# of the mean over 4 prompts and 2 attributes about 0.02 (less for the paired difference, as both
+# models are evaluated on the same seeds), so 0.04 is 2 standard errors or more.
+MARGIN = 0.04
+
+
+def _mean_discrepancy(summary: pd.DataFrame, model: str) -> float:
+    rows = summary[(summary["model"] == model) & (summary["kind"] == "neutral")
+                   & summary["metric"].isin(["discrepancy_gender", "discrepancy_race"])]
+    assert len(rows) == 2, f"summary.csv lacks neutral discrepancies of {model}"
+    return float(rows["mean"].mean())
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_demo")
+    env = {**os.environ, **SHORT_RUN, "OUT": str(out), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(REPO / "demo.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_popalign_lowers_neutral_prompt_discrepancy_on_the_same_seeds(short_demo):
+    out, _ = short_demo
+    summary = pd.read_csv(out / "eval" / "report" / "summary.csv")
+    base, popalign = _mean_discrepancy(summary, "base"), _mean_discrepancy(summary, "popalign")
+    assert popalign < base - MARGIN, f"PopAlign {popalign:.3f} vs base {base:.3f}: not lower by {MARGIN}"
+
+
+def test_short_demo_prints_the_table_and_the_base_skew_is_measured(short_demo):
+    out, stdout = short_demo
+    assert "| base |" in stdout and "| popalign |" in stdout
+    assert str(out / "eval" / "report" / "report.md") in stdout
+    summary = pd.read_csv(out / "eval" / "report" / "summary.csv")
+    # The base model's skew is measured from its own pictures: far from uniform on neutral prompts
+    # (uniform gender gives 0, one gender only 0.707), while it draws what identity prompts ask for.
+    base_gender = summary[(summary["model"] == "base") & (summary["kind"] == "neutral") & (summary["metric"] == "discrepancy_gender")]
+    assert float(base_gender["mean"].iloc[0]) > 0.3
