@@ -4,11 +4,13 @@
     python scripts/train_toy_base.py pipeline --out DIR                    untrained toy pipeline (trains the VAE)
     python scripts/train_toy_base.py assemble --untrained DIR --unet U --out M   pipeline with the trained U-Net
     python scripts/train_toy_base.py measure --model M --prompts P.csv     identity accuracy and neutral skew
+        [--unet U]   measure a fine-tuned U-Net folder (or a LoRA .safetensors file) in place of M's own
 """
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -32,7 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--race_majority", type=float, default=0.8, help="share of the majority race in neutral-prompt pictures")
     parser.add_argument("--vae_steps", type=int, default=600)
     parser.add_argument("--untrained", help="untrained toy pipeline folder (assemble)")
-    parser.add_argument("--unet", help="trained U-Net folder (assemble)")
+    parser.add_argument("--unet", default="", help="trained U-Net folder (assemble); measure: a fine-tuned U-Net folder or LoRA "
+                        ".safetensors file to measure in place of the model's own")
     parser.add_argument("--model", help="toy pipeline to measure")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0)
@@ -52,7 +55,15 @@ def main(argv=None) -> int:
         else:
             from diffusers import StableDiffusionPipeline
 
+            if args.unet and not Path(args.unet).exists():
+                raise InputError(f"--unet {args.unet}: no such U-Net folder or LoRA file")
             pipeline = StableDiffusionPipeline.from_pretrained(args.model)
+            if args.unet.endswith(".safetensors"):
+                pipeline.load_lora_weights(args.unet)
+            elif args.unet:
+                from diffusers import UNet2DConditionModel
+
+                pipeline.unet = UNet2DConditionModel.from_pretrained(args.unet)
             pipeline.set_progress_bar_config(disable=True)
             prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
             measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt, args.images_per_neutral_prompt,

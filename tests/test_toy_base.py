@@ -40,3 +40,13 @@ def test_base_reproduces_the_neutral_skew(measurement):
     # neutral prompt; a fair model would sit at 50% and 33%.
     assert (neutral["model_gender_share"] >= 0.7).all()
     assert (neutral["model_race_share"] >= 0.6).all()
+
+
+def test_measurement_reports_neutral_discrepancy_and_quality(measurement):
+    neutral = pd.DataFrame(measurement["neutral"])
+    # Discrepancy over clean figures: a fair gender split gives 0, one gender only 0.707; uniform
+    # race (3 classes) 0, one race only 0.816. The base sits well inside, skewed.
+    assert neutral["gender_discrepancy"].between(0.2, 0.7072).all()
+    assert neutral["race_discrepancy"].between(0.2, 0.8165).all()
+    assert measurement["neutral_gender_discrepancy"] == pytest.approx(neutral["gender_discrepancy"].mean())
+    assert 0.8 <= measurement["neutral_toy_quality"] <= 1.0

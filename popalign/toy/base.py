@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from popalign.metrics import discrepancy
 from popalign.toy.dataset import neutral_skew
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure
 
@@ -55,8 +56,10 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
     """Identity-prompt accuracy and neutral-prompt skew of a toy pipeline, read from its pictures.
 
     Identity accuracy = share of identity-prompt pictures that are clean figures with the prompted
-    occupation, gender AND race. For each neutral prompt: the clean-figure rate and the shares of
-    the data set's majority gender and race among clean figures, next to the data set's shares.
+    occupation, gender AND race. For each neutral prompt: the clean-figure rate, the shares of the
+    data set's majority gender and race among clean figures next to the data set's shares, the
+    gender and race discrepancies ||p_hat - uniform||_2 over clean figures, and the mean toy quality
+    (popalign.toy.quality's formula). Also their means over the neutral prompts.
     """
     identity_counts: Counter = Counter()
     neutral_rows = []
@@ -77,7 +80,12 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
         majority_gender = max(gender_probabilities, key=gender_probabilities.get)
         majority_race = max(race_probabilities, key=race_probabilities.get)
         clean = [reading for reading in readings if reading.clean]
+        quality = [(reading.occupation_votes.get(prompt.occupation, 0.0) + float(reading.clean) + reading.explained_share) / 3.0
+                   for reading in readings]
         neutral_rows.append({
+            "gender_discrepancy": discrepancy([r.gender for r in clean], list(world.genders)) if clean else float("nan"),
+            "race_discrepancy": discrepancy([r.race for r in clean], list(world.races)) if clean else float("nan"),
+            "toy_quality": float(np.mean(quality)),
             "occupation": prompt.occupation, "images": count, "clean_rate": len(clean) / count,
             "majority_gender": majority_gender, "data_gender_share": gender_probabilities[majority_gender],
             "model_gender_share": float(np.mean([r.gender == majority_gender for r in clean])) if clean else float("nan"),
@@ -92,6 +100,9 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
         "identity_gender_accuracy": identity_counts["gender"] / images,
         "identity_race_accuracy": identity_counts["race"] / images,
         "identity_images": identity_counts["images"],
+        "neutral_gender_discrepancy": float(np.mean([row["gender_discrepancy"] for row in neutral_rows])) if neutral_rows else float("nan"),
+        "neutral_race_discrepancy": float(np.mean([row["race_discrepancy"] for row in neutral_rows])) if neutral_rows else float("nan"),
+        "neutral_toy_quality": float(np.mean([row["toy_quality"] for row in neutral_rows])) if neutral_rows else float("nan"),
         "neutral": neutral_rows,
         "settings": {"steps": steps, "guidance": guidance, "seed": seed},
     }
@@ -104,6 +115,8 @@ def format_measurement(measurement: dict) -> str:
              f"[{gate}: gate {IDENTITY_ACCURACY_GATE:.0%}] over {measurement['identity_images']} images "
              f"(clean {measurement['identity_clean_rate']:.1%}, occupation {measurement['identity_occupation_accuracy']:.1%}, "
              f"gender {measurement['identity_gender_accuracy']:.1%}, race {measurement['identity_race_accuracy']:.1%})"]
+    lines.append(f"neutral prompts (mean): gender discrepancy {measurement['neutral_gender_discrepancy']:.3f}, race discrepancy "
+                 f"{measurement['neutral_race_discrepancy']:.3f}, toy quality {measurement['neutral_toy_quality']:.3f}")
     for row in measurement["neutral"]:
         lines.append(f"neutral '{row['occupation']}': clean {row['clean_rate']:.0%}; {row['majority_gender']} "
                      f"{row['model_gender_share']:.0%} (data {row['data_gender_share']:.0%}); {row['majority_race']} "
