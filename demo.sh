@@ -46,9 +46,9 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
 # Step 4: fine-tune the base U-Net. Toy settings: a tiny model tolerates (and needs) a far higher
 # learning rate than SDXL's 5e-7; fp32 on CPU; no caption dropout so every step teaches the neutral prompts.
 train() {
-  local loss="$1" beta="$2" learning_rate="$3" lambda_loser="${4:-1.0}"
+  local loss="$1" beta="$2" learning_rate="$3"
   PAIRS_FILE="$OUT/preferences/pairs.csv" OUTPUT_DIR="$OUT/train/$loss" MODEL="$TOY_MODEL" VAE="" RESOLUTION=32 \
-  LOSS="$loss" BETA="$beta" LAMBDA_LOSER="$lambda_loser" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.0}" LEARNING_RATE="$learning_rate" \
+  LOSS="$loss" BETA="$beta" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.0}" LEARNING_RATE="$learning_rate" \
   LR_SCHEDULER=constant LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-300}" \
   TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-32}" MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
   CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES=1 SEED=0 \

@@ -53,18 +53,16 @@ def main(argv=None) -> int:
         elif args.stage == "assemble":
             print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
         else:
-            from diffusers import StableDiffusionPipeline
+            import torch
+
+            from popalign.pipelines import load_text_to_image_pipeline
 
             if args.unet and not Path(args.unet).exists():
                 raise InputError(f"--unet {args.unet}: no such U-Net folder or LoRA file")
-            pipeline = StableDiffusionPipeline.from_pretrained(args.model)
-            if args.unet.endswith(".safetensors"):
-                pipeline.load_lora_weights(args.unet)
-            elif args.unet:
-                from diffusers import UNet2DConditionModel
-
-                pipeline.unet = UNet2DConditionModel.from_pretrained(args.unet)
-            pipeline.set_progress_bar_config(disable=True)
+            lora = args.unet.endswith(".safetensors")
+            pipeline = load_text_to_image_pipeline(args.model, torch.float32, torch.device("cpu"),
+                                                   unet_path=None if lora else args.unet or None,
+                                                   lora_path=args.unet if lora else None)
             prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
             measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt, args.images_per_neutral_prompt,
                                             args.steps, args.guidance, args.seed, gender_majority=args.gender_majority,

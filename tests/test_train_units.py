@@ -258,12 +258,12 @@ def test_batch_timestep_sharing_draws_one_t_per_micro_step_for_every_process():
     from popalign.training.trainer import micro_step_timestep
 
     shared = TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="batch", seed=3)
-    draws = [micro_step_timestep(shared, step, 1000) for step in range(400)]
+    draws = [micro_step_timestep(shared, step, (0, 1000)) for step in range(400)]
     # A pure function of (seed, micro-step): every process computes the same t for a micro-step.
-    assert draws == [micro_step_timestep(shared, step, 1000) for step in range(400)]
+    assert draws == [micro_step_timestep(shared, step, (0, 1000)) for step in range(400)]
     assert all(0 <= t < 1000 for t in draws) and len(set(draws)) > 300
     assert min(draws) < 100 and max(draws) >= 900
-    assert micro_step_timestep(TrainConfig(pairs_file="p.csv", output_dir="o"), 5, 1000) is None  # default: per pair
+    assert micro_step_timestep(TrainConfig(pairs_file="p.csv", output_dir="o"), 5, (0, 1000)) is None  # default: per pair
     with pytest.raises(InputError, match="--timestep_sharing"):
         TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="step").validate()
 
@@ -279,7 +279,8 @@ def test_timesteps_are_drawn_within_the_configured_range():
     # The default range draws exactly what it drew before the range existed.
     assert sample_randomness(4, 7, (1,), 1000, 0.0).timestep == sample_randomness(4, 7, (1,), 1000, 0.0, min_timestep=0).timestep
     shared = TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="batch", min_timestep=600, max_timestep=999)
-    assert all(600 <= micro_step_timestep(shared, step, 1000) <= 999 for step in range(300))
+    bounds = timestep_bounds(1000, shared.min_timestep, shared.max_timestep)
+    assert all(600 <= micro_step_timestep(shared, step, bounds) <= 999 for step in range(300))
     with pytest.raises(InputError, match="--min_timestep"):
         timestep_bounds(1000, 0, 1000)
     with pytest.raises(InputError, match="--min_timestep"):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from popalign.metrics import discrepancy
 from popalign.toy.dataset import neutral_skew
+from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure
 
 IDENTITY_ACCURACY_GATE = 0.9
@@ -59,7 +60,7 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
     occupation, gender AND race. For each neutral prompt: the clean-figure rate, the shares of the
     data set's majority gender and race among clean figures next to the data set's shares, the
     gender and race discrepancies ||p_hat - uniform||_2 over clean figures, and the mean toy quality
-    (popalign.toy.quality's formula). Also their means over the neutral prompts.
+    (popalign.toy.quality.toy_quality). Also their means over the neutral prompts.
     """
     identity_counts: Counter = Counter()
     neutral_rows = []
@@ -80,12 +81,10 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
         majority_gender = max(gender_probabilities, key=gender_probabilities.get)
         majority_race = max(race_probabilities, key=race_probabilities.get)
         clean = [reading for reading in readings if reading.clean]
-        quality = [(reading.occupation_votes.get(prompt.occupation, 0.0) + float(reading.clean) + reading.explained_share) / 3.0
-                   for reading in readings]
         neutral_rows.append({
             "gender_discrepancy": discrepancy([r.gender for r in clean], list(world.genders)) if clean else float("nan"),
             "race_discrepancy": discrepancy([r.race for r in clean], list(world.races)) if clean else float("nan"),
-            "toy_quality": float(np.mean(quality)),
+            "toy_quality": float(np.mean([toy_quality(reading, prompt.occupation) for reading in readings])),
             "occupation": prompt.occupation, "images": count, "clean_rate": len(clean) / count,
             "majority_gender": majority_gender, "data_gender_share": gender_probabilities[majority_gender],
             "model_gender_share": float(np.mean([r.gender == majority_gender for r in clean])) if clean else float("nan"),

@@ -17,7 +17,16 @@ from PIL import Image
 
 from popalign.quality.base import QualityScorer
 from popalign.toy.classifier import toy_world_paths
-from popalign.toy.world import load_world, read_figure
+from popalign.toy.world import FigureReading, load_world, read_figure
+
+
+def toy_quality(reading: FigureReading, occupation: str | None) -> float:
+    """quality = (occupation_share + clean + explained_share) / 3 of one read picture; see the module docstring.
+
+    `occupation`: the prompted occupation (None when the prompt names none: occupation_share = 0).
+    """
+    background = reading.occupation_votes.get(occupation, 0.0) if occupation else 0.0
+    return (background + float(reading.clean) + reading.explained_share) / 3.0
 
 
 class ToyQualityScorer(QualityScorer):
@@ -29,10 +38,6 @@ class ToyQualityScorer(QualityScorer):
         self.world = load_world(*toy_world_paths(occupations, attributes))
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        scores = []
-        for image, prompt in zip(images, prompts):
-            reading = read_figure(self.world, image)
-            occupation = self.world.occupation_in_prompt(prompt)
-            background = reading.occupation_votes.get(occupation, 0.0) if occupation else 0.0
-            scores.append((background + float(reading.clean) + reading.explained_share) / 3.0)
+        scores = [toy_quality(read_figure(self.world, image), self.world.occupation_in_prompt(prompt))
+                  for image, prompt in zip(images, prompts)]
         return torch.tensor(scores, dtype=torch.float32)

@@ -152,25 +152,24 @@ def assemble_batch(
     pairs: EncodedPairs,
     positions: range,
     seed: int,
-    num_train_timesteps: int,
+    timestep_range: tuple[int, int],
     caption_dropout: float,
     kind: str,
     resolution: int,
     with_losers: bool,
     shared_timestep: Optional[int] = None,
-    min_timestep: int = 0,
 ) -> TrainingBatch:
     """The pairs at these stream positions, with each pair's own noise, timestep and caption dropout.
 
-    Timesteps are drawn from U{min_timestep..num_train_timesteps-1}; `shared_timestep` replaces every
+    Timesteps are drawn from U{low..high-1} of `timestep_range`; `shared_timestep` replaces every
     pair's own timestep (one noise level for the whole batch).
     """
     pair_indices = stream_pair_indices(len(pairs), seed, positions.start, len(positions))
+    low, high = timestep_range
     winners, losers, noises, timesteps, texts = [], [], [], [], []
     for position, pair_index in zip(positions, pair_indices):
         winner = pairs.encodings.get(LATENTS, pairs.winner_keys[pair_index])
-        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), num_train_timesteps, caption_dropout,
-                                  min_timestep)
+        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), high, caption_dropout, low)
         winners.append(winner)
         if with_losers:
             losers.append(pairs.encodings.get(LATENTS, pairs.loser_keys[pair_index]))

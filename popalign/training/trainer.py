@@ -266,7 +266,7 @@ class PreparedRun:
     pairs: object  # EncodedPairs
     kind: str
     prediction_type: str
-    num_train_timesteps: int
+    timestep_range: tuple[int, int]  # training t ~ U{low..high-1}
     alphas_cumprod: torch.Tensor
     global_step: int
 
@@ -289,6 +289,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     unet = load_unet(config.pretrained_model, config.variant)
     kind = model_kind(unet.config)
     noise_scheduler = load_noise_scheduler(config.pretrained_model)
+    timestep_range = timestep_bounds(noise_scheduler.config.num_train_timesteps, config.min_timestep, config.max_timestep)
 
     pairs = build_encoded_pairs(records, accelerator, config.resolved_cache_dir(), config.pretrained_model, config.vae, config.variant,
                                 kind, config.resolution, config.caption_dropout, config.vae_encode_batch_size, config.max_memory_cache_gb)
@@ -333,26 +334,24 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
 
     return PreparedRun(config=config, accelerator=accelerator, unet=unet, reference=reference, trainable=trainable, optimizer=optimizer,
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
-                       num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+                       timestep_range=timestep_range,
                        alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step)
 
 
-def micro_step_timestep(config: TrainConfig, micro_step: int, num_train_timesteps: int) -> Optional[int]:
-    """With --timestep_sharing batch: the t ~ U{min..max timestep} of this global micro-step, the same on every process; else None."""
+def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
+    """With --timestep_sharing batch: the t ~ U{low..high-1} of this global micro-step, the same on every process; else None."""
     if config.timestep_sharing != "batch":
         return None
-    low, high = timestep_bounds(num_train_timesteps, config.min_timestep, config.max_timestep)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "batch_timestep", micro_step))
-    return int(torch.randint(low, high, (), generator=generator))
+    return int(torch.randint(*timestep_range, (), generator=generator))
 
 
 def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Callable]) -> dict:
     """One micro-batch of this process: errors of policy and reference, the loss, backward (and the optimizer step when due)."""
     config, accelerator, unet = run.config, run.accelerator, run.unet
     positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
-    low, high = timestep_bounds(run.num_train_timesteps, config.min_timestep, config.max_timestep)
-    batch = assemble_batch(run.pairs, positions, config.seed, high, config.caption_dropout, run.kind, config.resolution,
-                           config.needs_losers, micro_step_timestep(config, micro_step, run.num_train_timesteps), low)
+    batch = assemble_batch(run.pairs, positions, config.seed, run.timestep_range, config.caption_dropout, run.kind, config.resolution,
+                           config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range))
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
     move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
