@@ -55,6 +55,29 @@ def test_an_unseen_configuration_reads_back_exactly(tmp_path):
         assert reading.clean and (reading.occupation, reading.gender, reading.race) == (occupation, gender, race)
 
 
+def test_no_skin_hue_is_near_the_blend_of_two_others():
+    # A fine-tune that paints the average of two races must not be read as a third race, for any
+    # number of races the toy world draws (the first k hues are used for k races).
+    from popalign.toy.world import BACKGROUND_PALETTE, CLOTHING_PALETTE, PALETTE_TOLERANCE, SKIN_PALETTE
+
+    for first, second in itertools.combinations(range(len(SKIN_PALETTE)), 2):
+        blend = (SKIN_PALETTE[first] + SKIN_PALETTE[second]) / 2
+        distances = np.linalg.norm(SKIN_PALETTE - blend, axis=1)
+        assert distances.min() > 1.5 * PALETTE_TOLERANCE, (first, second)
+    # Skin and clothing pixels are told apart by the nearest palette colour within the tolerance.
+    assert np.linalg.norm(SKIN_PALETTE[:, None] - CLOTHING_PALETTE[None], axis=-1).min() > 2 * PALETTE_TOLERANCE
+    assert np.linalg.norm(SKIN_PALETTE[:, None] - BACKGROUND_PALETTE[None], axis=-1).min() > PALETTE_TOLERANCE
+
+
+def test_a_blend_of_two_races_reads_as_no_race():
+    world = load_world("data/toy/occupations.csv", "data/attributes.json")  # six races
+    for first, second in itertools.combinations(world.races, 2):
+        left = np.asarray(render_figure(world, "doctor", "male", first, np.random.default_rng(3)), dtype=np.float32)
+        right = np.asarray(render_figure(world, "doctor", "male", second, np.random.default_rng(3)), dtype=np.float32)
+        reading = read_figure(world, Image.fromarray(((left + right) / 2).round().astype(np.uint8)))
+        assert reading.race is None and not reading.clean, (first, second)
+
+
 def test_noise_and_an_empty_background_are_not_clean_figures(world):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     assert not read_figure(world, noise).clean

@@ -39,13 +39,14 @@ BACKGROUND_PALETTE = np.array([
     (150, 200, 240), (165, 230, 150), (205, 180, 240), (225, 225, 225),
     (130, 220, 210), (185, 205, 110), (240, 240, 120), (250, 175, 225),
 ], dtype=np.float32)
-# Skin hues. None of the first three (used when three races are drawn) lies near the blend of the
-# other two: a model that paints a blend of two races (an average, not a choice) draws pixels
-# that no race explains, which the reader counts as an unclean figure instead of a third race.
-# (Three tones from one light-to-dark ramp would read every white/black blend as the middle race.)
+# Skin hues, one per race label in the attribute file's order. No hue lies near the blend of two
+# others (whatever the number of races drawn, 2 to 6): a model that paints a blend of two races (an
+# average, not a choice) draws pixels that no race explains, which the reader counts as an unclean
+# figure instead of a third race. (Tones from one light-to-dark ramp would read every light/dark
+# blend as a middle race, so hues past the third leave the ramp: the toy world is not a photograph.)
 SKIN_PALETTE = np.array([
     (250, 205, 165), (230, 135, 35), (95, 55, 30),
-    (190, 125, 70), (150, 95, 55), (215, 150, 130),
+    (0, 255, 135), (150, 0, 255), (0, 120, 255),
 ], dtype=np.float32)
 CLOTHING_PALETTE = np.array([(35, 60, 175), (195, 30, 105)], dtype=np.float32)
 CLOTHING_SHAPES = ("tunic", "dress")
