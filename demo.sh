@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy demo: the real numbered scripts 1 -> 2 -> 3 -> 4 -> eval on CPU, starting from the shipped
 # biased toy base model (models/toy_base), with the toy settings passed through the scripts' variables.
-#   bash demo.sh                 base vs PopAlign (about 10 minutes on 2 cores)
+#   bash demo.sh                 base vs PopAlign (about 12 minutes on 2 cores)
 #   BASELINES=1 bash demo.sh     also Diffusion-DPO and SFT trained on the same pairs
 # In the toy world a figure's occupation, gender and race are drawn as colours and shapes that the
 # toy classifier reads back from the pixels (popalign/toy/). The base model draws neutral prompts
@@ -23,8 +23,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS
 # The toy classifier and quality scorer read the toy world from these files.
 export POPALIGN_TOY_OCCUPATIONS="$TOY_OCCUPATIONS" POPALIGN_TOY_ATTRIBUTES="$TOY_ATTRIBUTES"
 
-# Sampling, shared by step 2 and the evaluation: the toy pipeline's DDIM scheduler, 32x32, fp32 on CPU.
+# Sampling: the toy pipeline's DDIM scheduler, 32x32, fp32 on CPU. Step 2 draws the training populations
+# at guidance 1.0 (the model's own conditional distribution: its neutral-prompt skew is the data's);
+# the evaluation samples as a user would, with classifier-free guidance 3.0, which sharpens every
+# prompt - the base's neutral prompts then draw their majority identity even more often.
 export STEPS="${STEPS:-20}" GUIDANCE="${GUIDANCE:-1.0}" WIDTH=32 HEIGHT=32 PRECISION=fp32 SCHEDULER=default
+: "${EVAL_GUIDANCE:=3.0}"
 export CLASSIFIER=toy NUM_PROCESSES BATCH_SIZE="${BATCH_SIZE:-50}" CLASSIFY_BATCH_SIZE=100
 
 # Step 1: identity-neutral toy prompts -> identity-specific variants (gender x race).
@@ -45,20 +49,24 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
 
 # Step 4: fine-tune the base U-Net. Toy settings: a tiny model tolerates (and needs) a far higher
 # learning rate than SDXL's 5e-7; fp32 on CPU; no caption dropout so every step teaches the neutral prompts.
+# PopAlign's beta and loser weight: the toy's per-pixel v-prediction errors at high noise differ by ~0.3
+# between winners and losers, so a beta of 1 lets the sigmoid stay unsaturated until the population has
+# moved (beta 5 or more stops it after a small shift), and a loser weight of 0.1 keeps the loser
+# (unlikelihood) term from degrading identity-specific prompts (README: what was measured).
 train() {
-  local loss="$1" beta="$2" learning_rate="$3"
+  local loss="$1" beta="$2" learning_rate="$3" lambda_loser="${4:-1.0}"
   PAIRS_FILE="$OUT/preferences/pairs.csv" OUTPUT_DIR="$OUT/train/$loss" MODEL="$TOY_MODEL" VAE="" RESOLUTION=32 \
-  LOSS="$loss" BETA="$beta" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.0}" LEARNING_RATE="$learning_rate" \
-  LR_SCHEDULER=constant LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-300}" \
+  LOSS="$loss" BETA="$beta" LAMBDA_LOSER="$lambda_loser" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.0}" LEARNING_RATE="$learning_rate" \
+  LR_SCHEDULER=constant LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-600}" \
   TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-32}" MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
   CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES=1 SEED=0 \
     bash 4_train.sh
 }
-train popalign "${POPALIGN_BETA:-1000}" "${POPALIGN_LR:-3e-4}"
+train popalign "${POPALIGN_BETA:-1}" "${POPALIGN_LR:-1e-4}" "${POPALIGN_LAMBDA_LOSER:-0.1}"
 tuned="popalign=unet:$OUT/train/popalign/unet"
 if [ "$BASELINES" = 1 ]; then
-  train dpo "${DPO_BETA:-1000}" "${DPO_LR:-3e-4}"
-  train sft 0 "${SFT_LR:-3e-4}"
+  train dpo "${DPO_BETA:-1000}" "${DPO_LR:-1e-4}"
+  train sft 0 "${SFT_LR:-1e-4}"
   tuned="$tuned dpo=unet:$OUT/train/dpo/unet sft=unet:$OUT/train/sft/unet"
 fi
 
@@ -70,7 +78,7 @@ toy_races="$(python -c 'import sys; from popalign.attributes import load_attribu
 BASE_MODEL="$TOY_MODEL" TUNED_MODELS="$tuned" EVAL_PROMPTS="$TOY_OCCUPATIONS" GENERIC_PROMPTS="$TOY_GENERIC_PROMPTS" \
 EVAL_TEMPLATE="a photo of {person} {activity}" ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 \
 IMAGES_PER_PROMPT="${EVAL_IMAGES_PER_NEUTRAL_PROMPT:-200}" IMAGES_PER_IDENTITY_PROMPT="${EVAL_IMAGES_PER_IDENTITY_PROMPT:-20}" \
-SCORERS=toy NUM_RESAMPLES=2000 OUT_DIR="$OUT/eval" \
+SCORERS=toy NUM_RESAMPLES=2000 OUT_DIR="$OUT/eval" GUIDANCE="$EVAL_GUIDANCE" \
   bash eval.sh
 
 python -m popalign.toy.report "$OUT/eval/report"
