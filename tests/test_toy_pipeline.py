@@ -72,3 +72,5 @@ def test_short_demo_prints_the_table_and_the_base_skew_is_measured(short_demo):
     # (uniform gender gives 0, one gender only 0.707), while it draws what identity prompts ask for.
     base_gender = summary[(summary["model"] == "base") & (summary["kind"] == "neutral") & (summary["metric"] == "discrepancy_gender")]
     assert float(base_gender["mean"].iloc[0]) > 0.3
+    base_identity = summary[(summary["model"] == "base") & (summary["kind"] == "identity") & (summary["metric"] == "accuracy_race_x_gender")]
+    assert float(base_identity["mean"].iloc[0]) > 0.9

@@ -19,6 +19,7 @@ from popalign.training.checkpoints import (
 )
 from popalign.training.config import TrainConfig, build_parser, config_from_args
 from popalign.training.data import (
+    derive_seed,
     process_stream_positions,
     read_pairs,
     resize_and_center_crop,
@@ -174,16 +175,16 @@ def test_stream_visits_every_pair_once_per_epoch_in_a_seeded_order():
 
 
 def test_sample_randomness_is_a_function_of_seed_and_position():
-    a = sample_randomness(1, 10, (4, 2, 2), 1000, 0.2)
-    b = sample_randomness(1, 10, (4, 2, 2), 1000, 0.2)
-    c = sample_randomness(1, 11, (4, 2, 2), 1000, 0.2)
+    a = sample_randomness(1, 10, (4, 2, 2), (0, 1000), 0.2)
+    b = sample_randomness(1, 10, (4, 2, 2), (0, 1000), 0.2)
+    c = sample_randomness(1, 11, (4, 2, 2), (0, 1000), 0.2)
     assert torch.equal(a.noise, b.noise) and a.timestep == b.timestep and a.drop_caption == b.drop_caption
     assert not torch.equal(a.noise, c.noise)
-    draws = [sample_randomness(0, position, (1,), 10, 0.2) for position in range(3000)]
+    draws = [sample_randomness(0, position, (1,), (0, 10), 0.2) for position in range(3000)]
     assert {draw.timestep for draw in draws} == set(range(10))  # t ~ U{0..T-1}
     dropped = sum(draw.drop_caption for draw in draws) / len(draws)
     assert 0.17 < dropped < 0.23
-    assert not any(sample_randomness(0, position, (1,), 10, 0.0).drop_caption for position in range(200))
+    assert not any(sample_randomness(0, position, (1,), (0, 10), 0.0).drop_caption for position in range(200))
 
 
 # ---------------------------------------------------------------- cache
@@ -274,10 +275,12 @@ def test_timesteps_are_drawn_within_the_configured_range():
 
     assert timestep_bounds(1000) == (0, 1000)
     assert timestep_bounds(1000, 200, 799) == (200, 800)
-    draws = [sample_randomness(0, position, (1,), 800, 0.0, min_timestep=200).timestep for position in range(2000)]
+    draws = [sample_randomness(0, position, (1,), (200, 800), 0.0).timestep for position in range(2000)]
     assert min(draws) == 200 and max(draws) == 799
-    # The default range draws exactly what it drew before the range existed.
-    assert sample_randomness(4, 7, (1,), 1000, 0.0).timestep == sample_randomness(4, 7, (1,), 1000, 0.0, min_timestep=0).timestep
+    # The full range draws exactly what the stream drew before ranges existed: noise, then t ~ U{0..T-1}.
+    generator = torch.Generator().manual_seed(derive_seed(4, "sample", 7))
+    torch.randn((1,), generator=generator, dtype=torch.float32)
+    assert sample_randomness(4, 7, (1,), timestep_bounds(1000), 0.0).timestep == int(torch.randint(0, 1000, (), generator=generator))
     shared = TrainConfig(pairs_file="p.csv", output_dir="o", timestep_sharing="batch", min_timestep=600, max_timestep=999)
     bounds = timestep_bounds(1000, shared.min_timestep, shared.max_timestep)
     assert all(600 <= micro_step_timestep(shared, step, bounds) <= 999 for step in range(300))

@@ -145,7 +145,7 @@ class SampleRandomness:
     """What is drawn for one pair: shared by its winner and loser."""
 
     noise: torch.Tensor  # (C, h, w) float32
-    timestep: int  # in [0, num_train_timesteps)
+    timestep: int  # in the timestep range [low, high)
     drop_caption: bool
 
 
@@ -158,11 +158,11 @@ def timestep_bounds(num_train_timesteps: int, min_timestep: int = 0, max_timeste
     return min_timestep, high
 
 
-def sample_randomness(seed: int, position: int, latent_shape: tuple[int, ...], num_train_timesteps: int, caption_dropout: float,
-                      min_timestep: int = 0) -> SampleRandomness:
-    """Noise ~ N(0, I), t ~ U{min_timestep..num_train_timesteps-1} and the caption-dropout coin of one stream position."""
+def sample_randomness(seed: int, position: int, latent_shape: tuple[int, ...], timestep_range: tuple[int, int],
+                      caption_dropout: float) -> SampleRandomness:
+    """Noise ~ N(0, I), t ~ U{low..high-1} of `timestep_range` (see timestep_bounds) and the caption-dropout coin of one stream position."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "sample", position))
     noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
-    timestep = int(torch.randint(min_timestep, num_train_timesteps, (), generator=generator))
+    timestep = int(torch.randint(*timestep_range, (), generator=generator))
     drop_caption = bool(torch.rand((), generator=generator) < caption_dropout)
     return SampleRandomness(noise=noise, timestep=timestep, drop_caption=drop_caption)

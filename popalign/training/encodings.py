@@ -165,11 +165,10 @@ def assemble_batch(
     pair's own timestep (one noise level for the whole batch).
     """
     pair_indices = stream_pair_indices(len(pairs), seed, positions.start, len(positions))
-    low, high = timestep_range
     winners, losers, noises, timesteps, texts = [], [], [], [], []
     for position, pair_index in zip(positions, pair_indices):
         winner = pairs.encodings.get(LATENTS, pairs.winner_keys[pair_index])
-        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), high, caption_dropout, low)
+        drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), timestep_range, caption_dropout)
         winners.append(winner)
         if with_losers:
             losers.append(pairs.encodings.get(LATENTS, pairs.loser_keys[pair_index]))
