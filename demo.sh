@@ -48,10 +48,9 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
   --require_attribute_match
 
 # Step 4: fine-tune the base U-Net. Toy settings: a tiny model tolerates (and needs) a far higher
-# learning rate than SDXL's 5e-7; fp32 on CPU. Caption dropout stays at the trainer's 0.2: the
-# evaluation samples with classifier-free guidance, which extrapolates away from the unconditional
-# prediction, so the empty caption has to learn the fair population too (with 0, guidance pushed the
-# tuned neutral prompts past balance, towards the identities the unconditional model under-draws).
+# learning rate than SDXL's 5e-7; fp32 on CPU. Caption dropout stays at the trainer's 0.2: the evaluation
+# samples with classifier-free guidance, which tilts the tuned neutral prompts away from what the
+# unconditional (empty-caption) model draws, so that branch is trained on the pairs too (README: what was measured).
 # PopAlign's beta and loser weight: the toy's per-pixel v-prediction errors at high noise differ by ~0.3
 # between winners and losers, so a beta of 0.5 lets the sigmoid stay unsaturated until the population
 # has moved (beta 5 or more stops it after a small shift), and a loser weight of 0.1 keeps the loser
