@@ -56,6 +56,35 @@ class GenerationSettings:
     negative_prompt: str = ""
     precision: str = "auto"
     seed: int = 0
+    weights_sha256: str = ""  # of the --unet / --lora files (fine_tuned_weights_sha256), so retrained weights are never mixed in
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def fine_tuned_weights_sha256(unet: str = "", lora: str = "") -> str:
+    """sha256 over the fine-tuned weights that `--unet` and `--lora` point at; '' when neither is a local path.
+
+    A folder contributes its top-level .safetensors / .bin / .json files (not checkpoint subfolders), a file
+    itself; each file is hashed with its name and size, in name order. A training run saves its weights at
+    the same path every time, so the path alone cannot tell a retrained model from the one a folder of
+    images was drawn with.
+    """
+    digest = hashlib.sha256()
+    hashed_any = False
+    for flag, location in (("unet", unet), ("lora", lora)):
+        path = Path(location) if location else None
+        if path is None or not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(child for child in path.iterdir()
+                                                       if child.is_file() and child.suffix in WEIGHT_FILE_SUFFIXES)
+        for file in files:
+            digest.update(f"{flag}|{file.name}|{file.stat().st_size}|".encode("utf-8"))
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+            hashed_any = True
+    return digest.hexdigest() if hashed_any else ""
 
 
 def read_prompt_table(path) -> pd.DataFrame:
@@ -104,7 +133,8 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
         current = json.loads(json.dumps(asdict(settings)))
         changed = [key for key in current if saved.get(key) != current[key]]
         if changed:
-            details = ", ".join(f"--{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+            details = ", ".join(f"the weights at --unet / --lora changed (sha256 {str(saved.get(key))[:12]!r} -> {current[key][:12]!r})"
+                                if key == "weights_sha256" else f"--{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
             raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --out_dir")
     else:
         atomic_write_json(config_path, asdict(settings))

@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -10,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from popalign.generation import GenerationSettings, generate_images, image_seed, read_prompt_table
+from popalign.generation import GenerationSettings, fine_tuned_weights_sha256, generate_images, image_seed, read_prompt_table
 from popalign.io import InputError
 
 TINY = ["--steps", "2", "--width", "64", "--height", "64", "--precision", "fp32"]
@@ -146,3 +148,50 @@ def test_bad_prompt_tables(tmp_path, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=re.escape(message)):
         read_prompt_table(path)
+
+
+def test_fine_tuned_weights_sha256_follows_the_bytes_not_the_path(tmp_path):
+    assert fine_tuned_weights_sha256("", "") == ""
+    assert fine_tuned_weights_sha256(str(tmp_path / "missing"), "") == ""
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text("{}", encoding="utf-8")
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10)
+    first = fine_tuned_weights_sha256(str(unet), "")
+    assert len(first) == 64
+    (unet / "notes.txt").write_text("not a weight file", encoding="utf-8")
+    (unet / "checkpoint-1").mkdir()
+    (unet / "checkpoint-1" / "model.safetensors").write_bytes(b"\x01")
+    assert fine_tuned_weights_sha256(str(unet), "") == first
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (copy / name).write_bytes((unet / name).read_bytes())
+    assert fine_tuned_weights_sha256(str(copy), "") == first
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 9 + b"\x01")
+    assert fine_tuned_weights_sha256(str(unet), "") != first
+    # The same file as a LoRA is a different model from it as a U-Net.
+    assert fine_tuned_weights_sha256("", str(copy)) != first
+
+
+def test_a_retrained_unet_at_the_same_path_is_not_mixed_into_its_old_images(tiny_sd_path, prompts_csv, repo_root, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    unet = tmp_path / "unet"
+    shutil.copytree(tiny_sd_path / "unet", unet)
+    out_dir = tmp_path / "images"
+    args = ["--model", str(tiny_sd_path), "--unet", str(unet), "--prompts_csv", str(prompts_csv), "--out_dir", str(out_dir),
+            "--kinds", "neutral", "--images_per_neutral_prompt", "1", "--steps", "2", "--width", "64", "--height", "64",
+            "--precision", "fp32"]
+    first = run_generation(repo_root, *args)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((out_dir / "generation_config.json").read_text(encoding="utf-8"))
+    assert config["weights_sha256"] == fine_tuned_weights_sha256(str(unet), "")
+    weights_file = unet / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1.0
+    save_file(weights, weights_file)
+    again = run_generation(repo_root, *args)
+    assert again.returncode == 2
+    assert "generation_config.json" in again.stderr and "the weights at --unet / --lora changed" in again.stderr
