@@ -131,10 +131,13 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
     if config_path.exists():
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         current = json.loads(json.dumps(asdict(settings)))
-        changed = [key for key in current if saved.get(key) != current[key]]
+        # A key an older folder lacks reads as its default: adding a setting does not orphan old folders.
+        defaults = json.loads(json.dumps(asdict(GenerationSettings(model=""))))
+        saved = {key: saved.get(key, defaults[key]) for key in current}
+        changed = [key for key in current if saved[key] != current[key]]
         if changed:
-            details = ", ".join(f"the weights at --unet / --lora changed (sha256 {str(saved.get(key))[:12]!r} -> {current[key][:12]!r})"
-                                if key == "weights_sha256" else f"--{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+            details = ", ".join(f"the weights at --unet / --lora changed (sha256 {saved[key][:12]!r} -> {current[key][:12]!r})"
+                                if key == "weights_sha256" else f"--{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --out_dir")
     else:
         atomic_write_json(config_path, asdict(settings))

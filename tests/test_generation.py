@@ -195,3 +195,17 @@ def test_a_retrained_unet_at_the_same_path_is_not_mixed_into_its_old_images(tiny
     again = run_generation(repo_root, *args)
     assert again.returncode == 2
     assert "generation_config.json" in again.stderr and "the weights at --unet / --lora changed" in again.stderr
+
+
+def test_a_folder_written_before_weights_were_hashed_resumes_only_without_fine_tuned_weights(tmp_path):
+    from dataclasses import asdict
+    from popalign.generation import CONFIG_FILE, check_or_write_config
+
+    settings = GenerationSettings(model="base", steps=2)
+    old_config = {key: value for key, value in asdict(settings).items() if key != "weights_sha256"}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old_config), encoding="utf-8")
+    check_or_write_config(tmp_path, settings)
+    with pytest.raises(InputError, match=r"weights at --unet / --lora changed \(sha256 '' -> 'abc'\)"):
+        check_or_write_config(tmp_path, GenerationSettings(model="base", steps=2, weights_sha256="abc"))
+    with pytest.raises(InputError, match="--steps 2 -> 3"):
+        check_or_write_config(tmp_path, GenerationSettings(model="base", steps=3))
