@@ -7,7 +7,7 @@ Writes OUT_DIR/images/<prompt_id>/<index>.png, OUT_DIR/manifest.csv and OUT_DIR/
 import argparse
 import sys
 
-from popalign.generation import PROMPT_KINDS, GenerationSettings, fine_tuned_weights_sha256, generate_images
+from popalign.generation import PROMPT_KINDS, GenerationSettings, generate_images
 from popalign.io import InputError
 
 
@@ -33,8 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = GenerationSettings(model=args.model, unet=args.unet, lora=args.lora, scheduler=args.scheduler,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                                  negative_prompt=args.negative_prompt, precision=args.precision, seed=args.seed,
-                                  weights_sha256=fine_tuned_weights_sha256(args.unet, args.lora))
+                                  negative_prompt=args.negative_prompt, precision=args.precision, seed=args.seed)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     try:
         unknown = [kind for kind in kinds if kind not in PROMPT_KINDS]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from popalign.io import InputError, atomic_save_image, atomic_write_csv, atomic_write_json, csv_row_number, read_csv_checked
+from popalign.io import InputError, atomic_save_image, atomic_write_csv, atomic_write_json, csv_row_number, file_sha256, read_csv_checked
 
 PROMPT_KINDS = ("neutral", "identity", "generic")
 ATTRIBUTE_COLUMNS = ("gender", "race", "age")
@@ -56,7 +56,6 @@ class GenerationSettings:
     negative_prompt: str = ""
     precision: str = "auto"
     seed: int = 0
-    weights_sha256: str = ""  # of the --unet / --lora files (fine_tuned_weights_sha256), so retrained weights are never mixed in
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".json")
@@ -66,7 +65,7 @@ def fine_tuned_weights_sha256(unet: str = "", lora: str = "") -> str:
     """sha256 over the fine-tuned weights that `--unet` and `--lora` point at; '' when neither is a local path.
 
     A folder contributes its top-level .safetensors / .bin / .json files (not checkpoint subfolders), a file
-    itself; each file is hashed with its name and size, in name order. A training run saves its weights at
+    itself; each file's name, size and sha256 enter the digest, in name order. A training run saves its weights at
     the same path every time, so the path alone cannot tell a retrained model from the one a folder of
     images was drawn with.
     """
@@ -79,10 +78,7 @@ def fine_tuned_weights_sha256(unet: str = "", lora: str = "") -> str:
         files = [path] if path.is_file() else sorted(child for child in path.iterdir()
                                                        if child.is_file() and child.suffix in WEIGHT_FILE_SUFFIXES)
         for file in files:
-            digest.update(f"{flag}|{file.name}|{file.stat().st_size}|".encode("utf-8"))
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
+            digest.update(f"{flag}|{file.name}|{file.stat().st_size}|{file_sha256(file)}|".encode("utf-8"))
             hashed_any = True
     return digest.hexdigest() if hashed_any else ""
 
@@ -125,14 +121,26 @@ def plan_images(prompts: pd.DataFrame, images_per_neutral_prompt: int, images_pe
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
+def generation_record(settings: GenerationSettings) -> dict:
+    """What generation_config.json holds: the settings plus `weights_sha256`, the digest of the fine-tuned
+    weights they point at (fine_tuned_weights_sha256), derived here because the path alone cannot tell
+    a retrained model from the one a folder of images was drawn with."""
+    record = json.loads(json.dumps(asdict(settings)))
+    record["weights_sha256"] = fine_tuned_weights_sha256(settings.unet, settings.lora)
+    return record
+
+
 def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
-    """Refuse to mix images made with other settings into an existing folder."""
+    """Refuse to mix images made with other settings (or other weights at the same path) into an existing folder.
+
+    Call it on one process: it reads the fine-tuned weight files in full to hash them.
+    """
     config_path = out_dir / CONFIG_FILE
+    current = generation_record(settings)
     if config_path.exists():
         saved = json.loads(config_path.read_text(encoding="utf-8"))
-        current = json.loads(json.dumps(asdict(settings)))
         # A key an older folder lacks reads as its default: adding a setting does not orphan old folders.
-        defaults = json.loads(json.dumps(asdict(GenerationSettings(model=""))))
+        defaults = {**json.loads(json.dumps(asdict(GenerationSettings(model="")))), "weights_sha256": ""}
         saved = {key: saved.get(key, defaults[key]) for key in current}
         changed = [key for key in current if saved[key] != current[key]]
         if changed:
@@ -140,7 +148,7 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
                                 if key == "weights_sha256" else f"--{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --out_dir")
     else:
-        atomic_write_json(config_path, asdict(settings))
+        atomic_write_json(config_path, current)
 
 
 def remove_partial_files(out_dir: Path) -> int:

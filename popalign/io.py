@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +15,15 @@ import pandas as pd
 
 class InputError(ValueError):
     """Bad user input. The message is one line naming the file and row (or flag) at fault."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_csv_checked(path: str | Path, required_columns: Sequence[str]) -> pd.DataFrame:

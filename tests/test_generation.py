@@ -202,10 +202,12 @@ def test_a_folder_written_before_weights_were_hashed_resumes_only_without_fine_t
     from popalign.generation import CONFIG_FILE, check_or_write_config
 
     settings = GenerationSettings(model="base", steps=2)
-    old_config = {key: value for key, value in asdict(settings).items() if key != "weights_sha256"}
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(old_config), encoding="utf-8")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(asdict(settings)), encoding="utf-8")  # no weights_sha256 key
     check_or_write_config(tmp_path, settings)
-    with pytest.raises(InputError, match=r"weights at --unet / --lora changed \(sha256 '' -> 'abc'\)"):
-        check_or_write_config(tmp_path, GenerationSettings(model="base", steps=2, weights_sha256="abc"))
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"\x02" * 8)
+    digest = fine_tuned_weights_sha256("", str(lora))
+    with pytest.raises(InputError, match=re.escape(f"weights at --unet / --lora changed (sha256 '' -> '{digest[:12]}')")):
+        check_or_write_config(tmp_path, GenerationSettings(model="base", steps=2, lora=str(lora)))
     with pytest.raises(InputError, match="--steps 2 -> 3"):
         check_or_write_config(tmp_path, GenerationSettings(model="base", steps=3))

@@ -22,17 +22,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from popalign.io import atomic_write_json
+from popalign.io import atomic_write_json, file_sha256
 
 CROP_RULE = "resize-shorter-side+center-crop"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def memoized_file_sha256(path: Path, memo_root: Path) -> str:
