@@ -28,6 +28,9 @@ cd "$(dirname "$0")"
 # The original replaces a pair's caption by the empty prompt 20% of the time, without saying so.
 # It is kept as the default here, in plain sight; set 0 to train on every caption.
 : "${CAPTION_DROPOUT:=0.2}"
+# Prior preservation (not in the original): also denoise each winner under its own identity-specific prompt
+# (the pairs' winner_prompt column) with this weight, so that identity-specific prompts keep drawing what they name.
+: "${PRIOR_PRESERVATION_WEIGHT:=0}"
 
 # --- optimisation ---
 : "${LEARNING_RATE:=5e-7}"
@@ -67,7 +70,7 @@ accelerate launch $LAUNCH_ARGS train_popalign.py \
   --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" \
   --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
   --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP" \
-  --caption_dropout "$CAPTION_DROPOUT" \
+  --caption_dropout "$CAPTION_DROPOUT" --prior_preservation_weight "$PRIOR_PRESERVATION_WEIGHT" \
   --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM" \

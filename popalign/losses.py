@@ -163,6 +163,24 @@ def sft_loss(model_err_w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.T
     return loss, {"loss": loss.detach(), "model_err_winner": loss.detach()}
 
 
+def with_prior_preservation(loss: torch.Tensor, statistics: dict[str, torch.Tensor], model_err_identity: torch.Tensor,
+                            weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Add a prior-preservation term to an objective: loss' = loss + weight * mean_b m_id,b.
+
+    m_id,b (B,) is the policy error of winner b denoised under its OWN prompt (the identity-specific
+    one it was generated from), with the pair's noise and timestep. The objective tunes the neutral
+    caption; this term keeps the model's fit of the identity-specific prompts, whose images the
+    winners are, so that what is learned on the neutral caption does not overwrite them
+    (DreamBooth's prior preservation with the model's own samples).
+    """
+    _check_errors(model_err_identity=model_err_identity)
+    if weight < 0:
+        raise ValueError(f"prior preservation weight must be >= 0, got {weight}")
+    identity_term = model_err_identity.mean()
+    statistics = dict(statistics, loss=(loss + weight * identity_term).detach(), model_err_identity_prompt=identity_term.detach())
+    return loss + weight * identity_term, statistics
+
+
 def derangement(batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A uniformly random permutation of range(batch_size) with no fixed point, shape (batch_size,).
 

@@ -12,6 +12,7 @@ from popalign.losses import (
     popalign_loss,
     sft_loss,
     sudo_loss,
+    with_prior_preservation,
 )
 
 
@@ -209,6 +210,23 @@ def test_sft_and_sudo_hand_values():
     assert statistics["dpo_loss"].item() == pytest.approx(dpo_expected, rel=1e-5)
     assert loss.item() == pytest.approx(0.5 * dpo_expected + 0.5 * 0.3, rel=1e-5)
     assert statistics["implicit_accuracy"].item() == 0.5
+
+
+def test_prior_preservation_adds_the_weighted_mean_identity_error():
+    loss, statistics = sft_loss(torch.tensor([0.2, 0.4]))
+    # loss' = 0.3 + 0.5 * mean([0.1, 0.7]) = 0.3 + 0.5 * 0.4 = 0.5
+    total, total_statistics = with_prior_preservation(loss, statistics, torch.tensor([0.1, 0.7]), weight=0.5)
+    assert total.item() == pytest.approx(0.5)
+    assert total_statistics["loss"].item() == pytest.approx(0.5)
+    assert total_statistics["model_err_identity_prompt"].item() == pytest.approx(0.4)
+    assert total_statistics["model_err_winner"].item() == pytest.approx(0.3)  # the objective's own statistics are kept
+    identity_errors = torch.tensor([0.1, 0.7], requires_grad=True)
+    with_prior_preservation(loss, statistics, identity_errors, weight=0.5)[0].backward()
+    assert identity_errors.grad.tolist() == pytest.approx([0.25, 0.25])  # weight / B
+    unchanged, _ = with_prior_preservation(loss, statistics, torch.tensor([0.1, 0.7]), weight=0.0)
+    assert unchanged.item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        with_prior_preservation(loss, statistics, torch.tensor([0.1, 0.7]), weight=-1.0)
 
 
 def test_derangement_never_has_a_fixed_point_and_is_seeded():

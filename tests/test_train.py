@@ -41,7 +41,13 @@ def pairs_data(tmp_path_factory) -> dict:
         writer = csv.writer(stream)
         writer.writerow(["winner_path", "caption"])
         writer.writerows([(f"images/{index}.png", f"a picture number {index}") for index in range(6)])
-    return {"pairs": root / "pairs.csv", "winners": root / "winners.csv", "cache": root / "cache"}
+    for name, winner_prompt in (("same_prompt.csv", lambda caption: caption), ("identity_prompt.csv", lambda caption: caption.replace("a ", "a female ", 1))):
+        with open(root / name, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["winner_path", "loser_path", "caption", "winner_prompt"])
+            writer.writerows([(*row, winner_prompt(row[2])) for row in rows])
+    return {"pairs": root / "pairs.csv", "winners": root / "winners.csv", "cache": root / "cache",
+            "same_prompt": root / "same_prompt.csv", "identity_prompt": root / "identity_prompt.csv"}
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +110,23 @@ def test_one_full_step_moves_the_policy_never_the_reference(tiny_sdxl_path, pair
     image = pipeline("a photo of a nurse", num_inference_steps=2, height=32, width=32, output_type="pil",
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+def test_prior_preservation_denoises_each_winner_under_its_own_prompt(tiny_sdxl_path, pairs_data, tmp_path):
+    first_steps = {}
+    for name in ("same_prompt", "identity_prompt"):
+        config = make_config(tiny_sdxl_path, pairs_data, tmp_path / name, loss="sft", pairs_file=str(pairs_data[name]),
+                             caption_dropout=0.0, train_batch_size=2, prior_preservation_weight=0.5)
+        run_training(prepare_run(config))
+        [first_steps[name]] = metrics(tmp_path / name)
+    # loss = mean m_w + 0.5 * mean m_id, with the pair's noise and t
+    for first in first_steps.values():
+        assert first["loss"] == pytest.approx(first["model_err_winner"] + 0.5 * first["model_err_identity_prompt"], rel=1e-5)
+    same, identity = first_steps["same_prompt"], first_steps["identity_prompt"]
+    # winner_prompt == caption: the identity term is the SFT term itself; another prompt gives another error
+    assert same["model_err_identity_prompt"] == pytest.approx(same["model_err_winner"], rel=1e-6)
+    assert identity["model_err_winner"] == pytest.approx(same["model_err_winner"], rel=1e-6)
+    assert abs(identity["model_err_identity_prompt"] - identity["model_err_winner"]) > 1e-6
 
 
 @pytest.mark.parametrize("loss", ["dpo", "sudo"])

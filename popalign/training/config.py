@@ -59,6 +59,10 @@ class TrainConfig:
     popalign_alpha: float = field(default=0.5, metadata=_help("weight of the winners' mean in the pooled PopAlign anchor"))
     lambda_winner: float = field(default=1.0, metadata=_help("PopAlign weight of the winner terms"))
     lambda_loser: float = field(default=1.0, metadata=_help("PopAlign weight of the loser terms"))
+    prior_preservation_weight: float = field(default=0.0,
+        metadata=_help("weight w of a denoising term on each winner under its own identity-specific prompt (the pairs' "
+                       "winner_prompt column), added to the objective: loss + w * mean m(winner | winner_prompt). Keeps "
+                       "identity-specific prompts drawing what they name while the neutral caption is tuned; 0 = off (the original)"))
     min_timestep: int = field(default=0, metadata=_help("smallest training timestep t (t ~ U{min..max})"))
     max_timestep: int = field(default=-1, metadata=_help("largest training timestep t; -1 = the scheduler's last (T-1)"))
     timestep_sharing: str = field(default="pair",
@@ -120,6 +124,8 @@ class TrainConfig:
             raise InputError(f"--min_timestep {self.min_timestep} / --max_timestep {self.max_timestep}: need 0 <= min <= max (max -1 = the last)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise InputError(f"--caption_dropout must be in [0, 1] (got {self.caption_dropout})")
+        if self.prior_preservation_weight < 0:
+            raise InputError(f"--prior_preservation_weight must be >= 0 (got {self.prior_preservation_weight})")
         if not 0.0 <= self.popalign_alpha <= 1.0:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
@@ -135,6 +141,11 @@ class TrainConfig:
     def needs_losers(self) -> bool:
         """Only the pairwise objectives read the loser images of the pairs file."""
         return self.loss in ("popalign", "dpo")
+
+    @property
+    def needs_winner_prompts(self) -> bool:
+        """The prior-preservation term reads each winner's identity-specific prompt."""
+        return self.prior_preservation_weight > 0
 
     @property
     def needs_reference(self) -> bool:

@@ -28,6 +28,7 @@ class PairRecord:
     winner_path: Path
     loser_path: Optional[Path]
     caption: str
+    winner_prompt: Optional[str] = None  # the winner's own (identity-specific) prompt, read for prior preservation
 
 
 def _resolve(path_text: str, base: Path) -> Path:
@@ -35,15 +36,16 @@ def _resolve(path_text: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def read_pairs(pairs_file: str | Path, needs_losers: bool) -> list[PairRecord]:
+def read_pairs(pairs_file: str | Path, needs_losers: bool, needs_winner_prompts: bool = False) -> list[PairRecord]:
     """Read winner_path, loser_path, caption rows; check that every named image exists.
 
     Paths are relative to the pairs file's folder unless absolute. Extra columns (the population
     statistics) are ignored. When `needs_losers` is False the loser_path column may be missing or
-    empty.
+    empty; when `needs_winner_prompts` is True every row needs a winner_prompt.
     """
     pairs_file = Path(pairs_file)
-    required = ["winner_path", "caption"] + (["loser_path"] if needs_losers else [])
+    required = (["winner_path", "caption"] + (["loser_path"] if needs_losers else [])
+                + (["winner_prompt"] if needs_winner_prompts else []))
     frame = read_csv_checked(pairs_file, required)
     base = pairs_file.resolve().parent
     records = []
@@ -60,7 +62,12 @@ def read_pairs(pairs_file: str | Path, needs_losers: bool) -> list[PairRecord]:
         for image_path in (winner, loser):
             if image_path is not None and not image_path.is_file():
                 raise InputError(f"{where}: image not found: {image_path}")
-        records.append(PairRecord(winner_path=winner, loser_path=loser, caption=row["caption"]))
+        winner_prompt = None
+        if needs_winner_prompts:
+            if not row["winner_prompt"]:
+                raise InputError(f"{where}: empty winner_prompt (needed by --prior_preservation_weight)")
+            winner_prompt = row["winner_prompt"]
+        records.append(PairRecord(winner_path=winner, loser_path=loser, caption=row["caption"], winner_prompt=winner_prompt))
     if not records:
         raise InputError(f"{pairs_file}: no pairs")
     return records

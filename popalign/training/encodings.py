@@ -40,6 +40,7 @@ class EncodedPairs:
     caption_keys: list[str]
     empty_caption_key: Optional[str]  # set when caption dropout can replace a caption by ""
     encodings: CachedEncodings
+    winner_prompt_keys: Optional[list[str]] = None  # each winner's own prompt, for prior preservation
 
     def __len__(self) -> int:
         return len(self.winner_keys)
@@ -52,6 +53,8 @@ class TrainingBatch:
     winner_latents, loser_latents, noise: (B, C, h, w); timesteps: (B,) int64;
     prompt_embeds: (B, L, D); pooled_prompt_embeds: (B, P) (SDXL only);
     winner_time_ids, loser_time_ids: (B, 6) (SDXL only). loser_* are None for SFT.
+    winner_prompt_embeds (B, L, D) and winner_pooled_prompt_embeds (B, P) (SDXL only): each winner's
+    own prompt, never dropped; set only for prior preservation.
     """
 
     winner_latents: torch.Tensor
@@ -62,6 +65,8 @@ class TrainingBatch:
     pooled_prompt_embeds: Optional[torch.Tensor]
     winner_time_ids: Optional[torch.Tensor]
     loser_time_ids: Optional[torch.Tensor]
+    winner_prompt_embeds: Optional[torch.Tensor] = None
+    winner_pooled_prompt_embeds: Optional[torch.Tensor] = None
 
 
 def _hash_images(paths: Sequence[Path], memo_root: Path, process_index: int, num_processes: int) -> dict[Path, str]:
@@ -123,7 +128,9 @@ def build_encoded_pairs(
     vae = None  # released: training never encodes images again
 
     text = load_text_encoders(pretrained_model, kind, variant, device)
-    captions = sorted({record.caption for record in records} | ({""} if caption_dropout > 0 else set()))
+    uses_winner_prompts = records[0].winner_prompt is not None
+    captions = sorted({record.caption for record in records} | ({""} if caption_dropout > 0 else set())
+                      | ({record.winner_prompt for record in records} if uses_winner_prompts else set()))
     caption_keys = {caption: caption_cache_key(caption, text.fingerprint) for caption in captions}
 
     def encode_captions(batch: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -145,6 +152,7 @@ def build_encoded_pairs(
         caption_keys=[caption_keys[record.caption] for record in records],
         empty_caption_key=caption_keys.get("") if caption_dropout > 0 else None,
         encodings=CachedEncodings(cache, keys_by_kind, in_memory),
+        winner_prompt_keys=[caption_keys[record.winner_prompt] for record in records] if uses_winner_prompts else None,
     )
 
 
@@ -158,14 +166,16 @@ def assemble_batch(
     resolution: int,
     with_losers: bool,
     shared_timestep: Optional[int] = None,
+    with_winner_prompts: bool = False,
 ) -> TrainingBatch:
     """The pairs at these stream positions, with each pair's own noise, timestep and caption dropout.
 
     Timesteps are drawn from U{low..high-1} of `timestep_range`; `shared_timestep` replaces every
-    pair's own timestep (one noise level for the whole batch).
+    pair's own timestep (one noise level for the whole batch). `with_winner_prompts` adds the
+    encodings of each winner's own prompt (caption dropout never touches them).
     """
     pair_indices = stream_pair_indices(len(pairs), seed, positions.start, len(positions))
-    winners, losers, noises, timesteps, texts = [], [], [], [], []
+    winners, losers, noises, timesteps, texts, winner_texts = [], [], [], [], [], []
     for position, pair_index in zip(positions, pair_indices):
         winner = pairs.encodings.get(LATENTS, pairs.winner_keys[pair_index])
         drawn = sample_randomness(seed, position, tuple(winner["latents"].shape), timestep_range, caption_dropout)
@@ -176,6 +186,8 @@ def assemble_batch(
         timesteps.append(drawn.timestep if shared_timestep is None else shared_timestep)
         caption_key = pairs.empty_caption_key if drawn.drop_caption else pairs.caption_keys[pair_index]
         texts.append(pairs.encodings.get(TEXT, caption_key))
+        if with_winner_prompts:
+            winner_texts.append(pairs.encodings.get(TEXT, pairs.winner_prompt_keys[pair_index]))
 
     def time_ids(entries):
         return sdxl_time_ids(torch.stack([entry["original_size"] for entry in entries]),
@@ -191,4 +203,7 @@ def assemble_batch(
         pooled_prompt_embeds=torch.stack([entry["pooled_prompt_embeds"] for entry in texts]) if is_sdxl else None,
         winner_time_ids=time_ids(winners) if is_sdxl else None,
         loser_time_ids=time_ids(losers) if is_sdxl and with_losers else None,
+        winner_prompt_embeds=torch.stack([entry["prompt_embeds"] for entry in winner_texts]) if with_winner_prompts else None,
+        winner_pooled_prompt_embeds=(torch.stack([entry["pooled_prompt_embeds"] for entry in winner_texts])
+                                     if with_winner_prompts and is_sdxl else None),
     )

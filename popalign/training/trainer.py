@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from popalign.io import InputError, atomic_write_text
-from popalign.losses import derangement, diffusion_dpo_loss, per_sample_denoising_error, popalign_loss, sft_loss, sudo_loss
+from popalign.losses import (derangement, diffusion_dpo_loss, per_sample_denoising_error, popalign_loss, sft_loss, sudo_loss,
+                             with_prior_preservation)
 from popalign.training.checkpoints import (
     CONFIG_NAME,
     LORA_CHECKPOINT_NAME,
@@ -285,7 +286,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / CONFIG_NAME, config.to_json())
 
-    records = read_pairs(config.pairs_file, needs_losers=config.needs_losers)
+    records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
     unet = load_unet(config.pretrained_model, config.variant)
     kind = model_kind(unet.config)
     noise_scheduler = load_noise_scheduler(config.pretrained_model)
@@ -351,7 +352,8 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
     config, accelerator, unet = run.config, run.accelerator, run.unet
     positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
     batch = assemble_batch(run.pairs, positions, config.seed, run.timestep_range, config.caption_dropout, run.kind, config.resolution,
-                           config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range))
+                           config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range),
+                           with_winner_prompts=config.needs_winner_prompts)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
     move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
@@ -368,6 +370,14 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
         with accelerator.autocast():
             policy_errors = errors(unet)
         loss, statistics = objective(config.loss, policy_errors, reference_errors, config, reduce_mean)
+        if config.needs_winner_prompts:
+            winners = batch.winner_latents.shape[0]
+            identity_condition = UNetCondition(move(batch.winner_prompt_embeds), move(batch.winner_pooled_prompt_embeds),
+                                               move(batch.winner_time_ids))
+            with accelerator.autocast():
+                identity_errors = denoising_errors(unet, latents[:winners], noise[:winners], timesteps[:winners], identity_condition,
+                                                   run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
+            loss, statistics = with_prior_preservation(loss, statistics, identity_errors, config.prior_preservation_weight)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             if config.max_grad_norm > 0:
