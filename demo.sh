@@ -48,27 +48,31 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
   --require_attribute_match
 
 # Step 4: fine-tune the base U-Net. Toy settings: a tiny model tolerates (and needs) a far higher
-# learning rate than SDXL's 5e-7; fp32 on CPU. Caption dropout stays at the trainer's 0.2: the evaluation
-# samples with classifier-free guidance, which tilts the tuned neutral prompts away from what the
-# unconditional (empty-caption) model draws, so that branch is trained on the pairs too (README: what was measured).
+# learning rate than SDXL's 5e-7; fp32 on CPU. The learning rate decays to 0 (cosine after 20 warmup
+# steps): at a constant rate, Adam keeps moving the identity balance that all neutral prompts share by a
+# random walk to the last step, so the end state depended on the training seed (one seed drew 62% men
+# for every occupation, another 70% women); decaying the rate lets it settle (README: what was measured).
+# Caption dropout stays at the trainer's 0.2, so the unconditional branch that guidance uses sees the pairs too.
 # PopAlign's beta and loser weight: the toy's per-pixel v-prediction errors at high noise differ by ~0.3
 # between winners and losers, so a beta of 0.5 lets the sigmoid stay unsaturated until the population
 # has moved (beta 5 or more stops it after a small shift), and a loser weight of 0.1 keeps the loser
 # (unlikelihood) term from degrading identity-specific prompts (README: what was measured).
+# TRAIN_PRIOR_PRESERVATION_WEIGHT > 0 also denoises each winner under its own identity-specific prompt.
 train() {
   local loss="$1" beta="$2" learning_rate="$3" lambda_loser="${4:-1.0}"
   PAIRS_FILE="$OUT/preferences/pairs.csv" OUTPUT_DIR="$OUT/train/$loss" MODEL="$TOY_MODEL" VAE="" RESOLUTION=32 \
   LOSS="$loss" BETA="$beta" LAMBDA_LOSER="$lambda_loser" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.2}" LEARNING_RATE="$learning_rate" \
-  LR_SCHEDULER=constant LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-600}" \
+  PRIOR_PRESERVATION_WEIGHT="${TRAIN_PRIOR_PRESERVATION_WEIGHT:-0}" \
+  LR_SCHEDULER="${TRAIN_LR_SCHEDULER:-cosine}" LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-600}" \
   TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-32}" MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
-  CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES=1 SEED=0 \
+  CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES=1 SEED="${TRAIN_SEED:-0}" \
     bash 4_train.sh
 }
-train popalign "${POPALIGN_BETA:-0.5}" "${POPALIGN_LR:-1e-4}" "${POPALIGN_LAMBDA_LOSER:-0.1}"
+train popalign "${POPALIGN_BETA:-0.5}" "${POPALIGN_LR:-2e-4}" "${POPALIGN_LAMBDA_LOSER:-0.1}"
 tuned="popalign=unet:$OUT/train/popalign/unet"
 if [ "$BASELINES" = 1 ]; then
-  train dpo "${DPO_BETA:-1000}" "${DPO_LR:-1e-4}"
-  train sft 0 "${SFT_LR:-1e-4}"
+  train dpo "${DPO_BETA:-1000}" "${DPO_LR:-2e-4}"
+  train sft 0 "${SFT_LR:-2e-4}"
   tuned="$tuned dpo=unet:$OUT/train/dpo/unet sft=unet:$OUT/train/sft/unet"
 fi
 
