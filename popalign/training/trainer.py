@@ -53,6 +53,10 @@ class UNetCondition:
     pooled_prompt_embeds: Optional[torch.Tensor] = None
     time_ids: Optional[torch.Tensor] = None
 
+    def first(self, count: int) -> "UNetCondition":
+        return UNetCondition(*(None if tensor is None else tensor[:count]
+                               for tensor in (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids)))
+
     def unet_kwargs(self, kind: str) -> dict:
         if kind == SDXL:
             return {"encoder_hidden_states": self.prompt_embeds,
@@ -113,6 +117,21 @@ def model_inputs(batch: TrainingBatch, loss_name: str, generator: torch.Generato
     time_ids = None if batch.winner_time_ids is None else torch.cat([batch.winner_time_ids, loser_time_ids])
     condition = UNetCondition(twice(batch.prompt_embeds), twice(batch.pooled_prompt_embeds), time_ids)
     return torch.cat([batch.winner_latents, loser_latents]), twice(batch.noise), twice(batch.timesteps), condition
+
+
+def with_winners_under_their_prompts(latents, noise, timesteps, condition: UNetCondition, batch: TrainingBatch):
+    """Append the B winners again, each under its own (identity-specific) prompt with its pair's noise and t.
+
+    The first B samples of every objective's layout are the winners; the appended ones are what the
+    prior-preservation term denoises, in the same U-Net pass as the objective's samples.
+    """
+    winners = batch.winner_latents.shape[0]
+    join = lambda tensor, extra: None if tensor is None else torch.cat([tensor, extra])  # noqa: E731
+    identity = UNetCondition(join(condition.prompt_embeds, batch.winner_prompt_embeds),
+                             join(condition.pooled_prompt_embeds, batch.winner_pooled_prompt_embeds),
+                             join(condition.time_ids, batch.winner_time_ids))
+    return (torch.cat([latents, batch.winner_latents]), torch.cat([noise, noise[:winners]]),
+            torch.cat([timesteps, timesteps[:winners]]), identity)
 
 
 class AdaptersOffReference:
@@ -356,28 +375,25 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
                            with_winner_prompts=config.needs_winner_prompts)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
+    objective_samples = latents.shape[0]
+    if config.needs_winner_prompts:
+        latents, noise, timesteps, condition = with_winners_under_their_prompts(latents, noise, timesteps, condition, batch)
     move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
     latents, noise, timesteps = move(latents), move(noise), move(timesteps)
     condition = UNetCondition(move(condition.prompt_embeds), move(condition.pooled_prompt_embeds), move(condition.time_ids))
     input_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    errors = lambda predict: denoising_errors(predict, latents, noise, timesteps, condition, run.kind, run.alphas_cumprod,  # noqa: E731
-                                              run.prediction_type, input_dtype)
+    errors = lambda predict, count: denoising_errors(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
+                                                     condition.first(count), run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
     with accelerator.accumulate(unet):
         reference_errors = None
         if run.reference is not None:
             with torch.no_grad(), accelerator.autocast():
-                reference_errors = errors(run.reference)
+                reference_errors = errors(run.reference, objective_samples)
         with accelerator.autocast():
-            policy_errors = errors(unet)
-        loss, statistics = objective(config.loss, policy_errors, reference_errors, config, reduce_mean)
+            policy_errors = errors(unet, latents.shape[0])  # one pass, the prior-preservation samples included
+        loss, statistics = objective(config.loss, policy_errors[:objective_samples], reference_errors, config, reduce_mean)
         if config.needs_winner_prompts:
-            winners = batch.winner_latents.shape[0]
-            identity_condition = UNetCondition(move(batch.winner_prompt_embeds), move(batch.winner_pooled_prompt_embeds),
-                                               move(batch.winner_time_ids))
-            with accelerator.autocast():
-                identity_errors = denoising_errors(unet, latents[:winners], noise[:winners], timesteps[:winners], identity_condition,
-                                                   run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
-            loss, statistics = with_prior_preservation(loss, statistics, identity_errors, config.prior_preservation_weight)
+            loss, statistics = with_prior_preservation(loss, statistics, policy_errors[objective_samples:], config.prior_preservation_weight)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             if config.max_grad_norm > 0:
