@@ -127,11 +127,11 @@ def with_winners_under_their_prompts(latents, noise, timesteps, condition: UNetC
     """
     winners = batch.winner_latents.shape[0]
     join = lambda tensor, extra: None if tensor is None else torch.cat([tensor, extra])  # noqa: E731
-    identity = UNetCondition(join(condition.prompt_embeds, batch.winner_prompt_embeds),
-                             join(condition.pooled_prompt_embeds, batch.winner_pooled_prompt_embeds),
-                             join(condition.time_ids, batch.winner_time_ids))
+    joined = UNetCondition(join(condition.prompt_embeds, batch.winner_prompt_embeds),
+                           join(condition.pooled_prompt_embeds, batch.winner_pooled_prompt_embeds),
+                           join(condition.time_ids, batch.winner_time_ids))
     return (torch.cat([latents, batch.winner_latents]), torch.cat([noise, noise[:winners]]),
-            torch.cat([timesteps, timesteps[:winners]]), identity)
+            torch.cat([timesteps, timesteps[:winners]]), joined)
 
 
 class AdaptersOffReference:
