@@ -177,8 +177,8 @@ def with_prior_preservation(loss: torch.Tensor, statistics: dict[str, torch.Tens
     if weight < 0:
         raise ValueError(f"prior preservation weight must be >= 0, got {weight}")
     identity_term = model_err_identity.mean()
-    statistics = dict(statistics, loss=(loss + weight * identity_term).detach(), model_err_identity_prompt=identity_term.detach())
-    return loss + weight * identity_term, statistics
+    total = loss + weight * identity_term
+    return total, dict(statistics, loss=total.detach(), model_err_identity_prompt=identity_term.detach())
 
 
 def derangement(batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -53,8 +53,9 @@ class UNetCondition:
     pooled_prompt_embeds: Optional[torch.Tensor] = None
     time_ids: Optional[torch.Tensor] = None
 
-    def first(self, count: int) -> "UNetCondition":
-        return UNetCondition(*(None if tensor is None else tensor[:count]
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "UNetCondition":
+        """The same condition with `function` applied to each tensor it has (to move, cast or slice it)."""
+        return UNetCondition(*(None if tensor is None else function(tensor)
                                for tensor in (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids)))
 
     def unet_kwargs(self, kind: str) -> dict:
@@ -74,8 +75,7 @@ def denoising_errors(predict: Callable, latents, noise, timesteps, condition: UN
     hold the weights in it without autocast); the target and the error stay in float32.
     """
     noisy = add_noise(alphas_cumprod, latents, noise, timesteps).to(input_dtype)
-    condition = UNetCondition(*(None if tensor is None else tensor.to(input_dtype)
-                                for tensor in (condition.prompt_embeds, condition.pooled_prompt_embeds, condition.time_ids)))
+    condition = condition.map(lambda tensor: tensor.to(input_dtype))
     prediction = predict(noisy, timesteps, **condition.unet_kwargs(kind)).sample
     return per_sample_denoising_error(prediction, denoising_target(prediction_type, alphas_cumprod, latents, noise, timesteps))
 
@@ -378,12 +378,11 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
     objective_samples = latents.shape[0]
     if config.needs_winner_prompts:
         latents, noise, timesteps, condition = with_winners_under_their_prompts(latents, noise, timesteps, condition, batch)
-    move = lambda tensor: None if tensor is None else tensor.to(accelerator.device)  # noqa: E731
-    latents, noise, timesteps = move(latents), move(noise), move(timesteps)
-    condition = UNetCondition(move(condition.prompt_embeds), move(condition.pooled_prompt_embeds), move(condition.time_ids))
+    move = lambda tensor: tensor.to(accelerator.device)  # noqa: E731
+    latents, noise, timesteps, condition = move(latents), move(noise), move(timesteps), condition.map(move)
     input_dtype = WEIGHT_DTYPES[config.mixed_precision]
     errors = lambda predict, count: denoising_errors(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
-                                                     condition.first(count), run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
+                                                     condition.map(lambda tensor: tensor[:count]), run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
     with accelerator.accumulate(unet):
         reference_errors = None
         if run.reference is not None:
