@@ -10,7 +10,7 @@ import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.io import InputError
-from popalign.preferences import generate_preferences, summary_path_for
+from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
 def main(argv=None) -> int:
@@ -26,13 +26,18 @@ def main(argv=None) -> int:
                         help="keep images where no face was detected (default: excluded, as in the original)")
     parser.add_argument("--require_attribute_match", action="store_true",
                         help="keep only identity-prompted images whose classified attributes equal the prompted ones")
+    parser.add_argument("--diverse_draw", choices=DIVERSE_DRAWS, default="per_identity_prompt",
+                        help="per_identity_prompt: each diverse image from an identity-specific prompt picked uniformly, so "
+                             "every identity is drawn equally often after filtering; per_image: uniformly over the kept "
+                             "images (the original)")
     parser.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_PATH), help="attribute definition JSON")
     args = parser.parse_args(argv)
     try:
         summary = generate_preferences(
             args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),
             num_iterations=args.num_iterations, population_size=args.population_size, seed=args.seed,
-            keep_no_face=args.keep_no_face, require_attribute_match=args.require_attribute_match)
+            keep_no_face=args.keep_no_face, require_attribute_match=args.require_attribute_match,
+            diverse_draw=args.diverse_draw)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

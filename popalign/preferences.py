@@ -7,7 +7,12 @@ algorithm (the original PopAlign's, with its numbers as defaults):
 
     1. pick a neutral prompt uniformly at random;
     2. draw `population_size` images with replacement from its diverse population and as many
-       from its base population;
+       from its base population; a diverse image is drawn by first picking one of the neutral
+       prompt's identity-specific prompts uniformly, then one of its images (`per_identity_prompt`,
+       the default), so every identity is drawn equally often even where filtering kept fewer
+       images of some identities than of others; `per_image` draws uniformly over the kept images
+       (the original's draw, the same as per_identity_prompt when every identity-specific prompt
+       kept the same number of images);
     3. the diverse draw wins, unless it has strictly fewer distinct races AND strictly fewer
        distinct genders than the base draw, in which case the roles swap;
     4. emit `population_size` pairs (winner_i, loser_i), every one captioned with the NEUTRAL
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +41,8 @@ from popalign.io import InputError, atomic_write_csv, atomic_write_json, csv_row
 DIVERSITY_AXES = ("gender", "race")
 # Prompt kinds of step 2; `generic` prompts (no person, for quality checks) take no part in pairing.
 KINDS = ("neutral", "identity", "generic")
+# How a diverse image is drawn (module docstring, step 2).
+DIVERSE_DRAWS = ("per_identity_prompt", "per_image")
 MANIFEST_COLUMNS = ["image_path", "kind", "prompt", "neutral_prompt", *DIVERSITY_AXES]
 LABEL_COLUMNS = ["image_path", "face_detected", *DIVERSITY_AXES]
 PAIR_COLUMNS = [
@@ -172,6 +180,26 @@ class Population:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @cached_property
+    def _images_by_prompt(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image indices grouped by prompt, each prompt's first position in them, each prompt's image count)."""
+        order = np.argsort(self.prompts.astype(str), kind="stable")
+        _, counts = np.unique(self.prompts[order].astype(str), return_counts=True)
+        return order, np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+
+    def draw(self, rng: np.random.Generator, size: int, per_prompt: bool) -> np.ndarray:
+        """Indices of `size` images drawn with replacement: uniformly over images, or (per_prompt)
+        a prompt uniformly over this population's K distinct prompts, then one of its images uniformly.
+
+            per_image:  P(image i) = 1 / N
+            per_prompt: P(image i) = 1 / (K * N_prompt(i)),   N_prompt(i) = images of i's prompt
+        """
+        if not per_prompt:
+            return rng.integers(len(self), size=size)
+        order, starts, counts = self._images_by_prompt
+        chosen = rng.integers(len(counts), size=size)
+        return order[starts[chosen] + rng.integers(counts[chosen])]
+
 
 @dataclass
 class Populations:
@@ -243,7 +271,8 @@ def count_distinct(labels: Sequence[str]) -> int:
     return len({label for label in labels if label})
 
 
-def sample_preference_pairs(populations: Populations, num_iterations: int, population_size: int, seed: int) -> pd.DataFrame:
+def sample_preference_pairs(populations: Populations, num_iterations: int, population_size: int, seed: int,
+                            diverse_draw: str = "per_identity_prompt") -> pd.DataFrame:
     """Run the pairing algorithm; returns `num_iterations * population_size` pairs (PAIR_COLUMNS).
 
     Paths are the populations' (absolute). Deterministic for a seed (numpy PCG64 Generator).
@@ -252,6 +281,8 @@ def sample_preference_pairs(populations: Populations, num_iterations: int, popul
         raise InputError(f"--num_iterations {num_iterations}: must be >= 1")
     if population_size < 1:
         raise InputError(f"--population_size {population_size}: must be >= 1")
+    if diverse_draw not in DIVERSE_DRAWS:
+        raise InputError(f"--diverse_draw {diverse_draw!r}: must be one of {', '.join(DIVERSE_DRAWS)}")
     neutral_prompts = populations.neutral_prompts
     if not neutral_prompts:
         raise InputError("no neutral prompt has images in both its diverse and its base population "
@@ -261,15 +292,15 @@ def sample_preference_pairs(populations: Populations, num_iterations: int, popul
     for iteration in range(num_iterations):
         neutral_prompt = neutral_prompts[rng.integers(len(neutral_prompts))]
         diverse, base = populations.diverse[neutral_prompt], populations.base[neutral_prompt]
-        diverse_draw = rng.integers(len(diverse), size=population_size)
+        diverse_picks = diverse.draw(rng, population_size, per_prompt=diverse_draw == "per_identity_prompt")
         base_draw = rng.integers(len(base), size=population_size)
-        diverse_genders = count_distinct(diverse.genders[diverse_draw])
-        diverse_races = count_distinct(diverse.races[diverse_draw])
+        diverse_genders = count_distinct(diverse.genders[diverse_picks])
+        diverse_races = count_distinct(diverse.races[diverse_picks])
         base_genders = count_distinct(base.genders[base_draw])
         base_races = count_distinct(base.races[base_draw])
         base_wins = diverse_races < base_races and diverse_genders < base_genders
-        (winner, winner_draw), (loser, loser_draw) = ((base, base_draw), (diverse, diverse_draw)) if base_wins \
-            else ((diverse, diverse_draw), (base, base_draw))
+        (winner, winner_draw), (loser, loser_draw) = ((base, base_draw), (diverse, diverse_picks)) if base_wins \
+            else ((diverse, diverse_picks), (base, base_draw))
         for winner_index, loser_index in zip(winner_draw, loser_draw):
             rows.append((winner.paths[winner_index], loser.paths[loser_index], neutral_prompt, neutral_prompt,
                          winner.prompts[winner_index], loser.prompts[loser_index], "base" if base_wins else "diverse",
@@ -306,6 +337,7 @@ def generate_preferences(
     seed: int = 0,
     keep_no_face: bool = False,
     require_attribute_match: bool = False,
+    diverse_draw: str = "per_identity_prompt",
 ) -> dict:
     """Read step 2's image folders, sample the pairs, write the pairs CSV and its JSON summary.
 
@@ -314,7 +346,7 @@ def generate_preferences(
     """
     records = load_image_records(image_dirs, classifier, attributes)
     populations = build_populations(records, attributes.names, keep_no_face, require_attribute_match)
-    pairs = sample_preference_pairs(populations, num_iterations, population_size, seed)
+    pairs = sample_preference_pairs(populations, num_iterations, population_size, seed, diverse_draw)
     output_path = Path(output_path)
     # Symlinks resolved on both sides, as the trainer resolves the pairs file's folder.
     pairs_folder = os.path.realpath(output_path.parent)
@@ -329,6 +361,7 @@ def generate_preferences(
         "population_size": population_size,
         "keep_no_face": keep_no_face,
         "require_attribute_match": require_attribute_match,
+        "diverse_draw": diverse_draw,
         "num_pairs": len(pairs),
         "iterations_won_by_base": int((pairs["winner_side"] == "base").sum() // population_size),
         "images_total": populations.images_total,

@@ -229,6 +229,34 @@ def test_require_attribute_match_drops_misdrawn_identity_images(tmp_path):
     assert set(read_pairs(tmp_path / "matched" / "pairs.csv")["winner_prompt"]) == {images[0]["prompt"]}
 
 
+def _unequal_identity_images() -> list[dict]:
+    """A nurse whose identity-specific prompts kept 9 images (Asian man) and 1 image (Black woman), as when
+    filtering dropped more pictures of one identity; a homogeneous base, so the diverse side always wins."""
+    return ([image(NURSE, "identity", ("male", "asian"), ("male", "asian")) for _ in range(9)]
+            + [image(NURSE, "identity", ("female", "black"), ("female", "black"))]
+            + [image(NURSE, "neutral", ("female", "white")) for _ in range(3)])
+
+
+@pytest.mark.parametrize("diverse_draw, black_woman_share", [("per_identity_prompt", 0.5), ("per_image", 0.1)])
+def test_diverse_draw_weights_identity_prompts_equally_or_images_equally(tmp_path, diverse_draw, black_woman_share):
+    folder = write_image_dir(tmp_path / "images", _unequal_identity_images())
+    summary = run([folder], tmp_path / "pairs.csv", num_iterations=2000, diverse_draw=diverse_draw)
+    assert summary["diverse_draw"] == diverse_draw and summary["iterations_won_by_base"] == 0
+    winners = read_pairs(tmp_path / "pairs.csv")
+    # 10000 winners: the share's standard error is at most 0.005
+    assert abs(winners["winner_prompt"].str.contains("black").mean() - black_woman_share) < 0.03
+    asian_man_images = winners.loc[winners["winner_prompt"].str.contains("asian"), "winner_path"].value_counts()
+    assert len(asian_man_images) == 9  # within a prompt, every image is drawn
+    assert asian_man_images.max() / asian_man_images.min() < 1.5
+
+
+def test_diverse_draw_must_be_known(tmp_path):
+    folder = write_image_dir(tmp_path / "images", _unequal_identity_images())
+    with pytest.raises(InputError, match="--diverse_draw 'per_race'"):
+        run([folder], tmp_path / "pairs.csv", diverse_draw="per_race")
+    assert not (tmp_path / "pairs.csv").exists()
+
+
 def test_populations_can_come_from_several_folders(tmp_path):
     images = standard_images()
     diverse = write_image_dir(tmp_path / "diverse", [r for r in images if r["kind"] == "identity"])
