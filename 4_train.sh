@@ -31,6 +31,9 @@ cd "$(dirname "$0")"
 # Prior preservation (not in the original): also denoise each winner under its own identity-specific prompt
 # (the pairs' winner_prompt column) with this weight, so that identity-specific prompts keep drawing what they name.
 : "${PRIOR_PRESERVATION_WEIGHT:=0}"
+# What that term denoises towards: noise (the denoising target: fit the winners under their prompts) or
+# reference (the frozen reference U-Net's prediction: keep the base model's identity-specific behaviour).
+: "${PRIOR_PRESERVATION_TARGET:=noise}"
 
 # --- optimisation ---
 : "${LEARNING_RATE:=5e-7}"
@@ -71,6 +74,7 @@ accelerate launch $LAUNCH_ARGS train_popalign.py \
   --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
   --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP" \
   --caption_dropout "$CAPTION_DROPOUT" --prior_preservation_weight "$PRIOR_PRESERVATION_WEIGHT" \
+  --prior_preservation_target "$PRIOR_PRESERVATION_TARGET" \
   --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM" \

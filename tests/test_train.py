@@ -129,6 +129,24 @@ def test_prior_preservation_denoises_each_winner_under_its_own_prompt(tiny_sdxl_
     assert abs(identity["model_err_identity_prompt"] - identity["model_err_winner"]) > 1e-6
 
 
+@pytest.mark.parametrize("loss, lora_rank", [("sft", 0), ("popalign", 4)])
+def test_prior_preservation_towards_the_reference_starts_at_zero_and_pulls_back(tiny_sdxl_path, pairs_data, tmp_path, loss, lora_rank):
+    # The reference is a frozen copy (SFT loads one only for this term) or the adapters-off view (LoRA).
+    config = make_config(tiny_sdxl_path, pairs_data, tmp_path / "run", loss=loss, lora_rank=lora_rank, max_train_steps=3,
+                         pairs_file=str(pairs_data["identity_prompt"]), caption_dropout=0.0, train_batch_size=2,
+                         prior_preservation_weight=0.5, prior_preservation_target="reference", learning_rate=1e-2)
+    assert config.needs_reference
+    run_training(prepare_run(config))
+    steps = metrics(tmp_path / "run")
+    # step 1: policy == reference, so each winner's error towards the reference's prediction is exactly 0
+    assert steps[0]["model_err_identity_prompt"] == 0.0
+    # once the weights moved, the policy departs from the reference under the identity-specific prompts
+    assert steps[-1]["model_err_identity_prompt"] > 0.0
+    if loss == "sft":  # loss = mean m_w + 0.5 * mean || eps_theta(x_t, c_id) - eps_ref(x_t, c_id) ||^2
+        for step in steps:
+            assert step["loss"] == pytest.approx(step["model_err_winner"] + 0.5 * step["model_err_identity_prompt"], rel=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["dpo", "sudo"])
 def test_first_loss_with_lora_equals_the_hand_value(tiny_sdxl_path, pairs_data, tmp_path, loss):
     config = make_config(tiny_sdxl_path, pairs_data, tmp_path / "run", loss=loss, lora_rank=4, train_batch_size=2)

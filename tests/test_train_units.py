@@ -105,6 +105,16 @@ def test_winner_prompts_are_read_only_for_prior_preservation(tmp_path):
         read_pairs(no_column, needs_losers=True, needs_winner_prompts=True)
 
 
+def test_prior_preservation_target_decides_whether_sft_reads_a_reference():
+    config = lambda **values: TrainConfig(pairs_file="p.csv", output_dir="o", loss="sft", **values)  # noqa: E731
+    assert not config().needs_reference
+    assert not config(prior_preservation_weight=0.5).needs_reference  # towards the noise: no reference
+    assert config(prior_preservation_weight=0.5, prior_preservation_target="reference").needs_reference
+    assert not config(prior_preservation_target="reference").needs_reference  # the term is off
+    with pytest.raises(InputError, match="--prior_preservation_target"):
+        config(prior_preservation_target="base").validate()
+
+
 def test_missing_image_names_file_and_row(tmp_path):
     _png(tmp_path / "w.png")
     pairs = tmp_path / "pairs.csv"

@@ -18,6 +18,7 @@ from popalign.io import InputError
 
 LOSSES = ("popalign", "dpo", "sft", "sudo")
 TIMESTEP_SHARING = ("pair", "batch")
+PRIOR_PRESERVATION_TARGETS = ("noise", "reference")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -63,6 +64,10 @@ class TrainConfig:
         metadata=_help("weight w of a denoising term on each winner under its own identity-specific prompt (the pairs' "
                        "winner_prompt column), added to the objective: loss + w * mean m(winner | winner_prompt). Keeps "
                        "identity-specific prompts drawing what they name while the neutral caption is tuned; 0 = off (the original)"))
+    prior_preservation_target: str = field(default="noise",
+        metadata=_help("what the prior-preservation term denoises towards: 'noise', the denoising target (fits the winners "
+                       "under their prompts), or 'reference', the frozen reference U-Net's prediction for the same input "
+                       "(keeps the base model's identity-specific behaviour)", choices=PRIOR_PRESERVATION_TARGETS))
     min_timestep: int = field(default=0, metadata=_help("smallest training timestep t (t ~ U{min..max})"))
     max_timestep: int = field(default=-1, metadata=_help("largest training timestep t; -1 = the scheduler's last (T-1)"))
     timestep_sharing: str = field(default="pair",
@@ -130,7 +135,7 @@ class TrainConfig:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
             raise InputError(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        choices = {"loss": LOSSES, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
+        choices = {"loss": LOSSES, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -149,7 +154,8 @@ class TrainConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss != "sft"
+        """The preference objectives compare with the reference; prior preservation towards it reads it too."""
+        return self.loss != "sft" or (self.needs_winner_prompts and self.prior_preservation_target == "reference")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

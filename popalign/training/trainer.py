@@ -67,16 +67,22 @@ class UNetCondition:
         raise ValueError(f"unknown model kind {kind!r}")
 
 
-def denoising_errors(predict: Callable, latents, noise, timesteps, condition: UNetCondition, kind: str,
-                     alphas_cumprod: torch.Tensor, prediction_type: str, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-sample error of a U-Net at one noise level: (N, C, h, w) latents -> (N,) float32.
+def denoising_prediction(predict: Callable, latents, noise, timesteps, condition: UNetCondition, kind: str,
+                         alphas_cumprod: torch.Tensor, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A U-Net's prediction for the latents noised to `timesteps`: (N, C, h, w), in the U-Net's output dtype.
 
     The U-Net's inputs are cast to `input_dtype` (the training dtype: engines such as DeepSpeed
-    hold the weights in it without autocast); the target and the error stay in float32.
+    hold the weights in it without autocast).
     """
     noisy = add_noise(alphas_cumprod, latents, noise, timesteps).to(input_dtype)
     condition = condition.map(lambda tensor: tensor.to(input_dtype))
-    prediction = predict(noisy, timesteps, **condition.unet_kwargs(kind)).sample
+    return predict(noisy, timesteps, **condition.unet_kwargs(kind)).sample
+
+
+def denoising_errors(predict: Callable, latents, noise, timesteps, condition: UNetCondition, kind: str,
+                     alphas_cumprod: torch.Tensor, prediction_type: str, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sample error of a U-Net at one noise level: (N, C, h, w) latents -> (N,) float32 (target and error in float32)."""
+    prediction = denoising_prediction(predict, latents, noise, timesteps, condition, kind, alphas_cumprod, input_dtype)
     return per_sample_denoising_error(prediction, denoising_target(prediction_type, alphas_cumprod, latents, noise, timesteps))
 
 
@@ -381,18 +387,29 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
     move = lambda tensor: tensor.to(accelerator.device)  # noqa: E731
     latents, noise, timesteps, condition = move(latents), move(noise), move(timesteps), condition.map(move)
     input_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    errors = lambda predict, count: denoising_errors(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
-                                                     condition.map(lambda tensor: tensor[:count]), run.kind, run.alphas_cumprod, run.prediction_type, input_dtype)
+    predictions = lambda predict, count: denoising_prediction(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
+                                                              condition.map(lambda tensor: tensor[:count]), run.kind,
+                                                              run.alphas_cumprod, input_dtype)
+    targets = denoising_target(run.prediction_type, run.alphas_cumprod, latents, noise, timesteps)
+    # Prior preservation towards the reference: its predictions on the appended samples are their targets.
+    reference_rows = latents.shape[0] if config.prior_preservation_target == "reference" and config.needs_winner_prompts \
+        else objective_samples
     with accelerator.accumulate(unet):
-        reference_errors = None
+        reference_errors, reference_predictions = None, None
         if run.reference is not None:
             with torch.no_grad(), accelerator.autocast():
-                reference_errors = errors(run.reference, objective_samples)
+                reference_predictions = predictions(run.reference, reference_rows)
+            if config.loss != "sft":
+                reference_errors = per_sample_denoising_error(reference_predictions[:objective_samples], targets[:objective_samples])
         with accelerator.autocast():
-            policy_errors = errors(unet, latents.shape[0])  # one pass, the prior-preservation samples included
-        loss, statistics = objective(config.loss, policy_errors[:objective_samples], reference_errors, config, reduce_mean)
+            policy_predictions = predictions(unet, latents.shape[0])  # one pass, the prior-preservation samples included
+        policy_errors = per_sample_denoising_error(policy_predictions[:objective_samples], targets[:objective_samples])
+        loss, statistics = objective(config.loss, policy_errors, reference_errors, config, reduce_mean)
         if config.needs_winner_prompts:
-            loss, statistics = with_prior_preservation(loss, statistics, policy_errors[objective_samples:], config.prior_preservation_weight)
+            preservation_targets = reference_predictions[objective_samples:] if reference_rows > objective_samples \
+                else targets[objective_samples:]
+            identity_errors = per_sample_denoising_error(policy_predictions[objective_samples:], preservation_targets)
+            loss, statistics = with_prior_preservation(loss, statistics, identity_errors, config.prior_preservation_weight)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             if config.max_grad_norm > 0:
