@@ -167,11 +167,16 @@ def with_prior_preservation(loss: torch.Tensor, statistics: dict[str, torch.Tens
                             weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Add a prior-preservation term to an objective: loss' = loss + weight * mean_b m_id,b.
 
-    m_id,b (B,) is the policy error of winner b denoised under its OWN prompt (the identity-specific
-    one it was generated from), with the pair's noise and timestep. The objective tunes the neutral
-    caption; this term keeps the model's fit of the identity-specific prompts, whose images the
-    winners are, so that what is learned on the neutral caption does not overwrite them
-    (DreamBooth's prior preservation with the model's own samples).
+    m_id,b (B,) is the policy error of winner b denoised under its OWN prompt c_id (the identity-specific
+    one it was generated from), with the pair's noise and timestep, towards one of two targets:
+
+        noise:      m_id,b = || f_theta(x_t, c_id) - target(x_0, eps, t) ||^2   (DreamBooth's prior
+                    preservation with the model's own samples: fit the winners under their prompts)
+        reference:  m_id,b = || f_theta(x_t, c_id) - f_ref(x_t, c_id) ||^2     (keep the base model's
+                    prediction there; 0 while the policy equals the reference)
+
+    (squares are per-element means). The objective tunes the neutral caption; this term keeps what the
+    identity-specific prompts draw, so that what is learned on the neutral caption does not overwrite it.
     """
     _check_errors(model_err_identity=model_err_identity)
     if weight < 0:
