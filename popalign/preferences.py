@@ -308,6 +308,26 @@ def sample_preference_pairs(populations: Populations, num_iterations: int, popul
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
+def winner_label_shares(populations: Populations, pairs: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """Per neutral prompt, the share of its pairs' winners with each classified gender and race label
+    (images without a label counted as ""): what the pairs teach that prompt to draw.
+
+        share(prompt, axis, label) = #{pairs of prompt whose winner has label} / #{pairs of prompt}
+    """
+    labels = {}
+    for side in (populations.diverse, populations.base):
+        for population in side.values():
+            for path, gender, race in zip(population.paths, population.genders, population.races):
+                labels[path] = {"gender": gender or "", "race": race or ""}
+    shares = {}
+    for neutral_prompt, group in pairs.groupby("neutral_prompt", sort=True):
+        winners = pd.DataFrame([labels[path] for path in group["winner_path"]])
+        shares[neutral_prompt] = {axis: {label: round(float(share), 4) for label, share in
+                                         winners[axis].value_counts(normalize=True).sort_index().items()}
+                                  for axis in DIVERSITY_AXES}
+    return shares
+
+
 def summary_path_for(pairs_path: str | Path) -> Path:
     """The JSON summary written next to a pairs file: pairs.csv -> pairs.summary.json."""
     pairs_path = Path(pairs_path)
@@ -347,6 +367,7 @@ def generate_preferences(
     records = load_image_records(image_dirs, classifier, attributes)
     populations = build_populations(records, attributes.names, keep_no_face, require_attribute_match)
     pairs = sample_preference_pairs(populations, num_iterations, population_size, seed, diverse_draw)
+    winner_shares = winner_label_shares(populations, pairs)
     output_path = Path(output_path)
     # Symlinks resolved on both sides, as the trainer resolves the pairs file's folder.
     pairs_folder = os.path.realpath(output_path.parent)
@@ -372,6 +393,7 @@ def generate_preferences(
         "skipped_neutral_prompts": populations.skipped_neutral_prompts,
         "population_sizes": {prompt: {"diverse": len(populations.diverse[prompt]), "base": len(populations.base[prompt])}
                              for prompt in populations.neutral_prompts},
+        "winner_label_shares": winner_shares,
     }
     atomic_write_csv(output_path, pairs)
     atomic_write_json(summary_path_for(output_path), summary)

@@ -245,6 +245,9 @@ def test_diverse_draw_weights_identity_prompts_equally_or_images_equally(tmp_pat
     winners = read_pairs(tmp_path / "pairs.csv")
     # 10000 winners: the share's standard error is at most 0.005
     assert abs(winners["winner_prompt"].str.contains("black").mean() - black_woman_share) < 0.03
+    shares = summary["winner_label_shares"][NURSE]
+    assert shares["race"]["black"] == pytest.approx(winners["winner_prompt"].str.contains("black").mean(), abs=1e-4)
+    assert shares["gender"]["female"] == shares["race"]["black"] and set(shares["race"]) == {"asian", "black"}
     asian_man_images = winners.loc[winners["winner_prompt"].str.contains("asian"), "winner_path"].value_counts()
     assert len(asian_man_images) == 9  # within a prompt, every image is drawn
     assert asian_man_images.max() / asian_man_images.min() < 1.5
