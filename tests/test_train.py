@@ -219,6 +219,30 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_sdxl_pat
     assert max_difference(straight, resumed_weights) == 0.0
 
 
+def test_a_finished_run_is_not_trained_again_unless_what_it_trains_from_changed(tiny_sdxl_path, pairs_data, tmp_path):
+    pairs = pairs_data["pairs"].parent / "pairs_to_change.csv"  # next to the images its paths point at
+    shutil.copy(pairs_data["pairs"], pairs)
+    run = tmp_path / "run"
+    settings = dict(pairs_file=str(pairs), max_train_steps=2)
+    train(make_config(tiny_sdxl_path, pairs_data, run, **settings))
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    # launched again, with only how-to-run settings changed: nothing is trained
+    again = train(make_config(tiny_sdxl_path, pairs_data, run, stop_after_steps=1, checkpointing_steps=5, **settings))
+    assert again.finished and again.global_step == 2
+    assert weights.stat().st_mtime_ns == written and len(metrics(run)) == 2
+    # another learning rate: trained again
+    train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3}))
+    assert len(metrics(run)) == 4 and weights.stat().st_mtime_ns != written
+    # the same settings on a changed pairs file: trained again
+    pairs.write_text("".join(pairs.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3}))
+    assert len(metrics(run)) == 6
+    # a run stopped before its end is not a finished one: a later launch resumes or retrains
+    stopped = train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "max_train_steps": 3, "stop_after_steps": 1}))
+    assert not stopped.finished and not (run / "finished.json").exists()
+
+
 @pytest.mark.parametrize("prior_preservation_weight", [0.0, 0.5])
 def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, pairs_data, tmp_path, prior_preservation_weight):
     # A large Adam epsilon makes the update proportional to the gradient; with the default, Adam's

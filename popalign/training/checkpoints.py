@@ -6,9 +6,13 @@
     <output_dir>/checkpoint-<step>/         accelerator state + train_config.json + trainer_state.json
     <output_dir>/unet/                      final U-Net (full fine-tuning), diffusers format
     <output_dir>/pytorch_lora_weights.safetensors   final LoRA (load with pipeline.load_lora_weights)
+    <output_dir>/finished.json              written after the final weights: what they were trained from
 
 A checkpoint is written to `checkpoint-<step>.partial` and renamed when complete, so a run killed
-while saving never leaves a checkpoint that `--resume_from_checkpoint latest` would pick.
+while saving never leaves a checkpoint that `--resume_from_checkpoint latest` would pick. A run
+launched again on a folder whose finished.json records the same training (the same settings, the
+same pairs file content, the same base U-Net files) does nothing: re-running a pipeline script does
+not retrain a model that is already there.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_NAME = "train_config.json"
 LORA_CHECKPOINT_NAME = "unet_lora.safetensors"
+FINISHED_NAME = "finished.json"
+# Settings that say how a run is carried out, not what it trains: they do not enter the fingerprint.
+RUN_CONTROL_SETTINGS = frozenset({
+    "output_dir", "cache_dir", "max_memory_cache_gb", "vae_encode_batch_size", "torch_threads", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "stop_after_steps", "report_to", "tracker_project",
+})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -82,3 +92,42 @@ def finish_checkpoint(output_dir: str | Path, step: int, config_json: str) -> Pa
         shutil.rmtree(final)
     partial.rename(final)
     return final
+
+
+def _file_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def training_fingerprint(settings: dict, pairs_file: str | Path, pretrained_model: str) -> dict:
+    """What a finished run was trained from: its settings (less RUN_CONTROL_SETTINGS), the pairs file's
+    sha256, and the size and modification time of the base U-Net's files when it is a local folder."""
+    from popalign.training.cache import file_sha256
+
+    unet_dir = Path(pretrained_model) / "unet"
+    unet_files = {path.name: _file_stamp(path) for path in sorted(unet_dir.iterdir()) if path.is_file()} if unet_dir.is_dir() else {}
+    return {"settings": {name: value for name, value in sorted(settings.items()) if name not in RUN_CONTROL_SETTINGS},
+            "pairs_sha256": file_sha256(Path(pairs_file)), "pretrained_unet_files": unet_files}
+
+
+def finished_weights(output_dir: str | Path, fingerprint: dict) -> Optional[tuple[Path, int]]:
+    """(final weights, last step) of a finished run trained from `fingerprint` in this folder, or None."""
+    marker = Path(output_dir) / FINISHED_NAME
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != json.loads(json.dumps(fingerprint)) or not record.get("weights"):
+        return None
+    weights = Path(output_dir) / str(record["weights"])
+    return (weights, int(record.get("global_step", 0))) if weights.exists() else None
+
+
+def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, global_step: int) -> None:
+    atomic_write_json(Path(output_dir) / FINISHED_NAME,
+                      {"fingerprint": fingerprint, "weights": str(Path(weights).relative_to(output_dir)), "global_step": global_step})
+
+
+def clear_finished(output_dir: str | Path) -> None:
+    """A run that starts training in this folder is no longer the finished one it may hold."""
+    (Path(output_dir) / FINISHED_NAME).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,7 +22,12 @@ from popalign.losses import (derangement, diffusion_dpo_loss, per_sample_denoisi
                              with_prior_preservation)
 from popalign.training.checkpoints import (
     CONFIG_NAME,
+    FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
+    clear_finished,
+    finished_weights,
+    mark_finished,
+    training_fingerprint,
     finish_checkpoint,
     partial_checkpoint_dir,
     prune_checkpoints,
@@ -309,6 +315,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     set_seed(config.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        clear_finished(output_dir)
         atomic_write_text(output_dir / CONFIG_NAME, config.to_json())
 
     records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
@@ -465,11 +472,27 @@ def run_training(run: PreparedRun) -> TrainResult:
 
     if finished:
         saved = save_final_weights(accelerator, run.unet, run.kind, config.lora_rank > 0, output_dir)
+        if accelerator.is_main_process:
+            mark_finished(output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model),
+                          saved, run.global_step)
         say(f"saved {saved}")
     accelerator.end_training()
     return TrainResult(global_step=run.global_step, finished=finished, output_dir=output_dir)
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run as configured; return where it ended."""
+    """Run (or resume) a training run as configured; return where it ended.
+
+    When the output folder already holds the final weights of this same training (checkpoints.py:
+    same settings, pairs file content and base U-Net files), nothing is trained again.
+    """
+    config.validate()
+    if Path(config.pairs_file).is_file():
+        done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
+        if done is not None:
+            weights, global_step = done
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{weights} is already trained with these settings and pairs; nothing to do "
+                      f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
+            return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
     return run_training(prepare_run(config))
