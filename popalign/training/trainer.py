@@ -25,14 +25,14 @@ from popalign.training.checkpoints import (
     FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
     clear_finished,
+    finish_checkpoint,
     finished_weights,
     mark_finished,
-    training_fingerprint,
-    finish_checkpoint,
     partial_checkpoint_dir,
     prune_checkpoints,
     read_checkpoint_step,
     resolve_resume_checkpoint,
+    training_fingerprint,
 )
 from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
