@@ -19,7 +19,14 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS
 : "${TOY_ATTRIBUTES:=data/toy/attributes.json}"
 : "${TOY_GENERIC_PROMPTS:=data/toy/generic_prompts.csv}"   # header only: the toy world has no scene without a figure
 : "${BASELINES:=0}"                  # 1: also train Diffusion-DPO and SFT on the same pairs
-: "${NUM_PROCESSES:=2}"              # generation and classification processes (one thread each)
+: "${NUM_PROCESSES:=2}"              # generation, classification and training processes (one thread each)
+# Training runs data-parallel on NUM_PROCESSES processes (one thread each, the same launch line as on
+# GPUs); TRAIN_BATCH_SIZE is the global batch (pairs per optimizer step), split evenly between them. The
+# result does not depend on the process count beyond float rounding (tests/test_train.py).
+: "${TRAIN_BATCH_SIZE:=32}"
+if [ $((TRAIN_BATCH_SIZE % NUM_PROCESSES)) != 0 ]; then
+  echo "error: TRAIN_BATCH_SIZE=$TRAIN_BATCH_SIZE is not divisible by NUM_PROCESSES=$NUM_PROCESSES" >&2; exit 2
+fi
 # The toy classifier and quality scorer read the toy world from these files.
 export POPALIGN_TOY_OCCUPATIONS="$TOY_OCCUPATIONS" POPALIGN_TOY_ATTRIBUTES="$TOY_ATTRIBUTES"
 
@@ -69,8 +76,8 @@ train() {
   LOSS="$loss" BETA="$beta" LAMBDA_LOSER="$lambda_loser" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.2}" LEARNING_RATE="$learning_rate" \
   PRIOR_PRESERVATION_WEIGHT="${TRAIN_PRIOR_PRESERVATION_WEIGHT:-0.25}" PRIOR_PRESERVATION_TARGET="${TRAIN_PRIOR_PRESERVATION_TARGET:-reference}" \
   LR_SCHEDULER="${TRAIN_LR_SCHEDULER:-cosine}" LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-600}" \
-  TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-32}" MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
-  CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES=1 SEED="${TRAIN_SEED:-0}" \
+  TRAIN_BATCH_SIZE=$((TRAIN_BATCH_SIZE / NUM_PROCESSES)) MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
+  CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES="$NUM_PROCESSES" SEED="${TRAIN_SEED:-0}" \
     bash 4_train.sh
 }
 train popalign "${POPALIGN_BETA:-0.5}" "${POPALIGN_LR:-2e-4}" "${POPALIGN_LAMBDA_LOSER:-0.1}"

@@ -243,12 +243,14 @@ def test_a_finished_run_is_not_trained_again_unless_what_it_trains_from_changed(
     assert not stopped.finished and not (run / "finished.json").exists()
 
 
-@pytest.mark.parametrize("prior_preservation_weight", [0.0, 0.5])
-def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, pairs_data, tmp_path, prior_preservation_weight):
+@pytest.mark.parametrize("prior_preservation_weight, prior_preservation_target", [(0.0, "noise"), (0.5, "noise"), (0.5, "reference")])
+def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, pairs_data, tmp_path, prior_preservation_weight,
+                                                                prior_preservation_target):
     # A large Adam epsilon makes the update proportional to the gradient; with the default, Adam's
     # first step is lr * sign(g), which turns float noise in near-zero gradients into full-size steps.
     flags = dict(loss="popalign", max_train_steps=2, learning_rate=0.1, adam_epsilon=1.0, caption_dropout=0.5,
-                 prior_preservation_weight=prior_preservation_weight, pairs_file=str(pairs_data["identity_prompt"]))
+                 prior_preservation_weight=prior_preservation_weight, prior_preservation_target=prior_preservation_target,
+                 pairs_file=str(pairs_data["identity_prompt"]))
     train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "one", train_batch_size=2, **flags))
     config = make_config(tiny_sdxl_path, pairs_data, tmp_path / "two", train_batch_size=1, **flags)
     argv = [f"--{name}={value}" for name, value in config.to_dict().items() if isinstance(value, (int, float, str)) and not isinstance(value, bool)]
