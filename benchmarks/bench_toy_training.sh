@@ -14,7 +14,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 launch() {
-  local processes="$1"
+  local processes="$1" steps="$2"
   PAIRS_FILE="$pairs" OUTPUT_DIR="$work/run$processes" CACHE_DIR="$work/cache" MODEL=models/toy_base VAE="" RESOLUTION=32 \
   LOSS=popalign BETA=0.5 LAMBDA_LOSER=0.1 PRIOR_PRESERVATION_WEIGHT=0.25 PRIOR_PRESERVATION_TARGET=reference \
   LEARNING_RATE=2e-4 LR_SCHEDULER=cosine LR_WARMUP_STEPS=20 MAX_TRAIN_STEPS="$steps" TRAIN_BATCH_SIZE=$((32 / processes)) \
@@ -22,12 +22,12 @@ launch() {
   NUM_PROCESSES="$processes" SEED=0 bash 4_train.sh > "$work/log$processes" 2>&1
 }
 
-launch 1  # fills the encoding cache; not timed
+launch 1 1  # fills the encoding cache; not timed
 rm -rf "$work/run1"
 declare -A seconds
 for processes in 1 2; do
   start=$(date +%s.%N)
-  launch "$processes"
+  launch "$processes" "$steps"
   seconds[$processes]=$(python -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
   echo "$processes process(es) x $((32 / processes)) pairs, $steps steps: ${seconds[$processes]} s"
 done

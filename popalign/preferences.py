@@ -293,15 +293,15 @@ def sample_preference_pairs(populations: Populations, num_iterations: int, popul
         neutral_prompt = neutral_prompts[rng.integers(len(neutral_prompts))]
         diverse, base = populations.diverse[neutral_prompt], populations.base[neutral_prompt]
         diverse_picks = diverse.draw(rng, population_size, per_prompt=diverse_draw == "per_identity_prompt")
-        base_draw = rng.integers(len(base), size=population_size)
+        base_picks = rng.integers(len(base), size=population_size)
         diverse_genders = count_distinct(diverse.genders[diverse_picks])
         diverse_races = count_distinct(diverse.races[diverse_picks])
-        base_genders = count_distinct(base.genders[base_draw])
-        base_races = count_distinct(base.races[base_draw])
+        base_genders = count_distinct(base.genders[base_picks])
+        base_races = count_distinct(base.races[base_picks])
         base_wins = diverse_races < base_races and diverse_genders < base_genders
-        (winner, winner_draw), (loser, loser_draw) = ((base, base_draw), (diverse, diverse_picks)) if base_wins \
-            else ((diverse, diverse_picks), (base, base_draw))
-        for winner_index, loser_index in zip(winner_draw, loser_draw):
+        (winner, winner_picks), (loser, loser_picks) = ((base, base_picks), (diverse, diverse_picks)) if base_wins \
+            else ((diverse, diverse_picks), (base, base_picks))
+        for winner_index, loser_index in zip(winner_picks, loser_picks):
             rows.append((winner.paths[winner_index], loser.paths[loser_index], neutral_prompt, neutral_prompt,
                          winner.prompts[winner_index], loser.prompts[loser_index], "base" if base_wins else "diverse",
                          diverse_genders, diverse_races, base_genders, base_races, iteration))
