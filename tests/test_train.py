@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from popalign.training.config import TrainConfig
-from popalign.training.trainer import UNetCondition, denoising_errors, prepare_run, run_training, train
+from popalign.training.trainer import UNetCondition, denoising_prediction, prepare_run, run_training, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (240, 220, 30), (30, 220, 220), (200, 40, 200)]
@@ -170,8 +170,8 @@ def test_lora_trains_only_the_adapter_and_loads_into_a_stock_pipeline(tiny_sdxl_
     latents, noise = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 4, 16, 16, generator=generator)
     condition = UNetCondition(torch.randn(2, 77, 64, generator=generator), torch.randn(2, 32, generator=generator),
                               torch.tensor([[32.0, 40, 0, 4, 32, 32]] * 2))
-    probe = lambda predict: denoising_errors(predict, latents, noise, torch.tensor([10, 700]), condition, "sdxl",  # noqa: E731
-                                             run.alphas_cumprod, "epsilon")
+    probe = lambda predict: denoising_prediction(predict, latents, noise, torch.tensor([10, 700]), condition, "sdxl",  # noqa: E731
+                                                 run.alphas_cumprod)
     with torch.no_grad():
         reference_before, policy_before = probe(run.reference), probe(unet)
     torch.testing.assert_close(policy_before, reference_before, rtol=0, atol=0)

@@ -153,9 +153,14 @@ class TrainConfig:
         return self.prior_preservation_weight > 0
 
     @property
+    def preserves_towards_reference(self) -> bool:
+        """The prior-preservation term is on and pulls towards the reference U-Net's predictions."""
+        return self.needs_winner_prompts and self.prior_preservation_target == "reference"
+
+    @property
     def needs_reference(self) -> bool:
         """The preference objectives compare with the reference; prior preservation towards it reads it too."""
-        return self.loss != "sft" or (self.needs_winner_prompts and self.prior_preservation_target == "reference")
+        return self.loss != "sft" or self.preserves_towards_reference
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

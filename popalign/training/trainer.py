@@ -85,13 +85,6 @@ def denoising_prediction(predict: Callable, latents, noise, timesteps, condition
     return predict(noisy, timesteps, **condition.unet_kwargs(kind)).sample
 
 
-def denoising_errors(predict: Callable, latents, noise, timesteps, condition: UNetCondition, kind: str,
-                     alphas_cumprod: torch.Tensor, prediction_type: str, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-sample error of a U-Net at one noise level: (N, C, h, w) latents -> (N,) float32 (target and error in float32)."""
-    prediction = denoising_prediction(predict, latents, noise, timesteps, condition, kind, alphas_cumprod, input_dtype)
-    return per_sample_denoising_error(prediction, denoising_target(prediction_type, alphas_cumprod, latents, noise, timesteps))
-
-
 def objective(loss_name: str, policy_errors: torch.Tensor, reference_errors: Optional[torch.Tensor], config: TrainConfig,
               reduce_mean: Optional[Callable]) -> tuple[torch.Tensor, dict]:
     """The configured loss on errors laid out as [winners; losers] (2B,) (winners only, (B,), for SFT)."""
@@ -399,8 +392,7 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
                                                               run.alphas_cumprod, input_dtype)
     targets = denoising_target(run.prediction_type, run.alphas_cumprod, latents, noise, timesteps)
     # Prior preservation towards the reference: its predictions on the appended samples are their targets.
-    reference_rows = latents.shape[0] if config.prior_preservation_target == "reference" and config.needs_winner_prompts \
-        else objective_samples
+    reference_rows = latents.shape[0] if config.preserves_towards_reference else objective_samples
     with accelerator.accumulate(unet):
         reference_errors, reference_predictions = None, None
         if run.reference is not None:
@@ -413,7 +405,7 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
         policy_errors = per_sample_denoising_error(policy_predictions[:objective_samples], targets[:objective_samples])
         loss, statistics = objective(config.loss, policy_errors, reference_errors, config, reduce_mean)
         if config.needs_winner_prompts:
-            preservation_targets = reference_predictions[objective_samples:] if reference_rows > objective_samples \
+            preservation_targets = reference_predictions[objective_samples:] if config.preserves_towards_reference \
                 else targets[objective_samples:]
             identity_errors = per_sample_denoising_error(policy_predictions[objective_samples:], preservation_targets)
             loss, statistics = with_prior_preservation(loss, statistics, identity_errors, config.prior_preservation_weight)
