@@ -177,52 +177,243 @@ def test_bootstrap_interval_covers_mean_and_narrows_with_more_prompts():
 
 def test_bootstrap_edge_cases():
     assert all(math.isnan(value) for value in metrics.bootstrap_mean_ci([]))
-    assert metrics.bootstrap_mean_ci([0.25]) == (0.25, 0.25, 0.25)
+    mean, low, high = metrics.bootstrap_mean_ci([0.25])
+    assert mean == 0.25 and math.isnan(low) and math.isnan(high)  # one prompt has no spread
+    assert metrics.bootstrap_mean_ci([0.4] * 5) == (0.4, 0.4, 0.4)
+    # Ties (resamples of one repeated value) do not blow the interval up to infinity.
+    mean, low, high = metrics.bootstrap_mean_ci([1.0, 1.0, 1.0, 0.9])
+    assert math.isfinite(low) and math.isfinite(high) and low < mean < high
     with pytest.raises(ValueError):
         metrics.bootstrap_mean_ci([0.1, float("nan")])
     with pytest.raises(ValueError):
         metrics.bootstrap_mean_ci([0.1], confidence=1.5)
 
 
-def test_paired_bootstrap_detects_a_consistent_shift():
+def test_bootstrap_interval_is_at_least_the_t_interval():
+    values = np.array([0.2, 0.5, 0.35, 0.9, 0.41, 0.3])
+    mean, low, high = metrics.bootstrap_mean_ci(values, num_resamples=3000)
+    # t_{5, 0.975} = 2.5706 (tables)
+    half_width = 2.5706 * values.std(ddof=1) / math.sqrt(len(values))
+    assert low <= mean - half_width + 1e-4 and high >= mean + half_width - 1e-4
+
+
+@pytest.mark.parametrize("num_prompts", [4, 12, 50])
+@pytest.mark.parametrize("shape", ["normal", "exponential", "beta"])
+def test_bootstrap_interval_covers_at_its_level_at_few_prompts(num_prompts, shape):
+    """Simulated coverage of the 95% interval: >= 0.93 (a percentile bootstrap gave 0.81 at 4 prompts)."""
+    rng = np.random.default_rng(num_prompts)
+    draw, true_mean = {
+        "normal": (lambda: rng.normal(0.3, 0.1, num_prompts), 0.3),
+        "exponential": (lambda: rng.exponential(0.2, num_prompts), 0.2),  # skewness 2
+        "beta": (lambda: rng.beta(2, 5, num_prompts), 2 / 7),
+    }[shape]
+    replications = 800
+    covered = 0
+    for replication in range(replications):
+        _, low, high = metrics.bootstrap_mean_ci(draw(), num_resamples=800, seed=replication)
+        covered += low <= true_mean <= high
+    assert covered / replications >= 0.93
+
+
+def slow_sign_flip_p_value(differences):
+    """All 2^n sign patterns with itertools: share with |sum s_i d_i| >= |sum d_i|."""
+    import itertools
+
+    observed = abs(sum(differences))
+    patterns = list(itertools.product([-1, 1], repeat=len(differences)))
+    return sum(abs(sum(s * d for s, d in zip(signs, differences))) >= observed - 1e-12 for signs in patterns) / len(patterns)
+
+
+def test_paired_test_exact_p_values_by_hand():
+    # Four prompts that all improve: only the all-plus and all-minus patterns are as extreme: p = 2/16.
+    result = metrics.paired_test([0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.15, 0.3])
+    assert result.exact and result.num_pairs == 4
+    assert result.p_value == pytest.approx(2 / 16) and result.min_p_value == pytest.approx(2 / 16)
+    assert result.mean_difference == pytest.approx(-0.4625)
+    assert result.ci_low <= -0.4625 <= result.ci_high < 0
+    # d = (1, 2, -3): |sum| = 0, every pattern is as extreme: p = 1.
+    assert metrics.paired_test([0, 0, 0], [1, 2, -3]).p_value == pytest.approx(1.0)
+    # d = (1, 2, 3): sums of the 8 patterns: +-6, +-4, +-2, +-0 -> |S| >= 6 for 2 of 8.
+    assert metrics.paired_test([0, 0, 0], [1, 2, 3]).p_value == pytest.approx(2 / 8)
+    # d = (1, 1, 1, -1): S = sum of four +-1 terms: -4, -2, 0, 2, 4 for 1, 4, 6, 4, 1 patterns; |S| >= 2 for 10.
+    assert metrics.paired_test([0, 0, 0, 0], [1, 1, 1, -1]).p_value == pytest.approx(10 / 16)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paired_test_matches_slow_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 11))
+    base = rng.uniform(size=count)
+    tuned = base + rng.normal(0.05, 0.1, size=count)
+    assert metrics.paired_test(base, tuned).p_value == pytest.approx(slow_sign_flip_p_value(list(tuned - base)))
+
+
+def test_paired_test_monte_carlo_beyond_the_exact_limit():
+    rng = np.random.default_rng(4)
+    differences = rng.normal(0.03, 0.1, size=14)
+    base = rng.uniform(size=14)
+    exact = metrics.paired_test(base, base + differences)
+    sampled = metrics.paired_test(base, base + differences, num_resamples=40000, max_exact_pairs=10)
+    assert exact.exact and not sampled.exact
+    assert sampled.p_value == pytest.approx(exact.p_value, abs=0.01)
+    many = metrics.paired_test(np.zeros(60), np.full(60, -0.1) + rng.normal(0, 0.02, 60), num_resamples=5000)
+    assert not many.exact and many.p_value == pytest.approx(1 / 5001)
+
+
+def test_paired_test_detects_a_consistent_shift_and_not_a_null_one():
     rng = np.random.default_rng(1)
     base = rng.uniform(0.2, 0.7, size=60)
     tuned = base - 0.1 + rng.normal(0, 0.02, size=60)
-    result = metrics.paired_bootstrap_test(base, tuned, num_resamples=4000)
-    assert result.num_pairs == 60
-    assert result.mean_difference == pytest.approx(np.mean(tuned - base))
-    assert result.ci_low <= result.mean_difference <= result.ci_high < 0
-    assert result.p_value < 0.001
-    # An unpaired view of the same data would hide the shift under the spread between prompts:
-    # the paired interval must be much narrower than the base values' own interval.
-    _, base_low, base_high = metrics.bootstrap_mean_ci(base, num_resamples=4000)
-    assert (result.ci_high - result.ci_low) < 0.2 * (base_high - base_low)
-
-
-def test_paired_bootstrap_no_effect_gives_large_p_value():
-    rng = np.random.default_rng(2)
-    base = rng.uniform(0.2, 0.7, size=80)
+    result = metrics.paired_test(base, tuned, num_resamples=4000)
+    assert result.ci_low <= result.mean_difference <= result.ci_high < 0 and result.p_value < 0.001
     noise = rng.normal(0, 0.05, size=80)
-    tuned = base + noise - noise.mean()  # differences average exactly zero
-    result = metrics.paired_bootstrap_test(base, tuned, num_resamples=2000)
-    assert result.ci_low < 0 < result.ci_high
-    assert result.p_value > 0.9
-    identical = metrics.paired_bootstrap_test(base, base, num_resamples=500)
+    null = metrics.paired_test(base[:1].repeat(80), base[:1].repeat(80) + noise - noise.mean(), num_resamples=4000)
+    assert null.ci_low < 0 < null.ci_high and null.p_value > 0.9
+    identical = metrics.paired_test(base, base)
     assert identical.mean_difference == 0 and identical.p_value == 1.0
 
 
-def test_paired_bootstrap_p_value_against_normal_approximation():
-    rng = np.random.default_rng(3)
-    differences = rng.normal(0.02, 0.1, size=300)
-    base = rng.uniform(size=300)
-    result = metrics.paired_bootstrap_test(base, base + differences, num_resamples=20000)
-    z = abs(differences.mean()) / (differences.std(ddof=1) / math.sqrt(len(differences)))
-    normal_p = math.erfc(z / math.sqrt(2))
-    assert result.p_value == pytest.approx(normal_p, abs=0.02)
+def test_paired_test_is_valid_under_the_null():
+    """Rejection rate at level 0.05 under H0 (symmetric differences) stays at or below 0.05 (+ simulation noise)."""
+    rng = np.random.default_rng(7)
+    rejections = sum(metrics.paired_test(np.zeros(8), rng.normal(0, 1, 8)).p_value <= 0.05 for _ in range(600))
+    assert rejections / 600 <= 0.07
 
 
-def test_paired_bootstrap_needs_matching_lengths():
+def test_paired_test_needs_matching_lengths():
     with pytest.raises(ValueError):
-        metrics.paired_bootstrap_test([0.1, 0.2], [0.1])
-    empty = metrics.paired_bootstrap_test([], [])
+        metrics.paired_test([0.1, 0.2], [0.1])
+    empty = metrics.paired_test([], [])
     assert empty.num_pairs == 0 and math.isnan(empty.p_value)
+
+
+def test_paired_verdict():
+    four = metrics.paired_test([0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.15, 0.3])
+    assert metrics.paired_verdict(four, "lower").startswith("too few prompts for a verdict (n=4")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.8, 12)
+    better = metrics.paired_test(base, base - 0.3 + rng.normal(0, 0.01, 12))
+    assert better.p_value == pytest.approx(2 / 2 ** 12)
+    assert metrics.paired_verdict(better, "lower") == "better"
+    assert metrics.paired_verdict(better, "higher") == "worse"
+    assert metrics.paired_verdict(better, "neither") == "lower"
+    mixed = metrics.paired_test(base, base + rng.normal(0, 0.1, 12))
+    assert metrics.paired_verdict(mixed, "lower") == "no clear change"
+    assert metrics.paired_verdict(metrics.paired_test([], []), "lower") == "n/a"
+
+
+# Sample size and classifier error
+
+
+def test_unbiased_squared_discrepancy_by_hand():
+    # n = 3, counts (2, 1), K = 2: sum n_k (n_k - 1) / (n (n - 1)) = 2 / 6; minus 1/K = 1/2 -> -1/6.
+    assert metrics.unbiased_squared_discrepancy(["male", "male", "female"], GENDERS) == pytest.approx(-1 / 6)
+    # One class only, n = 4: 12 / 12 - 1/2 = 0.5 = the true squared discrepancy of a one-class population.
+    assert metrics.unbiased_squared_discrepancy(["male"] * 4, GENDERS) == pytest.approx(0.5)
+    # A non-uniform target: counts (3, 1), t = (0.75, 0.25): 6/12 - 2 * (0.75 * 0.75 + 0.25 * 0.25) + 0.625.
+    assert metrics.unbiased_squared_discrepancy(["male"] * 3 + ["female"], GENDERS, [0.75, 0.25]) == pytest.approx(
+        0.5 - 2 * 0.625 + 0.625)
+    assert math.isnan(metrics.unbiased_squared_discrepancy(["male", None], GENDERS))
+
+
+@pytest.mark.parametrize("true_shares", [[0.5, 0.5], [0.8, 0.2], [0.4, 0.3, 0.2, 0.1, 0.0, 0.0]])
+def test_unbiased_squared_discrepancy_is_unbiased(true_shares):
+    classes = GENDERS if len(true_shares) == 2 else RACES
+    rng = np.random.default_rng(0)
+    truth = float(np.sum((np.array(true_shares) - 1 / len(classes)) ** 2))
+    estimates, plug_in = [], []
+    for _ in range(20000):
+        labels = list(rng.choice(classes, size=20, p=true_shares))
+        estimates.append(metrics.unbiased_squared_discrepancy(labels, classes))
+        plug_in.append(metrics.discrepancy(labels, classes) ** 2)
+    standard_error = np.std(estimates) / math.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - truth) < 4 * standard_error
+    # The plug-in square is biased upwards by (1 - sum p^2) / n.
+    assert np.mean(plug_in) - truth == pytest.approx((1 - np.sum(np.square(true_shares))) / 20, abs=4 * standard_error)
+
+
+def test_discrepancy_floor_by_hand_and_by_simulation():
+    # n = 2, gender: p_hat in {0, 1/2, 1} with probability 1/4, 1/2, 1/4; D = sqrt(2) * |p_hat - 1/2|.
+    assert metrics.discrepancy_floor(2, GENDERS) == pytest.approx(0.5 * math.sqrt(2) * 0.5)
+    assert metrics.discrepancy_floor(1, GENDERS) == pytest.approx(math.sqrt(0.5))
+    assert math.isnan(metrics.discrepancy_floor(0, GENDERS))
+    rng = np.random.default_rng(1)
+    for classes, num_images in [(GENDERS, 100), (RACES[:3], 40), (RACES, 100)]:
+        draws = [metrics.discrepancy(list(rng.choice(classes, size=num_images)), classes) for _ in range(6000)]
+        standard_error = np.std(draws) / math.sqrt(len(draws))
+        assert metrics.discrepancy_floor(num_images, classes) == pytest.approx(np.mean(draws), abs=4 * standard_error)
+        # Below the root mean square (Jensen).
+        assert metrics.discrepancy_floor(num_images, classes) < math.sqrt((1 - 1 / len(classes)) / num_images)
+    with pytest.raises(ValueError):
+        metrics.discrepancy_floor(-1, GENDERS)
+
+
+def slow_pairwise_gap(labels, classes):
+    p = slow_distribution(labels, classes)
+    gaps = [abs(p[i] - p[j]) for i in range(len(p)) for j in range(i + 1, len(p))]
+    return sum(gaps) / len(gaps)
+
+
+def test_pairwise_gap_by_hand_and_against_slow():
+    assert metrics.pairwise_gap(["male", "male", "male", "female"], GENDERS) == pytest.approx(0.5)
+    assert metrics.pairwise_gap(["male"] * 3, GENDERS) == pytest.approx(1.0)
+    # Shares (2/3, 1/3, 0): gaps 1/3, 2/3, 1/3 -> 4/9.
+    assert metrics.pairwise_gap(["white", "white", "asian"], RACES[:3]) == pytest.approx(4 / 9)
+    assert metrics.pairwise_gap(["white"], RACES) == pytest.approx(2 / 6)
+    assert math.isnan(metrics.pairwise_gap([None], GENDERS))
+    rng = random.Random(3)
+    for _ in range(20):
+        labels = random_labels(rng, RACES, 30, missing_rate=0.1)
+        assert metrics.pairwise_gap(labels, RACES) == pytest.approx(slow_pairwise_gap(labels, RACES))
+    with pytest.raises(ValueError):
+        metrics.pairwise_gap(["male"], ["male"])
+
+
+def test_confusion_counts_and_rates():
+    counts = metrics.confusion_counts(["male", "male", "male", "female", "female"],
+                                      ["male", "female", None, "female", "female"], GENDERS)
+    assert counts.tolist() == [[1, 1], [0, 2]]
+    assert metrics.confusion_rates(counts).tolist() == [[0.5, 0.5], [0.0, 1.0]]
+    # A class never prompted keeps the identity row.
+    assert metrics.confusion_rates([[3, 1], [0, 0]]).tolist() == [[0.75, 0.25], [0.0, 1.0]]
+    with pytest.raises(ValueError):
+        metrics.confusion_counts(["male"], ["Man"], GENDERS)
+    with pytest.raises(ValueError):
+        metrics.confusion_counts([None], ["male"], GENDERS)
+
+
+def test_project_to_simplex():
+    assert metrics.project_to_simplex([0.2, 0.3, 0.5]) == pytest.approx([0.2, 0.3, 0.5])
+    assert metrics.project_to_simplex([2.0, 0.0, 0.0]) == pytest.approx([1.0, 0.0, 0.0])
+    assert metrics.project_to_simplex([0.5, 0.6, -0.1]) == pytest.approx([0.45, 0.55, 0.0])
+    # Against a brute-force search of the simplex on a grid.
+    rng = np.random.default_rng(0)
+    grid = np.array([(a, b, 1 - a - b) for a in np.linspace(0, 1, 201) for b in np.linspace(0, 1, 201) if a + b <= 1 + 1e-12])
+    for _ in range(5):
+        vector = rng.normal(0.3, 0.5, 3)
+        nearest = grid[np.argmin(np.sum((grid - vector) ** 2, axis=1))]
+        assert metrics.project_to_simplex(vector) == pytest.approx(nearest, abs=0.006)
+
+
+def test_adjusted_shares_recover_known_shares_from_a_known_confusion():
+    confusion = np.array([[0.8, 0.15, 0.05], [0.2, 0.7, 0.1], [0.05, 0.25, 0.7]])
+    truth = np.array([0.6, 0.1, 0.3])
+    observed = confusion.T @ truth
+    assert metrics.adjusted_shares(observed, confusion) == pytest.approx(truth)
+    assert metrics.adjusted_shares(observed, np.eye(3)) == pytest.approx(observed)
+    # Sampled: a population drawn from the truth and read through the confusion; corrected shares
+    # land near the truth, observed ones do not, and the interval covers the truth.
+    rng = np.random.default_rng(2)
+    classes = RACES[:3]
+    drawn = rng.choice(3, size=4000, p=truth)
+    read = [classes[rng.choice(3, p=confusion[index])] for index in drawn]
+    reference = rng.choice(3, size=3000)
+    confusion_sample = metrics.confusion_counts([classes[i] for i in reference],
+                                                [classes[rng.choice(3, p=confusion[i])] for i in reference], classes)
+    corrected = metrics.classifier_corrected_shares(read, classes, confusion_sample, num_resamples=400)
+    assert corrected.corrected == pytest.approx(truth, abs=0.04)
+    assert np.abs(corrected.observed - truth).max() > 0.1
+    assert np.all(corrected.ci_low <= truth) and np.all(truth <= corrected.ci_high)
+    assert np.all(corrected.ci_low >= 0) and np.all(corrected.ci_high <= 1)
+    empty = metrics.classifier_corrected_shares([None], classes, confusion_sample)
+    assert np.isnan(empty.corrected).all()
