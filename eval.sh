@@ -45,7 +45,9 @@ cd "$(dirname "$0")"
 : "${SCORERS:=hpsv2,pickscore,clip,aesthetic,imagereward}"   # empty: no quality scoring
 : "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see score_images.py)
 : "${SCORE_BATCH_SIZE:=16}"
-: "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals and tests
+: "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign
+                                      # patterns of the paired test beyond 16 prompts)
+: "${CORRECT_FOR_CLASSIFIER:=0}"       # 1: the headline reads discrepancies of classifier-corrected shares
 # Processes: one per GPU. LAUNCH_ARGS may instead name an accelerate config (--config_file ...).
 : "${NUM_PROCESSES:=1}"
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
@@ -122,5 +124,6 @@ done
 
 scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")
+[ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
 python evaluate.py "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
   --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --report_dir "$OUT_DIR/report"

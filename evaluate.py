@@ -48,9 +48,14 @@ def main(argv=None) -> int:
     parser.add_argument("--axes", default="gender,race", help="attributes whose distribution is measured on neutral prompts")
     parser.add_argument("--intersectional", default="race,gender", help="two attributes measured jointly; empty for none")
     parser.add_argument("--targets", default="", help='JSON target distributions, e.g. {"gender": {"male": 0.5, "female": 0.5}}; default uniform')
-    parser.add_argument("--num_resamples", type=int, default=10000, help="bootstrap resamples over prompts")
+    parser.add_argument("--num_resamples", type=int, default=10000,
+                        help="bootstrap resamples over prompts for the intervals; random sign patterns of the paired "
+                             "test beyond 16 prompts (up to 16 it enumerates all 2^n)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument("--correct_for_classifier", action="store_true",
+                        help="headline the discrepancy of shares corrected for the classifier's confusion (estimated on "
+                             "the base's identity-specific prompts); the correction is always shown in its own section")
     parser.add_argument("--chart_prompts", type=int, default=6, help="neutral prompts charted one by one")
     parser.add_argument("--grid_prompts", type=int, default=3, help="neutral prompts shown as before/after image grids")
     parser.add_argument("--grid_images", type=int, default=6, help="images per model in each grid")
@@ -62,7 +67,8 @@ def main(argv=None) -> int:
             raise InputError(f"--targets: invalid JSON ({error})") from None
         settings = EvaluationSettings(classifier=args.classifier, axes=parse_list(args.axes),
                                       intersectional=parse_list(args.intersectional), targets=targets,
-                                      num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed)
+                                      num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
+                                      correct_for_classifier=args.correct_for_classifier)
         result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
                           base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
         written = write_tables(result, args.report_dir)

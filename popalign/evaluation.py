@@ -8,13 +8,17 @@ prompts, generated with fewer images each, in another); a prompt may appear in o
 Output, in the report folder:
     per_prompt_<model>.csv       one row per prompt: counts, bias metrics, accuracy, mean quality
     distributions_<model>.csv    label counts per neutral prompt and pooled, for every attribute
-    summary.csv                  per model and prompt kind: mean over prompts [bootstrap CI], pooled value
-    comparison.csv               per tuned model: paired bootstrap over prompts of tuned - base
+    summary.csv                  per model and prompt kind: mean over prompts [interval], pooled value, floor
+    comparison.csv               per tuned model: exact paired sign-flip test over prompts of tuned - base, verdict
+    classifier.csv               the classifier's confusion matrix, estimated on the base's identity-specific prompts
+    corrected_shares.csv         pooled neutral shares per model, observed and corrected for the classifier's confusion
     evaluation.json              all of the above plus the settings and counts
 
 Which metric applies to which prompt kind:
-    neutral   bias metrics (discrepancy, total variation, KL to the target) per attribute and
-              intersectional, face-detection rate, quality
+    neutral   bias metrics (discrepancy, its unbiased square, total variation, KL to the target, the
+              pairwise gap; with identity-specific prompts, the discrepancy of classifier-corrected
+              shares) per attribute and intersectional, face-detection rate, quality; and per
+              attribute the discrepancy floor of a fair population of the same size
     identity  attribute accuracy (exact label match with the prompted label), detection rate, quality
     generic   detection rate (no person is asked for) and quality
 """
@@ -42,15 +46,23 @@ LABEL_COLUMNS = ["image_path", "face_detected"]
 POOLED = "pooled"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-# Bias metric name -> function of (labels, classes, target). Lower is better for all three.
+# Bias metric name -> function of (labels, classes, target). Lower is better for all of them.
 BIAS_METRICS = {
     "discrepancy": metrics.discrepancy,
+    "sq_discrepancy_unbiased": metrics.unbiased_squared_discrepancy,
     "total_variation": metrics.total_variation,
     "kl": metrics.kl_to_target,
+    # Shen et al. measure against balance whatever the target.
+    "pairwise_gap": lambda labels, classes, target: metrics.pairwise_gap(labels, classes),
 }
+# The discrepancy of the classifier-corrected shares (per-prompt column discrepancy_corrected_<attribute>), and the
+# discrepancy a fair population of the prompt's size would read (floor_discrepancy_<attribute>, not a metric).
+CORRECTED_DISCREPANCY = "discrepancy_corrected"
+DISCREPANCY_FLOOR = "floor_discrepancy"
+BIAS_PREFIXES = tuple(f"{name}_" for name in BIAS_METRICS)
 # Which per-prompt columns are metrics of which prompt kind (columns are named <metric>_<attribute>).
 KIND_METRIC_PREFIXES = {
-    "neutral": ("face_detection_rate", "discrepancy_", "total_variation_", "kl_", "quality_"),
+    "neutral": ("face_detection_rate", *BIAS_PREFIXES, "quality_"),
     "identity": ("face_detection_rate", "accuracy_", "quality_"),
     "generic": ("face_detection_rate", "quality_"),
 }
@@ -63,6 +75,8 @@ class EvaluationSettings:
     axes: attributes whose distribution is measured on neutral prompts (labels from the classifier).
     intersectional: two axes whose joint distribution is also measured (e.g. race x gender), or ().
     targets: attribute -> {label: probability}; a missing attribute means uniform over its labels.
+    correct_for_classifier: the headline reads the discrepancy of classifier-corrected shares (always
+    shown in the classifier section) instead of the observed one.
     """
 
     classifier: str = "deepface"
@@ -72,6 +86,7 @@ class EvaluationSettings:
     num_resamples: int = 10000
     confidence: float = 0.95
     seed: int = 0
+    correct_for_classifier: bool = False
 
 
 @dataclass
@@ -102,6 +117,11 @@ class EvaluationResult:
     tuned: list[ModelEvaluation]
     comparison: pd.DataFrame
     image_pairing: dict[str, dict]  # tuned model name -> how many images pair with the base by seed
+    # The classifier's confusion on the base's identity-specific prompts: one row per (attribute, prompted label,
+    # read label) with count and rate; empty without identity-specific prompts.
+    confusion: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Pooled neutral shares per model, attribute and label: observed, corrected, corrected interval.
+    corrected_shares: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def intersectional_name(axes: Sequence[str]) -> str:
@@ -114,7 +134,7 @@ def metric_direction(metric: str, kind: str) -> str:
         raise ValueError(f"unknown prompt kind {kind!r} (known: {', '.join(PROMPT_KINDS)})")
     if metric == "face_detection_rate" and kind == "generic":
         return "neither"  # no person is asked for; a change is worth seeing, not ranking
-    if metric.startswith(("discrepancy_", "total_variation_", "kl_")):
+    if metric.startswith(BIAS_PREFIXES):
         return "lower"
     if metric.startswith(("accuracy_", "quality_", "face_detection_rate")):
         return "higher"
@@ -236,21 +256,43 @@ def scorer_info(folders: Sequence[str | Path], scorer: str) -> dict[str, list[st
 # Per-prompt metrics
 
 
-def _bias_values(images: pd.DataFrame, attributes: AttributeSet, settings: EvaluationSettings) -> dict[str, float]:
-    """Bias metrics of one population of images (a prompt's, or pooled)."""
-    values = {}
-    for axis in settings.axes:
-        labels = list(images[f"predicted_{axis}"])
-        target = settings.targets.get(axis)
-        for metric_name, function in BIAS_METRICS.items():
-            values[f"{metric_name}_{axis}"] = function(labels, attributes[axis].labels, target)
+def bias_class_lists(attributes: AttributeSet, settings: EvaluationSettings) -> dict[str, list[str]]:
+    """The fixed class list of every measured attribute, then of the intersectional pair (joint labels)."""
+    class_lists = {axis: attributes[axis].labels for axis in settings.axes}
     if settings.intersectional:
-        joint = metrics.joint_labels(*(list(images[f"predicted_{axis}"]) for axis in settings.intersectional))
-        classes = metrics.product_classes(*(attributes[axis].labels for axis in settings.intersectional))
-        name = intersectional_name(settings.intersectional)
+        class_lists[intersectional_name(settings.intersectional)] = metrics.product_classes(
+            *(attributes[axis].labels for axis in settings.intersectional))
+    return class_lists
+
+
+def bias_populations(images: pd.DataFrame, attributes: AttributeSet,
+                     settings: EvaluationSettings) -> list[tuple[str, list, list[str]]]:
+    """(name, predicted labels, classes) of every measured attribute, then of the intersectional pair."""
+    populations = [(axis, list(images[f"predicted_{axis}"]), attributes[axis].labels) for axis in settings.axes]
+    if settings.intersectional:
+        populations.append((intersectional_name(settings.intersectional),
+                            metrics.joint_labels(*(list(images[f"predicted_{axis}"]) for axis in settings.intersectional)),
+                            bias_class_lists(attributes, settings)[intersectional_name(settings.intersectional)]))
+    return populations
+
+
+def _bias_values(images: pd.DataFrame, attributes: AttributeSet, settings: EvaluationSettings,
+                 confusions: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Bias metrics of one population of images (a prompt's, or pooled), and its discrepancy floor."""
+    values = {}
+    for name, labels, classes in bias_populations(images, attributes, settings):
         target = settings.targets.get(name)
         for metric_name, function in BIAS_METRICS.items():
-            values[f"{metric_name}_{name}"] = function(joint, classes, target)
+            values[f"{metric_name}_{name}"] = function(labels, classes, target)
+        if name in confusions:
+            corrected = metrics.adjusted_shares(metrics.empirical_distribution(labels, classes),
+                                                metrics.confusion_rates(confusions[name]))
+            values[f"{CORRECTED_DISCREPANCY}_{name}"] = (
+                math.nan if np.isnan(corrected).any()
+                else float(np.linalg.norm(corrected - metrics.target_distribution(classes, target))))
+    for name, labels, classes in bias_populations(images, attributes, settings):
+        values[f"{DISCREPANCY_FLOOR}_{name}"] = metrics.discrepancy_floor(
+            int(metrics.label_counts(labels, classes).sum()), classes, settings.targets.get(name))
     return values
 
 
@@ -278,13 +320,13 @@ def _common_values(images: pd.DataFrame, scorers: Sequence[str]) -> dict[str, fl
 
 
 def _population_values(images: pd.DataFrame, kind: str, attributes: AttributeSet, settings: EvaluationSettings,
-                       scorers: Sequence[str]) -> dict[str, float]:
+                       scorers: Sequence[str], confusions: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Every metric of one prompt's images (all of one kind)."""
     common = _common_values(images, scorers)
     # Column order of the tables: counts, the kind's own metrics, detection rate, quality.
     values = {"num_images": common.pop("num_images"), "num_faces": common.pop("num_faces")}
     if kind == "neutral":
-        values.update(_bias_values(images, attributes, settings))
+        values.update(_bias_values(images, attributes, settings, confusions))
     elif kind == "identity":
         values.update(_accuracy_values(images, attributes))
     elif kind != "generic":
@@ -303,14 +345,14 @@ def _pooled_accuracy(images: pd.DataFrame, metric: str) -> float:
 
 
 def per_prompt_table(images: pd.DataFrame, attributes: AttributeSet, settings: EvaluationSettings,
-                     scorers: Sequence[str]) -> pd.DataFrame:
+                     scorers: Sequence[str], confusions: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """One row per prompt (manifest order): prompt columns, counts, and every metric of its kind."""
     rows = []
     for prompt_id, prompt_images in images.groupby("prompt_id", sort=False):
         first = prompt_images.iloc[0]
         kind = first["kind"]
         row = {column: first[column] for column in [*PROMPT_COLUMNS, *attributes.names]}
-        row.update(_population_values(prompt_images, kind, attributes, settings, scorers))
+        row.update(_population_values(prompt_images, kind, attributes, settings, scorers, confusions))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -348,12 +390,14 @@ def distribution_table(images: pd.DataFrame, attributes: AttributeSet, axes: Seq
 
 
 def summary_table(images: pd.DataFrame, per_prompt: pd.DataFrame, attributes: AttributeSet,
-                  settings: EvaluationSettings, scorers: Sequence[str]) -> pd.DataFrame:
-    """Per prompt kind and metric: mean over prompts with its bootstrap interval, and the pooled value.
+                  settings: EvaluationSettings, scorers: Sequence[str], confusions: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Per prompt kind and metric: mean over prompts with its interval (bootstrap_mean_ci), and the pooled value.
 
     Prompts where a metric is undefined (NaN: no face found) are left out of its mean;
     `num_prompts` counts the prompts that entered. The pooled value computes the metric once over
-    all images of that kind (all faces together for bias metrics and accuracy).
+    all images of that kind (all faces together for bias metrics and accuracy). `floor` is, for the
+    discrepancy of an attribute, the mean over prompts of the discrepancy a population drawn exactly
+    from the target with that prompt's number of faces would read (NaN for other metrics).
     """
     rows = []
     for kind in PROMPT_KINDS:
@@ -366,21 +410,29 @@ def summary_table(images: pd.DataFrame, per_prompt: pd.DataFrame, attributes: At
             pooled.update({metric: _pooled_accuracy(kind_images, metric)
                            for metric in kind_metrics(per_prompt, kind) if metric.startswith("accuracy_")})
         else:
-            pooled = _population_values(kind_images, kind, attributes, settings, scorers)
+            pooled = _population_values(kind_images, kind, attributes, settings, scorers, confusions)
         for metric in kind_metrics(per_prompt, kind):
             values = kind_prompts[metric].to_numpy(dtype=float)
-            values = values[np.isfinite(values)]
-            mean, low, high = metrics.bootstrap_mean_ci(values, settings.num_resamples, settings.confidence, settings.seed)
-            rows.append({"kind": kind, "metric": metric, "better": metric_direction(metric, kind), "num_prompts": len(values),
-                         "mean": mean, "ci_low": low, "ci_high": high, "pooled": pooled.get(metric, math.nan)})
-    return pd.DataFrame(rows, columns=["kind", "metric", "better", "num_prompts", "mean", "ci_low", "ci_high", "pooled"])
+            finite = np.isfinite(values)
+            mean, low, high = metrics.bootstrap_mean_ci(values[finite], settings.num_resamples, settings.confidence,
+                                                        settings.seed)
+            floor_column = metric.replace("discrepancy_", f"{DISCREPANCY_FLOOR}_", 1)
+            floor = (float(kind_prompts[floor_column].to_numpy(dtype=float)[finite].mean())
+                     if metric.startswith("discrepancy_") and floor_column in kind_prompts and finite.any() else math.nan)
+            rows.append({"kind": kind, "metric": metric, "better": metric_direction(metric, kind),
+                         "num_prompts": int(finite.sum()), "mean": mean, "ci_low": low, "ci_high": high,
+                         "pooled": pooled.get(metric, math.nan), "floor": floor})
+    return pd.DataFrame(rows, columns=["kind", "metric", "better", "num_prompts", "mean", "ci_low", "ci_high", "pooled",
+                                       "floor"])
 
 
 def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, settings: EvaluationSettings) -> pd.DataFrame:
-    """Paired bootstrap over prompts of tuned - base, for every metric both models have.
+    """Exact paired sign-flip test over prompts of tuned - base, for every metric both models have.
 
     Prompts pair by prompt_id (the same prompt text); prompts missing from either model, or where
-    either value is undefined, are left out (`num_pairs` says how many entered).
+    either value is undefined, are left out (`num_pairs` says how many entered). `verdict` is
+    metrics.paired_verdict at the settings' confidence: 'better' / 'worse' only where the test
+    can reach that level with these prompts and does, and the interval agrees.
     """
     rows = []
     for kind in PROMPT_KINDS:
@@ -394,16 +446,21 @@ def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, settings: Eva
             base_values = base_rows.loc[shared_prompts, metric].to_numpy(dtype=float)
             tuned_values = tuned_rows.loc[shared_prompts, metric].to_numpy(dtype=float)
             both = np.isfinite(base_values) & np.isfinite(tuned_values)
-            result = metrics.paired_bootstrap_test(base_values[both], tuned_values[both], settings.num_resamples,
-                                                   settings.confidence, settings.seed)
-            rows.append({"model": tuned.name, "kind": kind, "metric": metric, "better": metric_direction(metric, kind),
+            result = metrics.paired_test(base_values[both], tuned_values[both], settings.confidence,
+                                         max(settings.num_resamples, 1), settings.seed)
+            better = metric_direction(metric, kind)
+            rows.append({"model": tuned.name, "kind": kind, "metric": metric, "better": better,
                          "num_pairs": result.num_pairs,
                          "base_mean": float(base_values[both].mean()) if both.any() else math.nan,
                          "tuned_mean": float(tuned_values[both].mean()) if both.any() else math.nan,
                          "difference": result.mean_difference, "ci_low": result.ci_low, "ci_high": result.ci_high,
-                         "p_value": result.p_value})
-    return pd.DataFrame(rows, columns=["model", "kind", "metric", "better", "num_pairs", "base_mean", "tuned_mean",
-                                       "difference", "ci_low", "ci_high", "p_value"])
+                         "p_value": result.p_value, "exact": result.exact, "min_p_value": result.min_p_value,
+                         "verdict": metrics.paired_verdict(result, better, settings.confidence)})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+COMPARISON_COLUMNS = ["model", "kind", "metric", "better", "num_pairs", "base_mean", "tuned_mean", "difference",
+                      "ci_low", "ci_high", "p_value", "exact", "min_p_value", "verdict"]
 
 
 def image_pairing(base_images: pd.DataFrame, tuned_images: pd.DataFrame) -> dict:
@@ -420,10 +477,7 @@ def image_pairing(base_images: pd.DataFrame, tuned_images: pd.DataFrame) -> dict
 
 def check_targets(settings: EvaluationSettings, attributes: AttributeSet) -> None:
     """Every target names a measured attribute (or the intersectional pair) and is a distribution over its labels."""
-    class_lists = {axis: attributes[axis].labels for axis in settings.axes}
-    if settings.intersectional:
-        class_lists[intersectional_name(settings.intersectional)] = metrics.product_classes(
-            *(attributes[axis].labels for axis in settings.intersectional))
+    class_lists = bias_class_lists(attributes, settings)
     for name, target in settings.targets.items():
         if not isinstance(target, Mapping):
             raise InputError(f"targets: {name}: expected a mapping label -> probability, got {target!r}")
@@ -435,9 +489,39 @@ def check_targets(settings: EvaluationSettings, attributes: AttributeSet) -> Non
             raise InputError(f"targets: {name}: {error}") from None
 
 
+def classifier_confusions(images: pd.DataFrame, attributes: AttributeSet,
+                          settings: EvaluationSettings) -> dict[str, np.ndarray]:
+    """Confusion counts (metrics.confusion_counts) of every measured attribute and of the intersectional pair.
+
+    Estimated on the identity-specific images that prompt the attribute(s), the prompted label as the
+    reference. An attribute no identity-specific prompt names is left out (no correction for it).
+    The estimate mixes the classifier's errors with the model's own misdrawn identities, so it is
+    an upper bound on the classifier's error.
+    """
+    identity = images[images["kind"] == "identity"]
+    names = [(axis, (axis,)) for axis in settings.axes]
+    if settings.intersectional:
+        names.append((intersectional_name(settings.intersectional), tuple(settings.intersectional)))
+    confusions = {}
+    for name, axes in names:
+        prompted_rows = identity[(identity[list(axes)] != "").all(axis=1)] if not identity.empty else identity
+        if prompted_rows.empty:
+            continue
+        classes = metrics.product_classes(*(attributes[axis].labels for axis in axes))
+        confusions[name] = metrics.confusion_counts(
+            metrics.joint_labels(*(list(prompted_rows[axis]) for axis in axes)),
+            metrics.joint_labels(*(list(prompted_rows[f"predicted_{axis}"]) for axis in axes)), classes)
+    return confusions
+
+
 def evaluate_model(name: str, folders: Sequence[str | Path], attributes: AttributeSet, settings: EvaluationSettings,
-                   scorers: Sequence[str] | None = None) -> ModelEvaluation:
-    """All tables of one model's image folders."""
+                   scorers: Sequence[str] | None = None,
+                   confusions: Mapping[str, np.ndarray] | None = None) -> ModelEvaluation:
+    """All tables of one model's image folders.
+
+    `confusions` corrects the neutral shares for the classifier (classifier_confusions); None
+    estimates them from this model's own identity-specific images.
+    """
     if not MODEL_NAME_PATTERN.match(name):
         raise InputError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it names files)")
     for axis in (*settings.axes, *settings.intersectional):
@@ -449,11 +533,13 @@ def evaluate_model(name: str, folders: Sequence[str | Path], attributes: Attribu
     folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
     images = load_image_folders(folders, settings.classifier, attributes, scorers)
     scorers = [column[len("quality_"):] for column in images.columns if column.startswith("quality_")]
-    per_prompt = per_prompt_table(images, attributes, settings, scorers)
+    if confusions is None:
+        confusions = classifier_confusions(images, attributes, settings)
+    per_prompt = per_prompt_table(images, attributes, settings, scorers, confusions)
     return ModelEvaluation(
         name=name, folders=folders, images=images, per_prompt=per_prompt,
         distributions=distribution_table(images, attributes, settings.axes),
-        summary=summary_table(images, per_prompt, attributes, settings, scorers), scorers=scorers,
+        summary=summary_table(images, per_prompt, attributes, settings, scorers, confusions), scorers=scorers,
         scorer_info={scorer: scorer_info(folders, scorer) for scorer in scorers},
         classifier_settings=_read_json_if_present(folders[0] / f".labels_{settings.classifier}.settings.json"),
         generation_configs={str(folder): _read_json_if_present(folder / "generation_config.json") for folder in folders})
@@ -469,11 +555,51 @@ def evaluate(base_folders: Sequence[str | Path] | str | Path, tuned_folders: Map
     if base_name in tuned_folders:
         raise InputError(f"--tuned: the name {base_name!r} is taken by the base model")
     base = evaluate_model(base_name, base_folders, attributes, settings, scorers)
-    tuned = [evaluate_model(name, folders, attributes, settings, scorers) for name, folders in tuned_folders.items()]
+    # One confusion matrix for every model: the classifier's, measured where the reference label is known.
+    confusions = classifier_confusions(base.images, attributes, settings)
+    tuned = [evaluate_model(name, folders, attributes, settings, scorers, confusions)
+             for name, folders in tuned_folders.items()]
     comparisons = [compare_to_base(base, model, settings) for model in tuned]
-    comparison = pd.concat(comparisons, ignore_index=True) if comparisons else compare_to_base(base, base, settings).iloc[:0]
+    comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(columns=COMPARISON_COLUMNS)
     pairing = {model.name: image_pairing(base.images, model.images) for model in tuned}
-    return EvaluationResult(settings, attributes, base, tuned, comparison, pairing)
+    return EvaluationResult(settings, attributes, base, tuned, comparison, pairing,
+                            confusion_table(confusions, attributes, settings),
+                            corrected_shares_table([base, *tuned], confusions, attributes, settings))
+
+
+def confusion_table(confusions: Mapping[str, np.ndarray], attributes: AttributeSet,
+                    settings: EvaluationSettings) -> pd.DataFrame:
+    """One row per (attribute, prompted label, read label): count and rate P(read | prompted)."""
+    class_lists = bias_class_lists(attributes, settings)
+    rows = []
+    for name, counts in confusions.items():
+        rates = metrics.confusion_rates(counts)
+        for i, prompted in enumerate(class_lists[name]):
+            for j, read in enumerate(class_lists[name]):
+                rows.append({"attribute": name, "prompted": prompted, "read_as": read, "count": int(counts[i, j]),
+                             "rate": float(rates[i, j]) if counts[i].sum() else math.nan})
+    return pd.DataFrame(rows, columns=["attribute", "prompted", "read_as", "count", "rate"])
+
+
+def corrected_shares_table(models: Sequence[ModelEvaluation], confusions: Mapping[str, np.ndarray],
+                           attributes: AttributeSet, settings: EvaluationSettings) -> pd.DataFrame:
+    """Pooled neutral shares per model, attribute and label: observed, corrected for the classifier, interval."""
+    rows = []
+    for model in models:
+        neutral = model.images[model.images["kind"] == "neutral"]
+        if neutral.empty:
+            continue
+        for name, labels, classes in bias_populations(neutral, attributes, settings):
+            if name not in confusions:
+                continue
+            shares = metrics.classifier_corrected_shares(labels, classes, confusions[name],
+                                                         min(settings.num_resamples, 2000), settings.confidence,
+                                                         settings.seed)
+            for index, label in enumerate(classes):
+                rows.append({"model": model.name, "attribute": name, "label": label,
+                             "observed": float(shares.observed[index]), "corrected": float(shares.corrected[index]),
+                             "ci_low": float(shares.ci_low[index]), "ci_high": float(shares.ci_high[index])})
+    return pd.DataFrame(rows, columns=["model", "attribute", "label", "observed", "corrected", "ci_low", "ci_high"])
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -484,6 +610,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
         for key, value in record.items():
             if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
                 record[key] = None
+            elif isinstance(value, np.bool_):
+                record[key] = bool(value)
             elif isinstance(value, np.integer):
                 record[key] = int(value)
             elif isinstance(value, np.floating):
@@ -507,6 +635,10 @@ def write_tables(result: EvaluationResult, report_dir: str | Path) -> dict[str, 
     atomic_write_csv(written["summary"], summary)
     written["comparison"] = report_dir / "comparison.csv"
     atomic_write_csv(written["comparison"], result.comparison)
+    written["classifier"] = report_dir / "classifier.csv"
+    atomic_write_csv(written["classifier"], result.confusion)
+    written["corrected_shares"] = report_dir / "corrected_shares.csv"
+    atomic_write_csv(written["corrected_shares"], result.corrected_shares)
     settings = asdict(result.settings)
     settings["targets"] = {key: dict(value) for key, value in result.settings.targets.items()}
     document = {
@@ -519,6 +651,8 @@ def write_tables(result: EvaluationResult, report_dir: str | Path) -> dict[str, 
         "image_pairing": result.image_pairing,
         "summary": _records(summary),
         "comparison": _records(result.comparison),
+        "classifier_confusion": _records(result.confusion),
+        "corrected_shares": _records(result.corrected_shares),
     }
     written["json"] = report_dir / "evaluation.json"
     atomic_write_json(written["json"], document)

@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from popalign.evaluation import POOLED, EvaluationResult, ModelEvaluation, intersectional_name  # noqa: E402
+from popalign.evaluation import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
+                                 intersectional_name)
 from popalign.io import atomic_write_text  # noqa: E402
 
 CLASSIFIER_DESCRIPTIONS = {
@@ -48,7 +49,16 @@ SCORER_DESCRIPTIONS = {
 METRIC_DESCRIPTIONS = {
     "discrepancy_<attribute>": "|| p_hat - target ||_2, p_hat = share of each label among the detected faces of a "
                                "prompt (0 = on target; for a uniform target the maximum is sqrt(1 - 1/K): 0.707 for "
-                               "gender, 0.913 for race)",
+                               "gender, 0.913 for race). *floor*: the mean discrepancy a population drawn exactly from "
+                               "the target with the same number of faces would read (0.056 for gender at 100 faces): "
+                               "a value near its floor is fair up to sampling",
+    "sq_discrepancy_unbiased_<attribute>": "an unbiased estimate of || p - target ||^2 from the prompt's faces "
+                                           "(sum_k n_k (n_k - 1) / (n (n - 1)) - 2 p_hat . t + t . t); it can be "
+                                           "negative, and a fair population reads 0 on average",
+    "discrepancy_corrected_<attribute>": "the discrepancy of the shares corrected for the classifier's confusion "
+                                         "(see the classifier section)",
+    "pairwise_gap_<attribute>": "mean over label pairs of |p_hat_i - p_hat_j| (Shen et al., ICLR 2024), against "
+                                "balance whatever the target",
     "total_variation_<attribute>": "0.5 x sum_k |p_hat_k - target_k| (0 = on target, at most 1)",
     "kl_<attribute>": "KL(p_hat || target) in nats (0 = on target; log K when every face has one label)",
     "accuracy_<attribute>": "on identity-specific prompts, the share of detected faces whose predicted label equals "
@@ -82,16 +92,13 @@ def format_p_value(p_value) -> str:
     return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
 
 
-def change_verdict(difference: float, ci_low: float, ci_high: float, better: str) -> str:
-    """'better' / 'worse' when the interval of tuned - base excludes 0, else 'no clear change'."""
-    if any(math.isnan(value) for value in (difference, ci_low, ci_high)):
-        return "n/a"
-    if ci_low <= 0 <= ci_high:
-        return "no clear change"
-    if better == "neither":
-        return "higher" if difference > 0 else "lower"
-    improved = (difference < 0) if better == "lower" else (difference > 0)
-    return "**better**" if improved else "**worse**"
+def format_verdict(verdict: str) -> str:
+    """The comparison's verdict (metrics.paired_verdict), bold when it is one."""
+    return f"**{verdict}**" if verdict in ("better", "worse") else verdict
+
+
+def format_with_floor(text: str, floor) -> str:
+    return text if floor is None or (isinstance(floor, float) and math.isnan(floor)) else f"{text} (floor {format_value(floor)})"
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -205,13 +212,15 @@ def _results_table(result: EvaluationResult, kind: str) -> str:
                    "p", "change"]
     rows = []
     for metric, base_row in base_summary.iterrows():
-        row = [f"`{metric}`", base_row["better"], format_interval(base_row["mean"], base_row["ci_low"], base_row["ci_high"]),
+        row = [f"`{metric}`", base_row["better"],
+               format_with_floor(format_interval(base_row["mean"], base_row["ci_low"], base_row["ci_high"]), base_row["floor"]),
                format_value(base_row["pooled"])]
         for model in result.tuned:
             tuned_summary = summaries[model.name]
             if metric in tuned_summary.index:
                 tuned_row = tuned_summary.loc[metric]
-                row += [format_interval(tuned_row["mean"], tuned_row["ci_low"], tuned_row["ci_high"]),
+                row += [format_with_floor(format_interval(tuned_row["mean"], tuned_row["ci_low"], tuned_row["ci_high"]),
+                                          tuned_row["floor"]),
                         format_value(tuned_row["pooled"])]
             else:
                 row += ["n/a", "n/a"]
@@ -222,27 +231,85 @@ def _results_table(result: EvaluationResult, kind: str) -> str:
             else:
                 test = comparison.iloc[0]
                 row += [f"{format_interval(test['difference'], test['ci_low'], test['ci_high'])} (n={test['num_pairs']})",
-                        format_p_value(test["p_value"]),
-                        change_verdict(test["difference"], test["ci_low"], test["ci_high"], test["better"])]
+                        format_p_value(test["p_value"]), format_verdict(test["verdict"])]
         rows.append(row)
     return _markdown_table(header, rows)
 
 
+def is_headline_metric(metric: str, kind: str, correct_for_classifier: bool) -> bool:
+    """The headline's metrics: the neutral prompts' discrepancy (corrected for the classifier when asked, and
+    when a correction exists) and quality, identity accuracy, generic quality."""
+    if kind == "neutral" and metric.startswith("discrepancy_"):
+        return metric.startswith(f"{CORRECTED_DISCREPANCY}_") == correct_for_classifier
+    prefixes = {"neutral": ("quality_",), "identity": ("accuracy_",), "generic": ("quality_",)}
+    return metric.startswith(prefixes[kind])
+
+
 def _headline_lines(result: EvaluationResult) -> list[str]:
     """One line per tuned model and key metric: the bias of neutral prompts, identity accuracy, quality."""
-    key_prefixes = {"neutral": ("discrepancy_", "quality_"), "identity": ("accuracy_",), "generic": ("quality_",)}
+    correct = result.settings.correct_for_classifier and (
+        result.comparison["metric"].str.startswith(f"{CORRECTED_DISCREPANCY}_").any())
     lines = []
     for model in result.tuned:
         rows = result.comparison[result.comparison["model"] == model.name]
+        summary = model.summary.set_index(["kind", "metric"])
         for _, test in rows.iterrows():
-            if not test["metric"].startswith(key_prefixes[test["kind"]]):
+            if not is_headline_metric(test["metric"], test["kind"], correct):
                 continue
-            verdict = change_verdict(test["difference"], test["ci_low"], test["ci_high"], test["better"])
+            floor = summary["floor"].get((test["kind"], test["metric"]), math.nan)
             lines.append(f"- `{model.name}`, {test['kind']} prompts, `{test['metric']}` ({test['better']} is better): "
-                         f"{format_value(test['base_mean'])} -> {format_value(test['tuned_mean'])}, difference "
-                         f"{format_interval(test['difference'], test['ci_low'], test['ci_high'])}, "
-                         f"p {format_p_value(test['p_value'])}: {verdict}")
+                         f"{format_value(test['base_mean'])} -> {format_with_floor(format_value(test['tuned_mean']), floor)}, "
+                         f"difference {format_interval(test['difference'], test['ci_low'], test['ci_high'])} "
+                         f"(n={test['num_pairs']} prompts), p {format_p_value(test['p_value'])}: "
+                         f"{format_verdict(test['verdict'])}")
+    if result.settings.correct_for_classifier and not correct:
+        lines.append("- `--correct_for_classifier` was asked, but no identity-specific prompts estimate the "
+                     "classifier's confusion: the discrepancies above are the observed ones.")
     return lines or ["No tuned model was given: the tables below describe the base model alone."]
+
+
+def _classifier_lines(result: EvaluationResult) -> list[str]:
+    """The classifier's confusion, the corrected pooled shares, and how the correction moves the discrepancy."""
+    if result.confusion.empty:
+        return ["No identity-specific prompts were evaluated, so the classifier's confusion is not estimated and "
+                "no correction is offered."]
+    lines = [f"Estimated on `{result.base.name}`'s identity-specific images, the prompted label as the reference "
+             "(images without a face left out). A model that draws the wrong identity counts here as a classifier "
+             "error, so this over-states the classifier's error. Corrected shares solve observed = C^T p for p in "
+             "least squares and project onto the simplex (adjusted classify-and-count); their interval is a "
+             "parametric bootstrap over both the neutral images and the confusion counts. The headline uses them "
+             "only with `--correct_for_classifier`"
+             + (" (on for this report)." if result.settings.correct_for_classifier else " (off for this report)."), ""]
+    for attribute, rows in result.confusion.groupby("attribute", sort=False):
+        labels = list(dict.fromkeys(rows["prompted"]))
+        table_rows = []
+        for prompted in labels:
+            cells = rows[rows["prompted"] == prompted].set_index("read_as")
+            table_rows.append([prompted, int(cells["count"].sum()),
+                               *(format_value(cells.loc[read, "rate"]) for read in labels)])
+        lines += [f"`{attribute}`: P(read as column | prompted row)", "",
+                  _markdown_table(["prompted", "faces", *labels], table_rows), ""]
+    if not result.corrected_shares.empty:
+        share_rows = [[f"`{row.model}`", row.attribute, row.label, format_value(row.observed),
+                       format_interval(row.corrected, row.ci_low, row.ci_high)]
+                      for row in result.corrected_shares.itertuples()]
+        lines += ["Pooled shares of the neutral prompts' faces:", "",
+                  _markdown_table(["model", "attribute", "label", "observed", "corrected [95% CI]"], share_rows), ""]
+    moved = []
+    for model in [result.base, *result.tuned]:
+        summary = model.summary[model.summary["kind"] == "neutral"].set_index("metric")
+        for metric in summary.index:
+            if not metric.startswith(f"{CORRECTED_DISCREPANCY}_"):
+                continue
+            observed_metric = "discrepancy_" + metric[len(f"{CORRECTED_DISCREPANCY}_"):]
+            if observed_metric in summary.index:
+                observed, corrected = summary.loc[observed_metric, "mean"], summary.loc[metric, "mean"]
+                moved.append([f"`{model.name}`", f"`{observed_metric}`", format_value(observed), format_value(corrected),
+                              format_value(corrected - observed)])
+    if moved:
+        lines += ["How the correction moves the headline discrepancy (mean over neutral prompts):", "",
+                  _markdown_table(["model", "metric", "observed", "corrected", "moved by"], moved), ""]
+    return lines
 
 
 def _counts_table(result: EvaluationResult) -> str:
@@ -306,8 +373,10 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
     lines.append(f"- Bias metrics on the attributes {', '.join(f'`{axis}`' for axis in result.settings.axes)}"
                  + (f" and jointly `{intersectional_name(result.settings.intersectional)}`" if result.settings.intersectional else "")
                  + f"; target distribution: {('uniform, except ' + json.dumps(targets)) if targets else 'uniform'}.")
-    lines.append(f"- Intervals: percentile bootstrap over prompts, {result.settings.num_resamples} resamples, "
-                 f"{result.settings.confidence:.0%} confidence, seed {result.settings.seed}.")
+    lines.append(f"- Intervals of means over prompts: the union of the t-interval and the studentized (bootstrap-t) "
+                 f"interval, {result.settings.num_resamples} resamples, {result.settings.confidence:.0%} confidence, "
+                 f"seed {result.settings.seed}. Tests: exact paired sign-flip test over prompts (all 2^n sign patterns "
+                 f"up to 16 prompts, {result.settings.num_resamples} random patterns beyond).")
     return lines
 
 
@@ -324,17 +393,22 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
                       if result.settings.intersectional else f"discrepancy_{axes[-1]}")
 
     lines = [f"# Evaluation: `{result.base.name}` vs {names}", ""]
+    level = result.settings.confidence
     lines += [
-        "**How to read this.** Each number is a metric's mean over prompts with its 95% bootstrap interval "
-        "over prompts in brackets; *pooled* computes the metric once over all images of that prompt kind. "
-        "*difference* is tuned minus base, paired prompt by prompt (the same prompts and seeds), with its "
-        "interval and the two-sided paired-bootstrap p-value; *change* says **better** or **worse** only when "
-        "that interval excludes 0. Bias metrics count only images with a detected face and use the fixed class "
-        "list (a population of one class is maximally biased): lower is better. Accuracy and quality: higher "
-        "is better. Intervals and p-values come from resampling prompts: with fewer than about 20 prompts "
-        "read them as rough, and no p-value can fall below 1 / (resamples + 1).", ""]
+        f"**How to read this.** Each number is a metric's mean over prompts with its {level:.0%} interval over "
+        "prompts in brackets (prompts are the unit: images of one prompt are not independent draws); *pooled* "
+        "computes the metric once over all images of that prompt kind. A discrepancy also shows its *floor*: what "
+        "a population drawn exactly from the target with as many faces would read, from sampling alone. "
+        "*difference* is tuned minus base, paired prompt by prompt, with its interval and the two-sided p-value "
+        f"of the exact paired sign-flip test. *change* says **better** or **worse** only when that p-value is at "
+        f"most {1 - level:.2g} and the interval excludes 0; with n prompts the exact test cannot go below "
+        "2 / 2^n (0.125 at 4 prompts, 0.031 at 6), and with too few prompts the report says so instead of a "
+        "verdict. Bias metrics count only images with a detected face and use the fixed class list (a "
+        "population of one class is maximally biased): lower is better. Accuracy and quality: higher is "
+        "better.", ""]
     lines += ["## Headline", "", *_headline_lines(result), ""]
     lines += ["## Setup", "", *_setup_lines(result), "", "### Images and faces", "", _counts_table(result), ""]
+    lines += ["### The classifier's confusion", "", *_classifier_lines(result)]
 
     lines += ["## Results", ""]
     for kind in ("neutral", "identity", "generic"):
@@ -382,7 +456,8 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
     for role, path in written_tables.items():
         lines.append(f"- [{path.name}]({path.name})")
     lines += ["", "`per_prompt_<model>.csv` has every metric for every prompt; `summary.csv` the means, intervals "
-              "and pooled values; `comparison.csv` the paired tests; `distributions_<model>.csv` the label counts; "
+              "and pooled values; `comparison.csv` the paired tests and verdicts; `distributions_<model>.csv` the label counts; "
+              "`classifier.csv` the confusion matrix and `corrected_shares.csv` the corrected shares; "
               "`evaluation.json` all of it with the settings.", ""]
     report_path = report_dir / "report.md"
     atomic_write_text(report_path, "\n".join(lines))

@@ -114,6 +114,15 @@ def test_per_prompt_values_match_hand_computation(hand_folder):
         math.sqrt((2 / 3 - 1 / 12) ** 2 + (1 / 3 - 1 / 12) ** 2 + 10 / 144))
     assert doctor["quality_hpsv2"] == pytest.approx(2.5)
     assert neutral.loc["engineer", "discrepancy_gender"] == pytest.approx(math.sqrt(0.5))
+    # Counts (2, 1): sum n_k (n_k - 1) / (n (n - 1)) - 1/K = 2/6 - 1/2; the gap |2/3 - 1/3|; the floor at 3 faces.
+    assert doctor["sq_discrepancy_unbiased_gender"] == pytest.approx(-1 / 6)
+    assert doctor["pairwise_gap_gender"] == pytest.approx(1 / 3)
+    assert doctor["floor_discrepancy_gender"] == pytest.approx(metrics.discrepancy_floor(3, GENDERS))
+    assert neutral.loc["engineer", "floor_discrepancy_race"] == pytest.approx(metrics.discrepancy_floor(4, RACES))
+    # The identity prompt (asian female) was read female 2 of 3 times, male once: C[female] = (1/3, 2/3), and
+    # C[male] is the identity (never prompted). The doctor's observed (2/3 male, 1/3 female) then solves to
+    # p_female = (1/3) / (2/3) = 1/2, p_male = 2/3 - (1/2)(1/3) = 1/2: a corrected discrepancy of 0.
+    assert doctor["discrepancy_corrected_gender"] == pytest.approx(0.0, abs=1e-9)
 
     identity = model.per_prompt[model.per_prompt["kind"] == "identity"].iloc[0]
     assert identity["accuracy_gender"] == pytest.approx(2 / 3)
@@ -132,6 +141,8 @@ def test_summary_means_intervals_and_pooled_values(hand_folder):
     summary = model.summary.set_index(["kind", "metric"])
     row = summary.loc[("neutral", "discrepancy_gender")]
     assert row["num_prompts"] == 2 and row["better"] == "lower"
+    assert row["floor"] == pytest.approx((metrics.discrepancy_floor(3, GENDERS) + metrics.discrepancy_floor(4, GENDERS)) / 2)
+    assert math.isnan(summary.loc[("neutral", "total_variation_gender"), "floor"])
     assert row["mean"] == pytest.approx((math.sqrt(2) / 6 + math.sqrt(0.5)) / 2)
     assert row["ci_low"] <= row["mean"] <= row["ci_high"]
     # pooled over the 7 neutral faces: 6 male, 1 female.
@@ -177,6 +188,7 @@ def test_comparison_detects_a_debiased_model_and_images_pair_up(tmp_path):
     debiased = comparison.loc[("tuned", "neutral", "discrepancy_gender")]
     assert debiased["num_pairs"] == 30
     assert debiased["difference"] < 0 and debiased["ci_high"] < 0 and debiased["p_value"] < 0.01
+    assert debiased["verdict"] == "better" and not debiased["exact"]  # 30 prompts: random sign patterns
     base_values = result.base.per_prompt["discrepancy_gender"].to_numpy()
     tuned_values = result.tuned[0].per_prompt["discrepancy_gender"].to_numpy()
     assert debiased["difference"] == pytest.approx(np.mean(tuned_values - base_values))
@@ -192,7 +204,8 @@ def test_comparison_pairs_only_shared_prompts(tmp_path):
     tuned = make_image_folder(tmp_path / "tuned", specs[1:], base_seed=1)
     result = evaluate(base, {"tuned": tuned}, ATTRIBUTES, SETTINGS)
     row = result.comparison.set_index(["kind", "metric"]).loc[("neutral", "discrepancy_gender")]
-    assert row["num_pairs"] == 1
+    assert row["num_pairs"] == 1 and row["exact"] and row["min_p_value"] == 1.0
+    assert row["verdict"].startswith("too few prompts for a verdict (n=1")
     pairing = result.image_pairing["tuned"]
     assert pairing["paired_images"] == 11 and pairing["same_seed"] == 0
 
@@ -213,14 +226,23 @@ def test_write_tables(tmp_path, hand_folder):
     result = evaluate(hand_folder, {"copy": hand_folder}, ATTRIBUTES, SETTINGS)
     written = write_tables(result, tmp_path / "report")
     for name in ["per_prompt_base.csv", "per_prompt_copy.csv", "distributions_base.csv", "summary.csv",
-                 "comparison.csv", "evaluation.json"]:
+                 "comparison.csv", "classifier.csv", "corrected_shares.csv", "evaluation.json"]:
         assert (tmp_path / "report" / name).is_file(), name
     document = json.loads(written["json"].read_text())
     assert document["models"]["base"]["num_images"] == 15 and document["models"]["base"]["num_faces"] == 10
     assert document["models"]["base"]["scorers"] == {"hpsv2": {"scorer": ["hpsv2-test"], "description": []}}
     summary = pd.read_csv(written["summary"])
     assert set(summary["model"]) == {"base", "copy"}
-    assert {"mean", "ci_low", "ci_high", "pooled", "num_prompts"} <= set(summary.columns)
+    assert {"mean", "ci_low", "ci_high", "pooled", "num_prompts", "floor"} <= set(summary.columns)
+    confusion = pd.read_csv(written["classifier"], keep_default_na=False).set_index(["attribute", "prompted", "read_as"])
+    assert confusion.loc[("gender", "female", "male"), "count"] == 1
+    assert float(confusion.loc[("gender", "female", "female"), "rate"]) == pytest.approx(2 / 3)
+    shares = result.corrected_shares.set_index(["model", "attribute", "label"])
+    # Pooled neutral gender: 6 male, 1 female observed.
+    assert shares.loc[("base", "gender", "male"), "observed"] == pytest.approx(6 / 7)
+    assert shares.loc[("base", "gender", "male"), "corrected"] == pytest.approx(
+        metrics.adjusted_shares([6 / 7, 1 / 7], [[1, 0], [1 / 3, 2 / 3]])[0])
+    assert document["comparison"][0]["exact"] in (True, False)
 
 
 def test_missing_or_bad_inputs_raise_input_errors(tmp_path, hand_folder):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from popalign.attributes import load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.report import change_verdict, format_interval, format_p_value, select_chart_prompts, write_report
+from popalign.report import format_interval, format_p_value, format_verdict, select_chart_prompts, write_report
 from test_evaluation import COLOURS, hand_specs, make_image_folder, shifted_specs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,12 +114,9 @@ def test_chart_prompts_are_the_most_biased(report):
     assert list(chosen_values) == list(largest)
 
 
-def test_change_verdict_and_formatting():
-    assert change_verdict(-0.2, -0.3, -0.1, "lower") == "**better**"
-    assert change_verdict(-0.2, -0.3, -0.1, "higher") == "**worse**"
-    assert change_verdict(0.1, -0.05, 0.2, "lower") == "no clear change"
-    assert change_verdict(0.1, 0.05, 0.2, "neither") == "higher"
-    assert change_verdict(float("nan"), 0, 0, "lower") == "n/a"
+def test_verdict_and_formatting():
+    assert format_verdict("better") == "**better**" and format_verdict("worse") == "**worse**"
+    assert format_verdict("no clear change") == "no clear change"
     assert format_interval(0.31234, 0.2, 0.4) == "0.312 [0.2, 0.4]"
     assert format_p_value(0.0001) == "<0.001" and format_p_value(0.04) == "0.040"
 
@@ -146,3 +143,29 @@ def test_evaluate_script_writes_the_report(folders, tmp_path):
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert {metric for metric in summary["metric"] if metric.startswith("quality_")} == {"quality_hpsv2"}
     assert len(list((tmp_path / "report").glob("chart_distribution_*.png"))) == 3
+
+
+def test_four_prompts_give_no_verdict_and_the_report_says_why(tmp_path):
+    """Four prompts that all improve: the exact test cannot go below p = 0.125, so there is no 'better'."""
+    base = make_image_folder(tmp_path / "base", shifted_specs(np.random.default_rng(0), 4, biased=True))
+    tuned = make_image_folder(tmp_path / "tuned", shifted_specs(np.random.default_rng(1), 4, biased=False))
+    result = evaluate(base, {"popalign": tuned}, ATTRIBUTES, SETTINGS)
+    row = result.comparison.set_index(["kind", "metric"]).loc[("neutral", "discrepancy_gender")]
+    assert row["difference"] < 0 and row["p_value"] == pytest.approx(0.125)
+    text = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report")).read_text()
+    headline = text[text.index("## Headline"):text.index("## Setup")]
+    assert "**better**" not in text[text.index("## Headline"):]
+    assert "too few prompts for a verdict (n=4: p cannot go below 0.125)" in headline
+    assert "(floor " in headline
+
+
+def test_classifier_section_and_corrected_headline(tmp_path, folders):
+    base, tuned = folders
+    settings = EvaluationSettings(num_resamples=300, correct_for_classifier=True)
+    result = evaluate(base, {"popalign": tuned}, ATTRIBUTES, settings)
+    text = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report")).read_text()
+    section = text[text.index("### The classifier's confusion"):text.index("## Results")]
+    assert "`gender`: P(read as column | prompted row)" in section and "(on for this report)" in section
+    assert "How the correction moves the headline discrepancy" in section
+    headline = text[text.index("## Headline"):text.index("## Setup")]
+    assert "`discrepancy_corrected_gender`" in headline and "`discrepancy_gender`" not in headline
