@@ -20,6 +20,7 @@ cd "$(dirname "$0")"
 : "${LOSS:=popalign}"                                     # popalign | dpo | sft | sudo
 : "${BETA:=5000}"
 : "${POPALIGN_ALPHA:=0.5}"                                # weight of the winners' mean in the pooled anchor
+: "${POPALIGN_ANCHOR:=pooled}"                            # pooled (the original) | per_pair (the ablation) | none
 : "${LAMBDA_WINNER:=1.0}"
 : "${LAMBDA_LOSER:=1.0}"
 : "${MIN_TIMESTEP:=0}"                                     # training timesteps t ~ U{MIN_TIMESTEP..MAX_TIMESTEP}
@@ -70,7 +71,7 @@ echo "effective batch size: ${TRAIN_BATCH_SIZE} pairs/process x ${NUM_PROCESSES}
 accelerate launch $LAUNCH_ARGS train_popalign.py \
   --pairs_file "$PAIRS_FILE" --output_dir "$OUTPUT_DIR" --pretrained_model "$MODEL" --vae "$VAE" \
   --resolution "$RESOLUTION" --cache_dir "$CACHE_DIR" \
-  --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" \
+  --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" --popalign_anchor "$POPALIGN_ANCHOR" \
   --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
   --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP" \
   --caption_dropout "$CAPTION_DROPOUT" --prior_preservation_weight "$PRIOR_PRESERVATION_WEIGHT" \

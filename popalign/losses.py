@@ -97,6 +97,7 @@ def popalign_loss(
     lambda_w: float = 1.0,
     lambda_l: float = 1.0,
     reduce_mean: Optional[ReduceMean] = None,
+    anchor: str = "pooled",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PopAlign: every sample is scored against one anchor pooled over the whole global batch.
 
@@ -112,6 +113,12 @@ def popalign_loss(
     its gradient equal Diffusion-DPO's for that pair: each of the two terms is
     -log sigmoid(beta / 2 * (g_w - g_l)), so their sum is 2x DPO and their mean exactly DPO.
 
+    `anchor` chooses z, to isolate what pooling adds (ANCHORS):
+        "pooled"    z as above, one value for the global batch (the original PopAlign)
+        "per_pair"  z_b = stopgrad(alpha * g_w,b + (1 - alpha) * g_l,b), pair b's own point
+                    (with alpha = 0.5 and lambda_w = lambda_l = 1: exactly Diffusion-DPO with the same beta)
+        "none"      z = 0: each sample against the reference alone
+
     Inputs (B,) per process. `reduce_mean(t)` must return `t` averaged element-wise over all
     processes (same shape); it is called once, on the (2,) tensor [local mean g_w, local mean
     g_l], so with equal B on every process the result is the global-batch mean. None means a
@@ -125,14 +132,24 @@ def popalign_loss(
     _check_errors(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"unknown PopAlign anchor {anchor!r} (known: {', '.join(ANCHORS)})")
     g_w = ref_err_w.detach() - model_err_w
     g_l = ref_err_l.detach() - model_err_l
     local_means = torch.stack([g_w.detach().mean(), g_l.detach().mean()])
+    # Every process takes part in the all-reduce whatever the anchor, so the statistics stay global.
     global_means = local_means if reduce_mean is None else reduce_mean(local_means)
     if global_means.shape != local_means.shape:
         raise ValueError(f"reduce_mean changed the shape {tuple(local_means.shape)} -> {tuple(global_means.shape)}")
     global_means = global_means.detach()
-    anchor = alpha * global_means[0] + (1.0 - alpha) * global_means[1]
+    pooled_anchor = alpha * global_means[0] + (1.0 - alpha) * global_means[1]
+    if anchor == "pooled":
+        anchor_value = pooled_anchor
+    elif anchor == "per_pair":
+        anchor_value = (alpha * g_w + (1.0 - alpha) * g_l).detach()
+    else:
+        anchor_value = torch.zeros_like(pooled_anchor)
+    anchor = anchor_value
     winner_margin = beta * (g_w - anchor)
     loser_margin = -beta * (g_l - anchor)
     winner_terms = lambda_w * -F.logsigmoid(winner_margin)
@@ -143,7 +160,7 @@ def popalign_loss(
             "loss": loss.detach(),
             "implicit_accuracy": _accuracy(torch.cat([winner_margin, loser_margin])),
             "pair_accuracy": _accuracy(g_w - g_l),
-            "anchor": anchor,
+            "anchor": anchor.mean(),
             "global_mean_g_winner": global_means[0],
             "global_mean_g_loser": global_means[1],
             "mean_g_winner": local_means[0],
@@ -154,6 +171,10 @@ def popalign_loss(
             "ref_err_loser": ref_err_l.mean(),
         }
     return loss, statistics
+
+
+# The choices of PopAlign's anchor z (popalign_loss).
+ANCHORS = ("pooled", "per_pair", "none")
 
 
 def sft_loss(model_err_w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -144,6 +144,35 @@ def test_popalign_with_a_per_pair_anchor_is_dpo():
     assert abs(pooled.item() - dpo.item()) > 1e-3
 
 
+def test_the_per_pair_anchor_choice_is_dpo_in_one_call():
+    beta = 300.0
+    m_w, m_l, r_w, r_l = random_errors(5, seed=12, scale=5e-3)
+    m_w.requires_grad_(True)
+    m_l.requires_grad_(True)
+    per_pair, statistics = popalign_loss(m_w, m_l, r_w, r_l, beta, anchor="per_pair")
+    dpo, _ = diffusion_dpo_loss(m_w, m_l, r_w, r_l, beta)
+    assert per_pair.item() == pytest.approx(dpo.item(), rel=1e-10)
+    for ours, theirs in zip(torch.autograd.grad(per_pair, [m_w, m_l], retain_graph=True),
+                            torch.autograd.grad(dpo, [m_w, m_l])):
+        torch.testing.assert_close(ours, theirs)
+    g_w, g_l = (r_w - m_w).detach(), (r_l - m_l).detach()
+    assert statistics["anchor"].item() == pytest.approx(((g_w + g_l) / 2).mean().item(), rel=1e-9)
+
+
+def test_no_anchor_by_hand_and_unknown_anchor():
+    # g_w = [0.1, 0.0], g_l = [-0.1, 0.2], z = 0, beta = 10: winner margins [1, 0], loser margins [1, -2].
+    model_w, ref_w = torch.tensor([0.2, 0.3]), torch.tensor([0.3, 0.3])
+    model_l, ref_l = torch.tensor([0.5, 0.1]), torch.tensor([0.4, 0.3])
+    loss, statistics = popalign_loss(model_w, model_l, ref_w, ref_l, beta=10, anchor="none")
+    expected = -(log_sigmoid(1.0) + log_sigmoid(0.0) + log_sigmoid(1.0) + log_sigmoid(-2.0)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert statistics["anchor"].item() == 0.0
+    # The pooled anchor of the same numbers is 0.05 (test_popalign_hand_value): a different loss.
+    assert abs(loss.item() - popalign_loss(model_w, model_l, ref_w, ref_l, beta=10)[0].item()) > 1e-3
+    with pytest.raises(ValueError, match="unknown PopAlign anchor"):
+        popalign_loss(model_w, model_l, ref_w, ref_l, beta=10, anchor="global")
+
+
 @pytest.mark.parametrize("name", ["popalign", "dpo", "sudo", "sft"])
 def test_gradient_pushes_winner_error_down_and_loser_error_up(name):
     m_w, m_l, r_w, r_l = random_errors(4, seed=3)

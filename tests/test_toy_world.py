@@ -22,7 +22,8 @@ def world():
 
 
 def test_default_world_is_read_from_the_toy_files(world):
-    assert world.occupations == ("doctor", "nurse", "engineer", "teacher")
+    assert world.occupations == ("doctor", "nurse", "engineer", "teacher", "chef", "lawyer",
+                                 "pilot", "farmer", "baker", "scientist", "firefighter", "librarian")
     assert world.genders == ("male", "female")
     assert world.races == ("white", "asian", "black")
 
@@ -94,7 +95,7 @@ def test_a_half_erased_figure_is_not_clean(world):
 
 def test_too_many_occupations_or_too_few_races_is_an_input_error():
     with pytest.raises(InputError):
-        ToyWorld(tuple(f"job{i}" for i in range(9)), ("",) * 9, ("male", "female"), ("white", "asian"))
+        ToyWorld(tuple(f"job{i}" for i in range(13)), ("",) * 13, ("male", "female"), ("white", "asian"))
     with pytest.raises(InputError):
         ToyWorld(("doctor",), ("",), ("male", "female"), ("white",))
 
@@ -143,7 +144,7 @@ def test_biased_data_set_has_the_skew_and_exact_identity_pictures(world, tmp_pat
     attributes = load_attributes("data/toy/attributes.json")
     prompts = expand_prompts(read_neutral_prompts("data/toy/occupations.csv"), attributes, ["gender", "race"])
     frame = build_biased_dataset(world, prompts, tmp_path, images_per_neutral_prompt=200, images_per_identity_prompt=3, seed=0)
-    assert len(frame) == 4 * 200 + 24 * 3
+    assert len(frame) == 12 * 200 + 72 * 3
     written = pd.read_csv(tmp_path / "train.csv", keep_default_na=False)
     assert list(written.columns[:3]) == ["winner_path", "loser_path", "caption"] and (written["loser_path"] == "").all()
     doctor = written[(written["kind"] == "neutral") & (written["occupation"] == "doctor")]

@@ -34,10 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_OCCUPATIONS_PATH = REPO_ROOT / "data" / "toy" / "occupations.csv"
 DEFAULT_ATTRIBUTES_PATH = REPO_ROOT / "data" / "toy" / "attributes.json"
 
-# Light, cool or neutral backgrounds, far from every skin and clothing colour.
+# Backgrounds far from every skin and clothing colour: light, cool or neutral ones first.
 BACKGROUND_PALETTE = np.array([
     (150, 200, 240), (165, 230, 150), (205, 180, 240), (225, 225, 225),
     (130, 220, 210), (185, 205, 110), (240, 240, 120), (250, 175, 225),
+    # Four more for worlds of up to 12 occupations: the farthest from the colours above (>= 120 apart),
+    # at least 75 from every skin hue and 100 from both clothing colours (a greedy farthest-point pick).
+    (60, 100, 80), (130, 60, 210), (60, 250, 60), (250, 60, 190),
 ], dtype=np.float32)
 # Skin hues, one per race label in the attribute file's order. No hue lies near the blend of two
 # others (whatever the number of races drawn, 2 to 6): a model that paints a blend of two races (an

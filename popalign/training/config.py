@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from popalign.io import InputError
+from popalign.losses import ANCHORS
 
 LOSSES = ("popalign", "dpo", "sft", "sudo")
 TIMESTEP_SHARING = ("pair", "batch")
@@ -58,6 +59,9 @@ class TrainConfig:
     loss: str = field(default="popalign", metadata=_help("objective", choices=LOSSES))
     beta: float = field(default=5000.0, metadata=_help("inverse temperature of the preference losses"))
     popalign_alpha: float = field(default=0.5, metadata=_help("weight of the winners' mean in the pooled PopAlign anchor"))
+    popalign_anchor: str = field(default="pooled",
+        metadata=_help("PopAlign's anchor: 'pooled' over the global batch (the original), 'per_pair' (each pair's own "
+                       "point: Diffusion-DPO's comparison, isolating what pooling adds) or 'none' (z = 0)", choices=ANCHORS))
     lambda_winner: float = field(default=1.0, metadata=_help("PopAlign weight of the winner terms"))
     lambda_loser: float = field(default=1.0, metadata=_help("PopAlign weight of the loser terms"))
     prior_preservation_weight: float = field(default=0.0,
@@ -135,7 +139,7 @@ class TrainConfig:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
             raise InputError(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        choices = {"loss": LOSSES, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
+        choices = {"loss": LOSSES, "popalign_anchor": ANCHORS, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")

@@ -94,7 +94,8 @@ def objective(loss_name: str, policy_errors: torch.Tensor, reference_errors: Opt
     ref_err_w, ref_err_l = reference_errors.chunk(2)
     if loss_name == "popalign":
         return popalign_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=config.beta, alpha=config.popalign_alpha,
-                             lambda_w=config.lambda_winner, lambda_l=config.lambda_loser, reduce_mean=reduce_mean)
+                             lambda_w=config.lambda_winner, lambda_l=config.lambda_loser, reduce_mean=reduce_mean,
+                             anchor=config.popalign_anchor)
     if loss_name == "dpo":
         return diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=config.beta)
     if loss_name == "sudo":
