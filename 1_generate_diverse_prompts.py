@@ -15,6 +15,7 @@ from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restriction
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="data/training_prompts.csv", help="neutral prompts: columns occupation, activity")
+    parser.add_argument("--split", default="", help="only the input rows whose 'split' column holds this value (e.g. train)")
     parser.add_argument("--output", default="outputs/prompts/training_prompts_diverse.csv")
     parser.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_PATH), help="attribute definition JSON")
     parser.add_argument("--axes", default="gender,race", help="attributes to combine, comma-separated (the original: gender,race)")
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     try:
         attributes = load_attributes(args.attributes)
         axes = [name.strip() for name in args.axes.split(",") if name.strip()]
-        prompts = expand_prompts(read_neutral_prompts(args.input), attributes, axes, args.template,
+        prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,
                                  parse_restrictions(args.restrict, attributes))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The toy demo: the real numbered scripts 1 -> 2 -> 3 -> 4 -> eval on CPU, starting from the shipped
 # biased toy base model (models/toy_base), with the toy settings passed through the scripts' variables.
-#   bash demo.sh                 base vs PopAlign (about 11 minutes on 2 cores)
+#   bash demo.sh                 base vs PopAlign (about 14 minutes on 2 cores)
 #   BASELINES=1 bash demo.sh     also Diffusion-DPO and SFT trained on the same pairs
 # In the toy world a figure's occupation, gender and race are drawn as colours and shapes that the
 # toy classifier reads back from the pixels (popalign/toy/). The base model draws neutral prompts
 # with a skewed population (e.g. "a photo of a doctor in a clinic": mostly male and white);
 # PopAlign fine-tunes it on population preference pairs so that neutral prompts draw a fair one.
+# The base draws 12 occupations, each with its own skew; the pairs come from the 6 of the training split
+# only, and the evaluation reports the trained occupations and the 6 held-out ones separately.
 # Another toy configuration: TOY_OCCUPATIONS / TOY_ATTRIBUTES (after training a base for it with
 # scripts/train_toy_base.sh and pointing TOY_MODEL at it).
 set -euo pipefail
@@ -18,6 +20,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS
 : "${TOY_OCCUPATIONS:=data/toy/occupations.csv}"
 : "${TOY_ATTRIBUTES:=data/toy/attributes.json}"
 : "${TOY_GENERIC_PROMPTS:=data/toy/generic_prompts.csv}"   # header only: the toy world has no scene without a figure
+# The occupations step 1 builds pairs from (the 'split' column of TOY_OCCUPATIONS); empty = all of them.
+: "${TOY_TRAIN_SPLIT:=train}"
 : "${BASELINES:=0}"                  # 1: also train Diffusion-DPO and SFT on the same pairs
 : "${NUM_PROCESSES:=2}"              # generation, classification and training processes (one thread each)
 # Training runs data-parallel on NUM_PROCESSES processes (one thread each, the same launch line as on
@@ -39,8 +43,8 @@ export STEPS="${STEPS:-20}" GUIDANCE="${GUIDANCE:-1.0}" WIDTH=32 HEIGHT=32 PRECI
 export CLASSIFIER=toy NUM_PROCESSES BATCH_SIZE="${BATCH_SIZE:-50}" CLASSIFY_BATCH_SIZE=100
 
 # Step 1: identity-neutral toy prompts -> identity-specific variants (gender x race).
-python 1_generate_diverse_prompts.py --input "$TOY_OCCUPATIONS" --attributes "$TOY_ATTRIBUTES" --axes gender,race \
-  --output "$OUT/prompts/train_prompts_diverse.csv"
+python 1_generate_diverse_prompts.py --input "$TOY_OCCUPATIONS" --split "$TOY_TRAIN_SPLIT" --attributes "$TOY_ATTRIBUTES" \
+  --axes gender,race --output "$OUT/prompts/train_prompts_diverse.csv"
 
 # Step 2: the base model's populations: a biased one per neutral prompt, a diverse one from the
 # identity-specific prompts; every image classified by the toy classifier.
@@ -91,12 +95,22 @@ fi
 # Step 5: evaluate base and tuned models on the same prompts with the same per-image seeds; a
 # different base seed from step 2, so no evaluated image is one the pairs were made of.
 # Identity-specific eval prompts: every gender x every race of the toy attribute file, which also
-# fixes the class lists of the bias metrics (three races here, not six).
+# fixes the class lists of the bias metrics (three races here, not six). Every occupation is evaluated;
+# with a training split, each split also gets its own report (report_train, report_heldout).
 toy_races="$(python -c 'import sys; from popalign.attributes import load_attributes; print(",".join(load_attributes(sys.argv[1])["race"].labels))' "$TOY_ATTRIBUTES")"
 BASE_MODEL="$TOY_MODEL" TUNED_MODELS="$tuned" EVAL_PROMPTS="$TOY_OCCUPATIONS" GENERIC_PROMPTS="$TOY_GENERIC_PROMPTS" \
 EVAL_TEMPLATE="a photo of {person} {activity}" ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 \
-IMAGES_PER_PROMPT="${EVAL_IMAGES_PER_NEUTRAL_PROMPT:-200}" IMAGES_PER_IDENTITY_PROMPT="${EVAL_IMAGES_PER_IDENTITY_PROMPT:-20}" \
+IMAGES_PER_PROMPT="${EVAL_IMAGES_PER_NEUTRAL_PROMPT:-100}" IMAGES_PER_IDENTITY_PROMPT="${EVAL_IMAGES_PER_IDENTITY_PROMPT:-10}" \
 SCORERS=toy NUM_RESAMPLES=2000 OUT_DIR="$OUT/eval" GUIDANCE="$EVAL_GUIDANCE" \
+OCCUPATION_SPLITS="$([ -n "$TOY_TRAIN_SPLIT" ] && echo "$TOY_OCCUPATIONS")" \
   bash eval.sh
 
-python -m popalign.toy.report "$OUT/eval/report"
+if [ -n "$TOY_TRAIN_SPLIT" ]; then
+  report_dirs=("$OUT/eval/report_$TOY_TRAIN_SPLIT")
+  for split in $(python -m popalign.prompts splits "$TOY_OCCUPATIONS"); do
+    if [ "$split" != "$TOY_TRAIN_SPLIT" ]; then report_dirs+=("$OUT/eval/report_$split"); fi
+  done
+  python -m popalign.toy.report "${report_dirs[@]}"
+else
+  python -m popalign.toy.report "$OUT/eval/report"
+fi

@@ -48,6 +48,8 @@ cd "$(dirname "$0")"
 : "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign
                                       # patterns of the paired test beyond 16 prompts)
 : "${CORRECT_FOR_CLASSIFIER:=0}"       # 1: the headline reads discrepancies of classifier-corrected shares
+: "${OCCUPATION_SPLITS:=}"               # a prompt file with a split column: also one report per split
+                                      # (report_<split>/, e.g. the occupations trained on vs held out)
 # Processes: one per GPU. LAUNCH_ARGS may instead name an accelerate config (--config_file ...).
 : "${NUM_PROCESSES:=1}"
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
@@ -97,6 +99,12 @@ for spec in $TUNED_MODELS; do
   tuned_dirs+=("$weights")
 done
 
+# The splits of OCCUPATION_SPLITS, read (and so checked) before any image is made.
+splits=""
+if [ -n "$OCCUPATION_SPLITS" ]; then
+  splits="$(python -m popalign.prompts splits "$OCCUPATION_SPLITS")"
+fi
+
 PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_diverse.csv"
 ALL_PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_all.csv"
 restrict_args=()
@@ -127,3 +135,10 @@ scorer_args=()
 [ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
 python evaluate.py "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
   --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --report_dir "$OUT_DIR/report"
+if [ -n "$OCCUPATION_SPLITS" ]; then
+  for split in $splits; do
+    python evaluate.py "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
+      --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --occupation_splits "$OCCUPATION_SPLITS" \
+      --split "$split" --report_dir "$OUT_DIR/report_$split"
+  done
+fi

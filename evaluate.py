@@ -15,6 +15,7 @@ import sys
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
 from popalign.io import InputError
+from popalign.prompts import occupation_splits
 from popalign.report import write_report
 
 
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
                              "test beyond 16 prompts (up to 16 it enumerates all 2^n)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument("--occupation_splits", default="", metavar="CSV",
+                        help="a neutral prompt file with a 'split' column (occupation -> split); with --split")
+    parser.add_argument("--split", default="", help="evaluate only the prompts of this split's occupations (e.g. heldout)")
     parser.add_argument("--correct_for_classifier", action="store_true",
                         help="headline the discrepancy of shares corrected for the classifier's confusion (estimated on "
                              "the base's identity-specific prompts); the correction is always shown in its own section")
@@ -65,10 +69,14 @@ def main(argv=None) -> int:
             targets = json.loads(args.targets) if args.targets else {}
         except json.JSONDecodeError as error:
             raise InputError(f"--targets: invalid JSON ({error})") from None
+        if bool(args.split) != bool(args.occupation_splits):
+            raise InputError("--split and --occupation_splits go together")
+        splits = occupation_splits(args.occupation_splits) if args.occupation_splits else {}
         settings = EvaluationSettings(classifier=args.classifier, axes=parse_list(args.axes),
                                       intersectional=parse_list(args.intersectional), targets=targets,
                                       num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
-                                      correct_for_classifier=args.correct_for_classifier)
+                                      correct_for_classifier=args.correct_for_classifier, split=args.split,
+                                      occupation_splits=splits)
         result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
                           base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
         written = write_tables(result, args.report_dir)

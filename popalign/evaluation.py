@@ -77,6 +77,8 @@ class EvaluationSettings:
     targets: attribute -> {label: probability}; a missing attribute means uniform over its labels.
     correct_for_classifier: the headline reads the discrepancy of classifier-corrected shares (always
     shown in the classifier section) instead of the observed one.
+    split, occupation_splits: with a split (e.g. 'heldout'), only the neutral and identity-specific prompts
+    of the occupations that occupation_splits (occupation -> split) puts in it; generic prompts stay.
     """
 
     classifier: str = "deepface"
@@ -87,6 +89,8 @@ class EvaluationSettings:
     confidence: float = 0.95
     seed: int = 0
     correct_for_classifier: bool = False
+    split: str = ""
+    occupation_splits: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -514,6 +518,21 @@ def classifier_confusions(images: pd.DataFrame, attributes: AttributeSet,
     return confusions
 
 
+def select_split(images: pd.DataFrame, settings: EvaluationSettings) -> pd.DataFrame:
+    """The images of settings.split (all when it is empty); an occupation the split file does not list is an error."""
+    if not settings.split:
+        return images
+    people = images["kind"] != "generic"
+    unlisted = sorted(set(images.loc[people, "occupation"]) - set(settings.occupation_splits))
+    if unlisted:
+        raise InputError(f"--occupation_splits: occupation(s) {unlisted} of the evaluated prompts have no split")
+    if settings.split not in set(settings.occupation_splits.values()):
+        raise InputError(f"--split {settings.split}: no occupation has it "
+                         f"(splits: {', '.join(sorted(set(settings.occupation_splits.values())))})")
+    keep = ~people | images["occupation"].map(lambda occupation: settings.occupation_splits.get(occupation) == settings.split)
+    return images[keep].reset_index(drop=True)
+
+
 def evaluate_model(name: str, folders: Sequence[str | Path], attributes: AttributeSet, settings: EvaluationSettings,
                    scorers: Sequence[str] | None = None,
                    confusions: Mapping[str, np.ndarray] | None = None) -> ModelEvaluation:
@@ -531,7 +550,7 @@ def evaluate_model(name: str, folders: Sequence[str | Path], attributes: Attribu
         raise InputError(f"intersectional needs two attributes, got {list(settings.intersectional)}")
     check_targets(settings, attributes)
     folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
-    images = load_image_folders(folders, settings.classifier, attributes, scorers)
+    images = select_split(load_image_folders(folders, settings.classifier, attributes, scorers), settings)
     scorers = [column[len("quality_"):] for column in images.columns if column.startswith("quality_")]
     if confusions is None:
         confusions = classifier_confusions(images, attributes, settings)
@@ -641,6 +660,7 @@ def write_tables(result: EvaluationResult, report_dir: str | Path) -> dict[str, 
     atomic_write_csv(written["corrected_shares"], result.corrected_shares)
     settings = asdict(result.settings)
     settings["targets"] = {key: dict(value) for key, value in result.settings.targets.items()}
+    settings["occupation_splits"] = dict(result.settings.occupation_splits)
     document = {
         "settings": settings,
         "models": {model.name: {"folders": [str(folder) for folder in model.folders], "scorers": model.scorer_info,

@@ -70,11 +70,23 @@ def parse_restrictions(specs: Sequence[str], attributes: AttributeSet) -> dict[s
     return restrictions
 
 
-def read_neutral_prompts(path) -> pd.DataFrame:
-    """Read and validate the neutral prompt file: columns occupation, activity; no empty or duplicate rows."""
+SPLIT_COLUMN = "split"
+
+
+def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
+    """Read and validate the neutral prompt file: columns occupation, activity; no empty or duplicate rows.
+
+    With `split`, only the rows whose optional `split` column holds that value (e.g. train / heldout).
+    """
     frame = read_csv_checked(path, ["occupation", "activity"])
     if frame.empty:
         raise InputError(f"{path}: no prompts")
+    if split:
+        if SPLIT_COLUMN not in frame.columns:
+            raise InputError(f"{path}: --split {split}: the file has no '{SPLIT_COLUMN}' column")
+        if not (frame[SPLIT_COLUMN] == split).any():
+            raise InputError(f"{path}: --split {split}: no row has it (splits: {', '.join(sorted(set(frame[SPLIT_COLUMN])))})")
+        frame = frame[frame[SPLIT_COLUMN] == split].reset_index(drop=True)
     seen: dict[tuple[str, str], int] = {}
     for position, (occupation, activity) in enumerate(zip(frame["occupation"], frame["activity"])):
         row = csv_row_number(position)
@@ -87,6 +99,19 @@ def read_neutral_prompts(path) -> pd.DataFrame:
         seen[key] = row
     frame = frame.assign(occupation=frame["occupation"].str.strip(), activity=frame["activity"].str.strip())
     return frame[["occupation", "activity"]]
+
+
+def occupation_splits(path) -> dict[str, str]:
+    """occupation -> split, from a neutral prompt file with a `split` column (an occupation has one split)."""
+    frame = read_csv_checked(path, ["occupation", SPLIT_COLUMN])
+    splits: dict[str, str] = {}
+    for position, (occupation, split) in enumerate(zip(frame["occupation"].str.strip(), frame[SPLIT_COLUMN].str.strip())):
+        if not split:
+            raise InputError(f"{path}: row {csv_row_number(position)}: empty split")
+        if splits.setdefault(occupation, split) != split:
+            raise InputError(f"{path}: row {csv_row_number(position)}: {occupation} is in two splits "
+                             f"({splits[occupation]}, {split})")
+    return splits
 
 
 def expand_prompts(
@@ -127,3 +152,23 @@ def expand_prompts(
         raise InputError(f"two input rows render to the same prompt: {frame['prompt'][duplicated].iloc[0]!r}")
     frame.insert(0, "prompt_id", frame["prompt"].map(prompt_id))
     return frame
+
+
+def main(argv=None) -> int:
+    """`python -m popalign.prompts splits FILE`: print the split names of a prompt file (for the shell scripts)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "splits":
+        print("usage: python -m popalign.prompts splits FILE", file=sys.stderr)
+        return 2
+    try:
+        print(" ".join(sorted(set(occupation_splits(argv[1]).values()))))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

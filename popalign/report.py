@@ -393,6 +393,10 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
                       if result.settings.intersectional else f"discrepancy_{axes[-1]}")
 
     lines = [f"# Evaluation: `{result.base.name}` vs {names}", ""]
+    if result.settings.split:
+        lines += [f"**Split `{result.settings.split}`**: only the neutral and identity-specific prompts of the "
+                  f"occupations in this split ({', '.join(sorted(o for o, split in result.settings.occupation_splits.items() if split == result.settings.split))}); "
+                  "generic prompts as they are.", ""]
     level = result.settings.confidence
     lines += [
         f"**How to read this.** Each number is a metric's mean over prompts with its {level:.0%} interval over "

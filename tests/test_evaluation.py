@@ -278,3 +278,18 @@ def test_evaluate_script_reports_bad_input(tmp_path):
                                 str(tmp_path / "report")], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 2
     assert completed.stderr.startswith("error: ") and "manifest.csv: file not found" in completed.stderr
+
+
+def test_a_split_keeps_its_occupations_and_the_generic_prompts(tmp_path, hand_folder):
+    from dataclasses import replace
+
+    splits = {"doctor": "train", "engineer": "heldout"}
+    heldout = evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="heldout", occupation_splits=splits))
+    assert set(heldout.per_prompt["occupation"]) == {"engineer", ""}  # the generic prompt stays
+    train = evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="train", occupation_splits=splits))
+    assert set(train.per_prompt["kind"]) == {"neutral", "identity", "generic"}
+    assert set(train.per_prompt["occupation"]) == {"doctor", ""}
+    with pytest.raises(InputError, match=r"occupation\(s\) \['engineer'\] of the evaluated prompts have no split"):
+        evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="train", occupation_splits={"doctor": "train"}))
+    with pytest.raises(InputError, match="--split test: no occupation has it"):
+        evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="test", occupation_splits=splits))

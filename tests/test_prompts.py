@@ -104,3 +104,31 @@ def test_default_training_prompts_are_valid_and_neutral(attributes, repo_root):
     for occupation, activity in zip(neutral["occupation"], neutral["activity"]):
         words = set(f"{occupation} {activity}".lower().replace(",", " ").split())
         assert not words & identity_words, (occupation, activity)
+
+
+def test_split_of_a_prompt_file(tmp_path, repo_root):
+    from popalign.prompts import occupation_splits
+
+    source = tmp_path / "prompts.csv"
+    source.write_text("occupation,activity,split\npilot,in a cockpit,train\nchef,in a kitchen,heldout\n"
+                      "baker,,train\n", encoding="utf-8")
+    assert list(read_neutral_prompts(source, "train")["occupation"]) == ["pilot", "baker"]
+    assert list(read_neutral_prompts(source)["occupation"]) == ["pilot", "chef", "baker"]
+    assert occupation_splits(source) == {"pilot": "train", "chef": "heldout", "baker": "train"}
+    with pytest.raises(InputError, match="no row has it"):
+        read_neutral_prompts(source, "test")
+    output = tmp_path / "out.csv"
+    result = subprocess.run([sys.executable, "1_generate_diverse_prompts.py", "--input", str(source), "--split", "heldout",
+                             "--output", str(output), "--axes", "gender"], cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert set(pd.read_csv(output, dtype=str, keep_default_na=False)["occupation"]) == {"chef"}
+    plain = tmp_path / "plain.csv"
+    plain.write_text("occupation,activity\npilot,in a cockpit\n", encoding="utf-8")
+    with pytest.raises(InputError, match="has no 'split' column"):
+        read_neutral_prompts(plain, "train")
+    source.write_text("occupation,activity,split\npilot,in a cockpit,train\npilot,in the air,heldout\n", encoding="utf-8")
+    with pytest.raises(InputError, match="row 3: pilot is in two splits"):
+        occupation_splits(source)
+    # The toy world's file: 6 occupations to train on, 6 held out.
+    toy = occupation_splits(repo_root / "data" / "toy" / "occupations.csv")
+    assert sorted(toy.values()).count("train") == 6 and sorted(toy.values()).count("heldout") == 6
