@@ -25,7 +25,7 @@ cd "$(dirname "$0")"
 : "${BATCH_SIZE:=4}"                   # images per forward pass on each process
 # Classification.
 : "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), toy
-: "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet)
+: "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
 : "${CLASSIFY_BATCH_SIZE:=16}"
 # Processes: one per GPU. LAUNCH_ARGS may instead name an accelerate config (--config_file ...).
 : "${NUM_PROCESSES:=1}"

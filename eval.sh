@@ -39,7 +39,7 @@ cd "$(dirname "$0")"
 : "${BATCH_SIZE:=4}"
 # Classification and quality.
 : "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), toy
-: "${DETECTOR:=yunet}"
+: "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
 : "${CLIP_MODEL:=openai/clip-vit-large-patch14}"         # for CLASSIFIER=clip
 : "${CLASSIFY_BATCH_SIZE:=16}"
 : "${SCORERS:=hpsv2,pickscore,clip,aesthetic,imagereward}"   # empty: no quality scoring

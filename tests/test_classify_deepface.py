@@ -14,7 +14,7 @@ from PIL import Image
 
 from popalign.attributes import load_attributes
 from popalign.classify import build_classifier
-from popalign.classify.base import Classification
+from popalign.classify.base import NO_FACE, Classification
 from popalign.classify.deepface_backend import DeepFaceClassifier, classification_from_analysis
 
 ATTRIBUTES = load_attributes()
@@ -119,3 +119,36 @@ def test_gender_mapping_is_exact_never_substring():
     for raw in ("Female person", "fe", "man", "Males"):
         with pytest.raises(ValueError):
             gender.map_classifier_label(raw)
+
+
+@pytest.mark.parametrize("detector", ["fastmtcnn", "opencv"])
+def test_real_detector_weights_on_real_photographs(deepface_home, detector):
+    """facenet-pytorch's MTCNN (DeepFace's fastmtcnn) and OpenCV's Haar cascade: real weights, no download."""
+    from popalign.classify.photographs import detect_in_photographs, detection_table
+
+    detections = {detection.name: detection for detection in detect_in_photographs(detector)}
+    # No face is reported where there is none: a cup, a cat, a rocket, coins, a blank image, noise.
+    for name in ["coffee", "cat (chelsea)", "rocket", "blank", "noise"]:
+        assert detections[name].faces == [], (detector, name)
+    # The astronaut's face, where it is in the photograph (a box around x 180-270, y 60-170 of 512 px).
+    astronaut = detections["astronaut"].faces
+    assert len(astronaut) == 1
+    centre_x = astronaut[0]["x"] + astronaut[0]["w"] / 2
+    centre_y = astronaut[0]["y"] + astronaut[0]["h"] / 2
+    assert 180 < centre_x < 270 and 60 < centre_y < 170
+    if detector == "fastmtcnn":
+        assert astronaut[0]["confidence"] > 0.99
+        # Mirrored, at a quarter of the size, and the greyscale cameraman: MTCNN finds all four faces.
+        assert all(detection.faces for detection in detections.values() if detection.has_face)
+        assert "faces found in 4 of 4 photographs with a face (100%); a face reported in 0 of 6" in \
+            detection_table(list(detections.values()), detector)
+
+
+def test_classifier_with_the_real_mtcnn_detector(deepface_home):
+    from skimage.data import astronaut, coffee
+
+    classifier = build_classifier("deepface", detector_backend="fastmtcnn", device="cpu")
+    face_result, cup_result = classifier.classify([Image.fromarray(astronaut()), Image.fromarray(coffee())])
+    assert face_result.face_detected and face_result.gender in ("male", "female")
+    assert face_result.race in ATTRIBUTES["race"].labels
+    assert cup_result == NO_FACE
