@@ -16,8 +16,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--classifier", default="deepface", choices=list(CLASSIFIERS), help="classification backend")
-    parser.add_argument("--detector", default="yunet", help="DeepFace face detector backend (the original used yunet, which downloads its weights; fastmtcnn uses "
-                             "the MTCNN weights of facenet-pytorch, installed with the package)")
+    parser.add_argument("--detector", default="yunet",
+                        help="DeepFace face detector backend (the original used yunet, which downloads its weights; "
+                             "fastmtcnn uses the MTCNN weights of facenet-pytorch, installed with the package)")
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model id or folder for --classifier clip")
     parser.add_argument("--face_threshold", type=float, default=0.5,
                         help="--classifier clip: minimum zero-shot probability of 'a photo of a person's face' to count a face")
