@@ -7,8 +7,9 @@
 # toy classifier reads back from the pixels (popalign/toy/). The base model draws neutral prompts
 # with a skewed population (e.g. "a photo of a doctor in a clinic": mostly male and white);
 # PopAlign fine-tunes it on population preference pairs so that neutral prompts draw a fair one.
-# The base draws 12 occupations, each with its own skew; the pairs come from the 6 of the training split
-# only, and the evaluation reports the trained occupations and the 6 held-out ones separately.
+# The base draws 12 occupations, each with its own skew (data/toy/occupations.csv); the pairs come from the
+# 4 of the training split only, and the evaluation reports each split separately: the trained occupations,
+# the 2 that scripts/compare_objectives.py chooses settings on (validation), and the 6 held out.
 # Another toy configuration: TOY_OCCUPATIONS / TOY_ATTRIBUTES (after training a base for it with
 # scripts/train_toy_base.sh and pointing TOY_MODEL at it).
 set -euo pipefail

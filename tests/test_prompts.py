@@ -129,6 +129,6 @@ def test_split_of_a_prompt_file(tmp_path, repo_root):
     source.write_text("occupation,activity,split\npilot,in a cockpit,train\npilot,in the air,heldout\n", encoding="utf-8")
     with pytest.raises(InputError, match="row 3: pilot is in two splits"):
         occupation_splits(source)
-    # The toy world's file: 6 occupations to train on, 6 held out.
+    # The toy world's file: 4 occupations to train on, 2 to choose settings on, 6 held out.
     toy = occupation_splits(repo_root / "data" / "toy" / "occupations.csv")
-    assert sorted(toy.values()).count("train") == 6 and sorted(toy.values()).count("heldout") == 6
+    assert [list(toy.values()).count(split) for split in ("train", "validation", "heldout")] == [4, 2, 6]

@@ -1,0 +1,157 @@
+"""PopAlign, PopAlign with a per-pair anchor, Diffusion-DPO and SFT, each tuned with the same budget (toy world).
+
+    python scripts/compare_objectives.py --pairs_file outputs/toy_demo/preferences/pairs.csv \
+        --output_dir outputs/toy_comparison
+
+Needs the pairs of a finished demo (`make demo`: built from the training split only). For each objective
+of popalign.toy.comparison.OBJECTIVES it trains every grid point (the demo's settings, --max_train_steps
+steps, seed = the first of --seeds), scores each on the validation occupations, picks one setting by the
+declared rule, trains it with every seed and scores those on the held-out occupations. Writes
+`<output_dir>/table.md` and `results.json`. Re-running resumes: finished trainings are skipped (their
+finished.json) and measurements already written are kept.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from popalign.attributes import load_attributes  # noqa: E402
+from popalign.io import InputError, atomic_write_json, atomic_write_text  # noqa: E402
+from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
+from popalign.toy import comparison  # noqa: E402
+from popalign.toy.world import load_world  # noqa: E402
+
+
+def train(run_dir: Path, objective: comparison.Objective, point: dict, seed: int, args) -> Path:
+    """One training through 4_train.sh (the user's launcher); returns the U-Net folder."""
+    settings = {**comparison.COMMON_SETTINGS, **objective.fixed, **point}
+    processes = args.num_processes
+    env = dict(os.environ, PAIRS_FILE=args.pairs_file, OUTPUT_DIR=str(run_dir), MODEL=args.pretrained_model, VAE="",
+               RESOLUTION="32", LOSS=objective.loss, BETA=str(settings.get("beta", 0.0)),
+               LAMBDA_LOSER=str(settings.get("lambda_loser", 1.0)),
+               POPALIGN_ANCHOR=settings.get("popalign_anchor", "pooled"),
+               CAPTION_DROPOUT=str(settings["caption_dropout"]), LEARNING_RATE=str(settings["learning_rate"]),
+               PRIOR_PRESERVATION_WEIGHT=str(settings["prior_preservation_weight"]),
+               PRIOR_PRESERVATION_TARGET=settings["prior_preservation_target"], LR_SCHEDULER=settings["lr_scheduler"],
+               LR_WARMUP_STEPS=str(settings["lr_warmup_steps"]), MAX_TRAIN_STEPS=str(args.max_train_steps),
+               TRAIN_BATCH_SIZE=str(settings["train_batch_size"] // processes), MIXED_PRECISION="no",
+               GRADIENT_CHECKPOINTING="off", USE_8BIT_ADAM="off", CHECKPOINTING_STEPS="0", REPORT_TO="none",
+               NUM_PROCESSES=str(processes), SEED=str(seed), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as handle:
+        result = subprocess.run(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"training {run_dir} failed (exit {result.returncode}); see {log}")
+    return run_dir / "unet"
+
+
+def measure(unet: Path | None, prompts, split: str, args, world, cache: Path) -> dict:
+    """popalign.toy.base.measure_toy_model of the base (unet None) or a tuned U-Net, cached in `cache`."""
+    settings = {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
+                "images_per_identity_prompt": args.images_per_identity_prompt, "steps": args.steps,
+                "guidance": args.guidance, "seed": args.measure_seed}
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("measure_settings") == settings:
+            return stored
+    import torch
+
+    from popalign.pipelines import load_text_to_image_pipeline
+    from popalign.toy.base import measure_toy_model
+
+    torch.set_num_threads(args.measure_threads)
+    pipeline = load_text_to_image_pipeline(args.pretrained_model, torch.float32, torch.device("cpu"),
+                                           unet_path=str(unet) if unet else None)
+    pipeline.set_progress_bar_config(disable=True)
+    measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt,
+                                    args.images_per_neutral_prompt, args.steps, args.guidance, args.measure_seed)
+    measurement["measure_settings"] = settings
+    atomic_write_json(cache, measurement)
+    return measurement
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs_file", default="outputs/toy_demo/preferences/pairs.csv")
+    parser.add_argument("--pretrained_model", default="models/toy_base")
+    parser.add_argument("--occupations", default="data/toy/occupations.csv", help="toy occupations with a split column")
+    parser.add_argument("--attributes", default="data/toy/attributes.json")
+    parser.add_argument("--validation_split", default="validation", help="occupations the setting is chosen on")
+    parser.add_argument("--test_split", default="heldout", help="occupations the chosen settings are scored on")
+    parser.add_argument("--output_dir", default="outputs/toy_comparison")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds of each chosen setting; the first also trains the grid")
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--num_processes", type=int, default=2, help="data-parallel training processes")
+    parser.add_argument("--images_per_neutral_prompt", type=int, default=100)
+    parser.add_argument("--images_per_identity_prompt", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps when scoring")
+    parser.add_argument("--guidance", type=float, default=3.0, help="guidance when scoring (the demo's evaluation)")
+    parser.add_argument("--measure_seed", type=int, default=1, help="seed of the scored pictures (not the training images')")
+    parser.add_argument("--measure_threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        if not seeds:
+            raise InputError("--seeds: give at least one seed")
+        if not Path(args.pairs_file).is_file():
+            raise InputError(f"--pairs_file {args.pairs_file}: not found (run make demo first)")
+        if comparison.COMMON_SETTINGS["train_batch_size"] % args.num_processes:
+            raise InputError(f"--num_processes {args.num_processes} does not divide the batch of "
+                             f"{comparison.COMMON_SETTINGS['train_batch_size']}")
+        world = load_world(args.occupations, args.attributes)
+        attributes = load_attributes(args.attributes)
+        prompts = {split: expand_prompts(read_neutral_prompts(args.occupations, split), attributes, ["gender", "race"],
+                                         DEFAULT_TEMPLATE) for split in (args.validation_split, args.test_split)}
+    except (InputError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir)
+    base = {split: measure(None, prompts[split], split, args, world, output_dir / f"base_{split}.json")
+            for split in prompts}
+
+    validation, chosen, met, held_out = {}, {}, {}, {}
+    for objective in comparison.OBJECTIVES:
+        runs = {}
+        for point in objective.grid:
+            name = comparison.run_name(objective, point)
+            run_dir = output_dir / "runs" / f"{name}_seed{seeds[0]}"
+            print(f"[grid] {name}, seed {seeds[0]}", flush=True)
+            unet = train(run_dir, objective, point, seeds[0], args)
+            runs[name] = measure(unet, prompts[args.validation_split], args.validation_split, args, world,
+                                 run_dir / f"measure_{args.validation_split}.json")
+        validation[objective.name] = runs
+        chosen[objective.name], met[objective.name] = comparison.select(runs, base[args.validation_split])
+        point = next(point for point in objective.grid if comparison.run_name(objective, point) == chosen[objective.name])
+        held_out[objective.name] = []
+        for seed in seeds:
+            run_dir = output_dir / "runs" / f"{chosen[objective.name]}_seed{seed}"
+            print(f"[chosen] {chosen[objective.name]}, seed {seed}", flush=True)
+            unet = train(run_dir, objective, point, seed, args)
+            held_out[objective.name].append(measure(unet, prompts[args.test_split], args.test_split, args, world,
+                                                    run_dir / f"measure_{args.test_split}.json"))
+
+    table = comparison.comparison_table(base[args.test_split], chosen, held_out, met)
+    command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n".join([
+        f"Held-out occupations ({args.test_split}): mean over {len(seeds)} training seeds [95% interval over seeds].",
+        "", table, "",
+        f"Selection rule (declared before the runs): {comparison.SELECTION_RULE}.",
+        f"Budget: {len(comparison.OBJECTIVES[0].grid)} runs per objective, {args.max_train_steps} steps each.",
+        f"Command: `{command.strip()}`", ""])
+    atomic_write_text(output_dir / "table.md", text)
+    atomic_write_json(output_dir / "results.json", {
+        "settings": vars(args), "selection_rule": comparison.SELECTION_RULE, "common_settings": comparison.COMMON_SETTINGS,
+        "base": base, "validation": validation, "chosen": chosen, "met_constraints": met, "held_out": held_out})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
