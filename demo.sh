@@ -63,17 +63,17 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
 # learning rate than SDXL's 5e-7; fp32 on CPU. The learning rate decays to 0 (cosine after 20 warmup
 # steps): at a constant rate, Adam keeps moving the identity balance that all neutral prompts share by a
 # random walk to the last step, so the end state depended on the training seed (one seed drew 62% men
-# for every occupation, another 70% women); decaying the rate lets it settle (README: what was measured).
+# for every occupation, another 70% women); decaying the rate lets it settle (docs/toy_world_history.md).
 # Caption dropout stays at the trainer's 0.2, so the unconditional branch that guidance uses sees the pairs too.
 # PopAlign's beta and loser weight: the toy's per-pixel v-prediction errors at high noise differ by ~0.3
 # between winners and losers, so a beta of 0.5 lets the sigmoid stay unsaturated until the population
 # has moved (beta 5 or more stops it after a small shift), and a loser weight of 0.1 keeps the loser
-# (unlikelihood) term from degrading identity-specific prompts (README: what was measured).
+# (unlikelihood) term from degrading identity-specific prompts (docs/toy_world_history.md).
 # Prior preservation towards the reference (weight 0.25): each winner is also denoised under its own
 # identity-specific prompt, and the tuned prediction there is pulled towards the base model's. The toy's
 # neutral and identity-specific prompts have close text encodings, so without it what is learned on the
 # neutral caption also changes what identity-specific prompts draw (identity accuracy fell to 74-92%);
-# with it they stay at the base's level and the neutral-prompt cut is kept (README: what was measured).
+# with it they stay at the base's level and the neutral-prompt cut is kept (docs/toy_world_history.md).
 # TRAIN_PRIOR_PRESERVATION_WEIGHT=0 trains without it (the original PopAlign).
 train() {
   local loss="$1" beta="$2" learning_rate="$3" lambda_loser="${4:-1.0}"
