@@ -23,18 +23,18 @@ def measurement():
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     prompts = expand_prompts(read_neutral_prompts("data/toy/occupations.csv"), load_attributes("data/toy/attributes.json"),
                              ["gender", "race"])
-    return measure_toy_model(pipeline, load_world(), prompts, images_per_identity_prompt=4, images_per_neutral_prompt=48,
+    return measure_toy_model(pipeline, load_world(), prompts, images_per_identity_prompt=2, images_per_neutral_prompt=40,
                              steps=20, guidance=1.0, seed=123)
 
 
 def test_base_draws_identity_prompts_right(measurement):
-    # 96 pictures; the full gate (>= 90% over 480 pictures) is measured by scripts/train_toy_base.sh.
+    # 144 pictures; the full gate (>= 90% over 1,440 pictures) is measured by scripts/train_toy_base.sh.
     assert measurement["identity_accuracy"] >= 0.8
 
 
 def test_base_reproduces_the_neutral_skew(measurement):
     neutral = pd.DataFrame(measurement["neutral"])
-    assert len(neutral) == 4
+    assert len(neutral) == 12  # every occupation of the toy world, the held-out ones too
     assert (neutral["clean_rate"] >= 0.7).all()
     # The data set's majority identity (85% gender, 80% race) stays the clear majority of each
     # neutral prompt; a fair model would sit at 50% and 33%.
