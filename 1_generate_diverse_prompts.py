@@ -8,12 +8,12 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import InputError, atomic_write_csv
+from popalign.io import HelpFormatter, InputError, atomic_write_csv
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restrictions, read_neutral_prompts
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", default="data/training_prompts.csv", help="neutral prompts: columns occupation, activity")
     parser.add_argument("--split", default="", help="only the input rows whose 'split' column holds this value (e.g. train)")
     parser.add_argument("--output", default="outputs/prompts/training_prompts_diverse.csv")
@@ -22,7 +22,11 @@ def main(argv=None) -> int:
     parser.add_argument("--restrict", action="append", default=[], metavar="NAME=V1,V2",
                         help="use only these values of an attribute, e.g. race=white,asian,black (repeatable)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template with {person} and {activity}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         attributes = load_attributes(args.attributes)
         axes = [name.strip() for name in args.axes.split(",") if name.strip()]

@@ -9,12 +9,12 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--image_dirs", nargs="+", default=["outputs/images/train"],
                         help="step-2 image folders (each with manifest.csv and labels_<classifier>.csv)")
     parser.add_argument("--classifier", default="deepface", help="which labels_<classifier>.csv decides the diversity statistic")
@@ -31,7 +31,11 @@ def main(argv=None) -> int:
                              "every identity is drawn equally often after filtering; per_image: uniformly over the kept "
                              "images (the original)")
     parser.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_PATH), help="attribute definition JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         summary = generate_preferences(
             args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),

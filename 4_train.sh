@@ -46,7 +46,7 @@ cd "$(dirname "$0")"
 : "${MAX_GRAD_NORM:=1.0}"
 : "${MIXED_PRECISION:=bf16}"                              # no | fp16 | bf16; the frozen reference U-Net is kept in it
 : "${GRADIENT_CHECKPOINTING:=on}"
-: "${USE_8BIT_ADAM:=on}"                                  # falls back to torch AdamW (with a message) without CUDA + bitsandbytes
+: "${USE_8BIT_ADAM:=on}"                                  # needs CUDA + bitsandbytes (refused without); off = torch AdamW, ~15 GB more on SDXL
 : "${LORA_RANK:=0}"                                       # 0 = full U-Net fine-tuning (the original); e.g. 8 for LoRA
 : "${SEED:=0}"
 

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Offline by design: nothing is fetched from a model hub; one thread per torch process.
 RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(RUN_ENV) $(BIN)/python -m pytest -q
+
+# The inner loop: everything but the end-to-end runs (pytest's `slow` marker).
+test-fast: install
+	$(RUN_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) outputs

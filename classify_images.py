@@ -9,11 +9,11 @@ import argparse
 import sys
 
 from popalign.classify import CLASSIFIERS
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--classifier", default="deepface", choices=list(CLASSIFIERS), help="classification backend")
     parser.add_argument("--detector", default="yunet",
@@ -23,7 +23,11 @@ def parse_args(argv=None):
     parser.add_argument("--face_threshold", type=float, default=0.5,
                         help="--classifier clip: minimum zero-shot probability of 'a photo of a person's face' to count a face")
     parser.add_argument("--batch_size", type=int, default=16, help="images per classify() call, per process")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:

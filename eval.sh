@@ -44,7 +44,7 @@ cd "$(dirname "$0")"
 : "${CLASSIFY_BATCH_SIZE:=16}"
 : "${SCORERS:=hpsv2,pickscore,clip,aesthetic,imagereward}"   # empty: no quality scoring
 : "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see score_images.py)
-: "${SCORE_BATCH_SIZE:=16}"
+: "${SCORE_BATCH_SIZE:=8}"
 : "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign
                                       # patterns of the paired test beyond 16 prompts)
 : "${CORRECT_FOR_CLASSIFIER:=0}"       # 1: the headline reads discrepancies of classifier-corrected shares

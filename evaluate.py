@@ -14,7 +14,7 @@ import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 from popalign.prompts import occupation_splits
 from popalign.report import write_report
 
@@ -34,8 +34,8 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--base", action="append", required=True, metavar="FOLDER",
                         help="image folder of the base model (repeatable)")
     parser.add_argument("--base_name", default="base", help="name of the base model in tables and the report")
@@ -63,7 +63,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chart_prompts", type=int, default=6, help="neutral prompts charted one by one")
     parser.add_argument("--grid_prompts", type=int, default=3, help="neutral prompts shown as before/after image grids")
     parser.add_argument("--grid_images", type=int, default=6, help="images per model in each grid")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         try:
             targets = json.loads(args.targets) if args.targets else {}

@@ -8,11 +8,11 @@ import argparse
 import sys
 
 from popalign.generation import PROMPT_KINDS, GenerationSettings, generate_images
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local pipeline folder")
     parser.add_argument("--unet", default="", help="fine-tuned U-Net folder (diffusers format) replacing the model's")
     parser.add_argument("--lora", default="", help="LoRA weights folder loaded with pipeline.load_lora_weights")
@@ -30,7 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(seed, prompt, image index)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass on each process")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     settings = GenerationSettings(model=args.model, unet=args.unet, lora=args.lora, scheduler=args.scheduler,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
                                   negative_prompt=args.negative_prompt, precision=args.precision, seed=args.seed)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 from popalign.quality import SCORERS
 
 
@@ -37,8 +37,8 @@ def parse_scorer_options(assignments: list[str], options_json: str | None) -> di
     return options
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--scorers", default="hpsv2,pickscore,clip,aesthetic,imagereward",
                         help=f"comma-separated, from: {', '.join(SCORERS)}")
@@ -47,7 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                         help="a scorer option, e.g. hpsv2.checkpoint=/path/HPS_v2.1_compressed.pt (repeatable)")
     parser.add_argument("--options_json", default=None, help="JSON file {scorer: {option: value}}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:

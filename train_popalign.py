@@ -9,7 +9,7 @@ import sys
 
 from popalign.io import InputError
 from popalign.training.config import config_from_args
-from popalign.training.trainer import train
+from popalign.training.trainer import TrainingDiverged, train
 
 
 def main(argv=None) -> int:
@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

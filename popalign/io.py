@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -112,3 +113,7 @@ def read_jsonl(paths: Iterable[str | Path]) -> list[dict]:
                 except json.JSONDecodeError:
                     continue
     return records
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring as written, and each flag's default."""

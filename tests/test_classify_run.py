@@ -144,6 +144,7 @@ def test_script_reports_bad_input_and_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'manifest.csv'}: file not found"
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_labels_as_one_and_resume_with_one(tmp_path, tiny_clip_path):
     from popalign.classify.clip_backend import ClipZeroShotClassifier
 

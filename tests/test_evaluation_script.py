@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # end to end: skipped by `pytest -m "not slow"`
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCORERS = "hpsv2,pickscore,clip,aesthetic,imagereward"
 

@@ -70,6 +70,7 @@ def test_manifest_records_every_image(reference_images, prompts_csv, tiny_sdxl_p
     assert len({image.tobytes() for image in images.values()}) == len(images)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_bytes(reference_images, repo_root, prompts_csv, tiny_sdxl_path, tmp_path):
     _, reference = reference_images
     result = run_generation(repo_root, "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path),

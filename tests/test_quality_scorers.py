@@ -272,3 +272,28 @@ def test_hpsv2_matches_the_hpsv2_packages_own_model_and_preprocessing(tiny_score
             outputs = model(preprocess_val(image).unsqueeze(0), tokenizer([prompt]))
             expected.append(torch.diagonal(outputs["image_features"] @ outputs["text_features"].T).item())
     assert tiny_scorers["hpsv2"].score(images, PROMPTS[:3]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_scorer_checkpoints_load_tensors_and_never_run_code(tmp_path):
+    import argparse
+
+    from popalign.io import InputError
+    from popalign.quality.checkpoints import InertObject, load_torch_checkpoint
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    # Training arguments pickled beside the weights (as some published checkpoints do) become inert stand-ins.
+    with_arguments = tmp_path / "with_arguments.pt"
+    torch.save({"state_dict": {"weight": torch.arange(3.0)}, "args": argparse.Namespace(lr=1)}, with_arguments)
+    loaded = load_torch_checkpoint(str(with_arguments))
+    assert torch.equal(loaded["state_dict"]["weight"], torch.arange(3.0)) and isinstance(loaded["args"], InertObject)
+    # A payload is refused, and does not run.
+    poisoned = tmp_path / "poisoned.pt"
+    torch.save({"state_dict": {"weight": torch.ones(1)}, "extra": Payload()}, poisoned)
+    with pytest.raises(InputError, match="poisoned.pt: refusing to load"):
+        load_torch_checkpoint(str(poisoned))
+    assert not marker.exists()

@@ -11,6 +11,8 @@ from popalign.prompts import expand_prompts, read_neutral_prompts
 from popalign.toy.base import measure_toy_model
 from popalign.toy.world import load_world
 
+pytestmark = pytest.mark.slow  # end to end: skipped by `pytest -m "not slow"`
+
 BASE = Path(__file__).resolve().parent.parent / "models" / "toy_base"
 
 

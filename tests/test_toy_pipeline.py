@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: skipped by `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Shortened demo settings (demo.sh reads them from the environment).

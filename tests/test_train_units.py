@@ -312,3 +312,17 @@ def test_timesteps_are_drawn_within_the_configured_range():
         timestep_bounds(1000, 0, 1000)
     with pytest.raises(InputError, match="--min_timestep"):
         TrainConfig(pairs_file="p.csv", output_dir="o", min_timestep=500, max_timestep=100).validate()
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"beta": 0.0}, "--beta must be > 0"), ({"beta": -5.0, "loss": "dpo"}, "--beta must be > 0"),
+    ({"learning_rate": -1e-5}, "--learning_rate must be > 0"), ({"learning_rate": 0.0}, "--learning_rate must be > 0"),
+    ({"lambda_loser": -1.0}, "--lambda_loser must be >= 0"), ({"lambda_winner": 0.0, "lambda_loser": 0.0}, "both 0"),
+    ({"beta": float("nan")}, "--beta must be a finite number"), ({"learning_rate": float("inf")}, "--learning_rate must be a finite"),
+    ({"adam_beta2": 1.0}, r"--adam_beta2 must be in \[0, 1\)"), ({"adam_epsilon": 0.0}, "--adam_epsilon must be > 0"),
+    ({"max_grad_norm": -1.0}, "--max_grad_norm must be >= 0"), ({"max_train_steps": 0}, "--max_train_steps must be >= 1"),
+])
+def test_hyperparameters_out_of_range_are_refused_naming_the_flag(settings, flag):
+    with pytest.raises(InputError, match=flag):
+        TrainConfig(pairs_file="p.csv", output_dir="o", **settings).validate()
+    TrainConfig(pairs_file="p.csv", output_dir="o", loss="sft", beta=0.0).validate()  # SFT has no temperature

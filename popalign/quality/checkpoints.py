@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from popalign.io import InputError
+
 
 def existing_file(path: str) -> str:
     if not Path(path).is_file():
@@ -23,13 +25,33 @@ def local_or_hub_file(path: str | None, hub_repo: str, hub_filename: str) -> str
     return hf_hub_download(repo_id=hub_repo, filename=hub_filename)
 
 
-def load_torch_checkpoint(path: str) -> dict:
-    """torch.load on the CPU; tensors only when possible.
+class InertObject:
+    """Stands in for a Python object a checkpoint pickles beside its tensors; nothing of it runs."""
 
-    Some published research checkpoints pickle extra Python objects (training arguments) that
-    the safe loader refuses; those are from the named hub repositories and are loaded in full.
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_torch_checkpoint(path: str) -> dict:
+    """torch.load on the CPU that never runs code from the file.
+
+    torch's weights-only unpickler reads tensors and plain containers. Some published research
+    checkpoints also pickle training arguments (argparse.Namespace and the like); each such class is
+    replaced by `InertObject`, so its constructor and state are never called. Globals that torch
+    blocks outright (os, subprocess, builtins' eval...) stay refused: the file is rejected.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        pass
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (InertObject,), {}), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{path}: refusing to load, the file would run code when unpickled "
+                         f"({', '.join(names) or 'unsupported content'}); use a checkpoint of tensors only") from error

@@ -33,7 +33,7 @@ FINISHED_NAME = "finished.json"
 # Settings that say how a run is carried out, not what it trains: they do not enter the fingerprint.
 RUN_CONTROL_SETTINGS = frozenset({
     "output_dir", "cache_dir", "max_memory_cache_gb", "vae_encode_batch_size", "torch_threads", "checkpointing_steps",
-    "checkpoints_total_limit", "resume_from_checkpoint", "stop_after_steps", "report_to", "tracker_project",
+    "checkpoints_total_limit", "resume_from_checkpoint", "allow_setting_change", "stop_after_steps", "report_to", "tracker_project",
 })
 
 
@@ -131,3 +131,35 @@ def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, glob
 def clear_finished(output_dir: str | Path) -> None:
     """A run that starts training in this folder is no longer the finished one it may hold."""
     (Path(output_dir) / FINISHED_NAME).unlink(missing_ok=True)
+
+
+SETTINGS_CHANGES_NAME = "settings_changes.jsonl"
+
+
+def training_settings(settings: dict) -> dict:
+    """The settings that decide what a run trains: all but RUN_CONTROL_SETTINGS."""
+    return {name: value for name, value in settings.items() if name not in RUN_CONTROL_SETTINGS}
+
+
+def settings_differences(checkpoint: Path, settings: dict) -> dict[str, tuple]:
+    """{setting: (value in the checkpoint, value now)} for every training setting that differs."""
+    path = Path(checkpoint) / CONFIG_NAME
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot read the checkpoint's settings ({error})") from None
+    if not isinstance(stored, dict):
+        raise InputError(f"{path}: not a settings object")
+    now, then = training_settings(settings), training_settings(stored)
+    return {name: (then.get(name), now.get(name)) for name in sorted(set(now) | set(then)) if then.get(name) != now.get(name)}
+
+
+def describe_differences(differences: dict[str, tuple]) -> str:
+    return ", ".join(f"--{name} {then!r} -> {now!r}" for name, (then, now) in differences.items())
+
+
+def record_settings_change(output_dir: str | Path, checkpoint: Path, step: int, differences: dict[str, tuple]) -> None:
+    """Append to <output_dir>/settings_changes.jsonl what a forced resume changed, and from which checkpoint."""
+    with open(Path(output_dir) / SETTINGS_CHANGES_NAME, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"resumed_from": str(checkpoint), "step": step,
+                                 "changes": {name: {"checkpoint": then, "now": now} for name, (then, now) in differences.items()}}) + "\n")

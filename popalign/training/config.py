@@ -1,8 +1,9 @@
 """Every hyperparameter of a training run, in one dataclass that is also the command line.
 
 Defaults are the values of the original PopAlign SDXL run (full U-Net, beta 5000, lr 5e-7 with
-200 warmup steps, 750 steps, one pair per process, bf16, gradient checkpointing, caption dropout
-0.2), so `train_popalign.py --pairs_file P --output_dir O` reproduces it.
+200 warmup steps, 750 steps, one pair per process, bf16, gradient checkpointing, 8-bit AdamW, the
+fp16-fixed SDXL VAE for encoding, caption dropout 0.2), so `train_popalign.py --pairs_file P
+--output_dir O` reproduces it; 4_train.sh has the same defaults (tests/test_defaults.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,8 +50,8 @@ class TrainConfig:
     # model: what is fine-tuned
     pretrained_model: str = field(default="stabilityai/stable-diffusion-xl-base-1.0",
         metadata=_help("diffusers pipeline folder or hub id"))
-    vae: str = field(default="",
-        metadata=_help("VAE folder or hub id used to encode images (the original used madebyollin/sdxl-vae-fp16-fix); empty = the pipeline's own VAE"))
+    vae: str = field(default="madebyollin/sdxl-vae-fp16-fix",
+        metadata=_help("VAE folder or hub id used to encode images (the original's: SDXL's VAE fixed to run in fp16); empty = the pipeline's own VAE"))
     variant: str = field(default="", metadata=_help("weight variant to load (e.g. fp16); empty = default weights"))
     lora_rank: int = field(default=0,
         metadata=_help("0 = full U-Net fine-tuning; R > 0 = LoRA of rank R on the attention projections"))
@@ -93,8 +95,8 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
     adam_weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay"))
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
-    use_8bit_adam: bool = field(default=False,
-        metadata=_help("bitsandbytes 8-bit AdamW (needs CUDA; otherwise torch AdamW with a message)"))
+    use_8bit_adam: bool = field(default=True,
+        metadata=_help("bitsandbytes 8-bit AdamW, as in the original (needs CUDA and bitsandbytes; without them the run is refused: pass --use_8bit_adam off)"))
     mixed_precision: str = field(default="bf16",
         metadata=_help("autocast precision; the frozen reference U-Net is stored in it", choices=MIXED_PRECISIONS))
     gradient_checkpointing: bool = field(default=True,
@@ -108,8 +110,10 @@ class TrainConfig:
         metadata=_help("save a resumable checkpoint every this many optimizer steps; 0 = never"))
     checkpoints_total_limit: int = field(default=0,
         metadata=_help("keep at most this many checkpoints (oldest deleted); 0 = keep all"))
-    resume_from_checkpoint: str = field(default="",
-        metadata=_help("'latest' (start fresh if there is none) or a checkpoint folder"))
+    resume_from_checkpoint: str = field(default="latest",
+        metadata=_help("'latest' (start fresh if there is none), a checkpoint folder, or '' to ignore checkpoints and start over"))
+    allow_setting_change: bool = field(default=False,
+        metadata=_help("resume a checkpoint whose training settings differ from these (refused otherwise); the changes are recorded in settings_changes.jsonl"))
     stop_after_steps: int = field(default=0,
         metadata=_help("end this process after this many optimizer steps of this run (for time-limited jobs); 0 = run to max_train_steps"))
 
@@ -143,6 +147,25 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        for name in ("beta", "learning_rate", "lambda_winner", "lambda_loser", "max_grad_norm", "adam_beta1", "adam_beta2",
+                     "adam_weight_decay", "adam_epsilon", "max_memory_cache_gb", "prior_preservation_weight", "caption_dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"--{name} must be a finite number (got {getattr(self, name)})")
+        if self.learning_rate <= 0:
+            raise InputError(f"--learning_rate must be > 0 (got {self.learning_rate})")
+        if self.loss != "sft" and self.beta <= 0:
+            raise InputError(f"--beta must be > 0 for --loss {self.loss} (got {self.beta}): it scales the preference margin, "
+                             "and at 0 the loss has no gradient")
+        for name in ("lambda_winner", "lambda_loser", "max_grad_norm", "adam_weight_decay", "max_memory_cache_gb"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.loss == "popalign" and self.lambda_winner == 0 and self.lambda_loser == 0:
+            raise InputError("--lambda_winner and --lambda_loser are both 0: the PopAlign loss would be constant")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
+        if self.adam_epsilon <= 0:
+            raise InputError(f"--adam_epsilon must be > 0 (got {self.adam_epsilon})")
         if self.loss == "sudo" and self.train_batch_size < 2:
             raise InputError("--loss sudo draws each loser from the other winners of the batch: --train_batch_size must be >= 2")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,13 +26,17 @@ from popalign.training.checkpoints import (
     FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
     clear_finished,
+    describe_differences,
     finish_checkpoint,
+    list_checkpoints,
     finished_weights,
     mark_finished,
     partial_checkpoint_dir,
     prune_checkpoints,
     read_checkpoint_step,
+    record_settings_change,
     resolve_resume_checkpoint,
+    settings_differences,
     training_fingerprint,
 )
 from popalign.training.config import TrainConfig
@@ -154,33 +159,48 @@ class AdaptersOffReference:
             self.unet.enable_adapters()
 
 
-def make_optimizer(parameters, config: TrainConfig, device: torch.device, say: Callable[[str], None]):
-    """AdamW; bitsandbytes' 8-bit AdamW when asked for and possible (it needs CUDA)."""
+def check_8bit_adam(config: TrainConfig, device: torch.device) -> None:
+    """--use_8bit_adam needs bitsandbytes and a CUDA device; without them the run is refused, never silently
+    given 32-bit AdamW (on SDXL that is about 15 GB more optimizer state than asked for)."""
+    if not config.use_8bit_adam:
+        return
+    if device.type != "cuda":
+        raise InputError(f"--use_8bit_adam: 8-bit AdamW needs a CUDA device (this process runs on {device.type}); "
+                         "pass --use_8bit_adam off (USE_8BIT_ADAM=off) for torch's 32-bit AdamW")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes), "
+                         "or pass --use_8bit_adam off for torch's 32-bit AdamW") from None
+
+
+def make_optimizer(parameters, config: TrainConfig):
+    """AdamW; bitsandbytes' 8-bit AdamW with --use_8bit_adam (check_8bit_adam has made sure it can run)."""
     optimizer_class = torch.optim.AdamW
     if config.use_8bit_adam:
-        reason = None
-        if device.type != "cuda":
-            reason = f"8-bit AdamW needs a CUDA device (this process runs on {device.type})"
-        else:
-            try:
-                import bitsandbytes
-            except ImportError:
-                reason = "bitsandbytes is not installed (pip install bitsandbytes)"
-        if reason:
-            say(f"--use_8bit_adam: {reason}; using torch.optim.AdamW with 32-bit states instead")
-        else:
-            optimizer_class = bitsandbytes.optim.AdamW8bit
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
     return optimizer_class(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
-def make_lr_scheduler(optimizer, config: TrainConfig):
+def make_lr_scheduler(optimizer, config: TrainConfig, global_step: int = 0):
+    """The learning-rate schedule, advanced to `global_step`: it is a function of the step, so a resumed run
+    rebuilds it instead of unpickling a saved one."""
+    import warnings
+
     from diffusers.optimization import get_scheduler
 
     if config.lr_scheduler not in SCHEDULE_NAMES:
         raise ValueError(f"unknown lr_scheduler {config.lr_scheduler!r}")
-    return get_scheduler(SCHEDULE_NAMES[config.lr_scheduler], optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                         num_training_steps=config.max_train_steps)
+    scheduler = get_scheduler(SCHEDULE_NAMES[config.lr_scheduler], optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=config.max_train_steps)
+    with warnings.catch_warnings():  # stepping before optimizer.step(): intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(global_step):
+            scheduler.step()
+    return scheduler
 
 
 def make_training_accelerator(config: TrainConfig):
@@ -304,15 +324,19 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     config.validate()
     torch.set_num_threads(config.torch_threads)
     output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir}: a file is in the way (give a folder)")
     accelerator = make_training_accelerator(config)
     say = accelerator.print
     set_seed(config.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        clear_finished(output_dir)
-        atomic_write_text(output_dir / CONFIG_NAME, config.to_json())
-
+    # Everything that can be checked is checked before anything is written in the run folder.
+    check_8bit_adam(config, accelerator.device)
     records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
+    checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
+    differences = settings_differences(checkpoint, config.to_dict()) if checkpoint is not None else {}
+    if differences and not config.allow_setting_change:
+        raise InputError(f"--resume_from_checkpoint {checkpoint}: it was trained with other settings ({describe_differences(differences)}); "
+                         "resume with the checkpoint's settings, start a new --output_dir, or pass --allow_setting_change")
     unet = load_unet(config.pretrained_model, config.variant)
     kind = model_kind(unet.config)
     noise_scheduler = load_noise_scheduler(config.pretrained_model)
@@ -340,24 +364,36 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
         unet.enable_gradient_checkpointing()
 
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = make_optimizer(trainable, config, accelerator.device, say)
-    lr_scheduler = make_lr_scheduler(optimizer, config)
+    optimizer = make_optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    # Stepped once per optimizer step by the loop (a prepared scheduler would step once per process).
-    accelerator.register_for_checkpointing(lr_scheduler)
     if lora:
         register_lora_checkpoint_hooks(accelerator)
         if config.needs_reference:
             reference = AdaptersOffReference(accelerator.unwrap_model(unet))
 
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        clear_finished(output_dir)
+        atomic_write_text(output_dir / CONFIG_NAME, config.to_json())
     global_step = 0
-    checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        # Weights, optimizer and RNG states (read with torch's weights-only loader); nothing is unpickled.
+        try:
+            accelerator.load_state(str(checkpoint))
+        except pickle.UnpicklingError as error:
+            first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: refusing a checkpoint file that holds more than tensors "
+                             f"({first_line})") from None
         global_step = read_checkpoint_step(checkpoint)
         say(f"resumed from {checkpoint} at step {global_step}")
+        if differences and accelerator.is_main_process:
+            record_settings_change(output_dir, checkpoint, global_step, differences)
+            say(f"--allow_setting_change: resumed with other settings ({describe_differences(differences)}); "
+                f"recorded in {output_dir / 'settings_changes.jsonl'}")
     elif config.resume_from_checkpoint:
         say(f"no checkpoint in {output_dir}; starting a new run")
+    # Stepped once per optimizer step by the loop (a prepared scheduler would step once per process).
+    lr_scheduler = make_lr_scheduler(optimizer, config, global_step)
 
     return PreparedRun(config=config, accelerator=accelerator, unet=unet, reference=reference, trainable=trainable, optimizer=optimizer,
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
@@ -419,6 +455,10 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
     return statistics
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the message names the step and the last checkpoint written before it."""
+
+
 def run_training(run: PreparedRun) -> TrainResult:
     """The loop from the run's current step to max_train_steps (or --stop_after_steps), then the final weights."""
     config, accelerator = run.config, run.accelerator
@@ -451,7 +491,11 @@ def run_training(run: PreparedRun) -> TrainResult:
             with open(metrics_path, "a", encoding="utf-8") as stream:
                 stream.write(json.dumps({"step": run.global_step, **logged}) + "\n")
         if not math.isfinite(logged["loss"]):
-            raise FloatingPointError(f"loss is {logged['loss']} at step {run.global_step}")
+            # Before any checkpoint of this step: the last one written is from before the weights went bad.
+            written = list_checkpoints(output_dir)
+            last = f"the last checkpoint is {written[-1][1]}" if written else "no checkpoint was written"
+            raise TrainingDiverged(f"the loss is {logged['loss']} at step {run.global_step}; training stopped, {last} "
+                                   "(lower --learning_rate or --beta, or clip gradients harder with --max_grad_norm)")
         progress.update(1)
         progress.set_postfix({name: f"{logged[name]:.4g}" for name in ("loss", "implicit_accuracy") if name in logged})
 

@@ -1,0 +1,89 @@
+"""One home per default: the values a shell script writes at its top equal the Python defaults of the flags
+it passes them to, and every script's --help exits 0 and shows the defaults."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]
+PYTHON_SCRIPTS = ["1_generate_diverse_prompts.py", "generate_images.py", "classify_images.py", "score_images.py",
+                  "3_generate_preferences.py", "train_popalign.py", "evaluate.py"]
+# Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
+LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
+DEFAULT_LINE = re.compile(r'^: "\$\{(?P<name>\w+):?=(?P<value>[^}]*)\}"', re.M)
+FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')
+
+
+def shell_defaults(text: str) -> dict[str, str]:
+    """`: "${X:=value}"` lines -> {X: value}, for literal values only (no other variable, no command)."""
+    return {match["name"]: match["value"] for match in DEFAULT_LINE.finditer(text) if "$" not in match["value"]}
+
+
+def invocations(text: str) -> list[tuple[str, dict[str, str]]]:
+    """Each command line that runs a repository script, as (script, {flag: variable})."""
+    joined = re.sub(r"\\\n", " ", text)
+    found = []
+    for line in joined.splitlines():
+        for script in re.findall(r"(?:^|\s)(\w+\.py)\b", line):
+            if (REPO_ROOT / script).is_file():
+                found.append((script, {match["flag"]: match["name"] for match in FLAG_FROM_VARIABLE.finditer(line)}))
+    return found
+
+
+def parser_of(script: str):
+    if script == "train_popalign.py":
+        from popalign.training.config import build_parser
+
+        return build_parser()
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py").replace("-", "_"), REPO_ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def as_python(shell_value: str, python_default):
+    """The shell's text as the flag's type would read it."""
+    if isinstance(python_default, bool):
+        return shell_value.lower() in ("1", "on", "true", "yes")
+    if isinstance(python_default, (int, float)):
+        return type(python_default)(float(shell_value))
+    if shell_value and (REPO_ROOT / shell_value).exists() and Path(python_default).is_absolute():
+        return str((REPO_ROOT / shell_value).resolve())  # a repository file, named relative to the root
+    return shell_value
+
+
+@pytest.mark.parametrize("shell_script", SHELL_SCRIPTS)
+def test_shell_defaults_equal_the_python_defaults(shell_script):
+    text = (REPO_ROOT / shell_script).read_text(encoding="utf-8")
+    defaults = shell_defaults(text)
+    checked, disagreements = 0, []
+    for script, flags in invocations(text):
+        parser_defaults = {action.dest: action.default for action in parser_of(script)._actions}
+        for flag, variable in flags.items():
+            if variable not in defaults or flag in LOCATION_FLAGS or flag not in parser_defaults or parser_defaults[flag] is None:
+                continue
+            checked += 1
+            python_default = parser_defaults[flag]
+            if as_python(defaults[variable], python_default) != python_default:
+                disagreements.append(f"{shell_script} {variable}={defaults[variable]!r} but {script} --{flag} defaults to {python_default!r}")
+    assert not disagreements, "\n".join(disagreements)
+    assert checked >= 5, f"{shell_script}: only {checked} defaults compared; is the parsing still right?"
+
+
+def test_the_parser_reads_a_disagreement():
+    text = ': "${STEPS:=30}"\n: "${OTHER:=$STEPS}"\naccelerate launch generate_images.py --steps "$STEPS" \\\n  --seed "$SEED"\n'
+    assert shell_defaults(text) == {"STEPS": "30"}
+    assert invocations(text) == [("generate_images.py", {"steps": "STEPS", "seed": "SEED"})]
+    assert as_python("30", parser_of("generate_images.py").get_default("steps")) != parser_of("generate_images.py").get_default("steps")
+
+
+@pytest.mark.parametrize("script", PYTHON_SCRIPTS)
+def test_every_script_help_exits_0_and_shows_defaults(script):
+    completed = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "(default:" in completed.stdout
