@@ -31,14 +31,18 @@ cd "$(dirname "$0")"
 : "${NUM_PROCESSES:=1}"
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 
-# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch $LAUNCH_ARGS generate_images.py \
-  --model "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE" \
-  --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" \
-  --prompts_csv "$PROMPTS_CSV" --out_dir "$OUT_DIR" \
-  --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT" \
+generate_args=(
+  --model "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
+  --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED"
+  --prompts_csv "$PROMPTS_CSV" --out_dir "$OUT_DIR"
+  --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --batch_size "$BATCH_SIZE"
+)
+# Checked first in one process: a bad setting or file is one line and exit code 2, and nothing is written.
+python generate_images.py "${generate_args[@]}" --validate_only
+# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
+accelerate launch --quiet $LAUNCH_ARGS generate_images.py "${generate_args[@]}"
 
 # shellcheck disable=SC2086
-accelerate launch $LAUNCH_ARGS classify_images.py \
+accelerate launch --quiet $LAUNCH_ARGS classify_images.py \
   --out_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE"

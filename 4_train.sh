@@ -67,19 +67,24 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"            # one CPU thread per p
 # anchor is pooled over pairs per process x processes, so this is a real hyperparameter.
 echo "effective batch size: ${TRAIN_BATCH_SIZE} pairs/process x ${NUM_PROCESSES} processes x ${GRADIENT_ACCUMULATION_STEPS} accumulation steps = $((TRAIN_BATCH_SIZE * NUM_PROCESSES * GRADIENT_ACCUMULATION_STEPS)) pairs per optimizer step"
 
-# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch $LAUNCH_ARGS train_popalign.py \
-  --pairs_file "$PAIRS_FILE" --output_dir "$OUTPUT_DIR" --pretrained_model "$MODEL" --vae "$VAE" \
-  --resolution "$RESOLUTION" --cache_dir "$CACHE_DIR" \
-  --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" --popalign_anchor "$POPALIGN_ANCHOR" \
-  --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING" \
-  --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP" \
-  --caption_dropout "$CAPTION_DROPOUT" --prior_preservation_weight "$PRIOR_PRESERVATION_WEIGHT" \
-  --prior_preservation_target "$PRIOR_PRESERVATION_TARGET" \
-  --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS" \
-  --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM" \
-  --mixed_precision "$MIXED_PRECISION" --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
-  --use_8bit_adam "$USE_8BIT_ADAM" --lora_rank "$LORA_RANK" --seed "$SEED" \
-  --checkpointing_steps "$CHECKPOINTING_STEPS" --checkpoints_total_limit "$CHECKPOINTS_TOTAL_LIMIT" \
+train_args=(
+  --pairs_file "$PAIRS_FILE" --output_dir "$OUTPUT_DIR" --pretrained_model_name_or_path "$MODEL" --pretrained_vae_model_name_or_path "$VAE"
+  --resolution "$RESOLUTION" --cache_dir "$CACHE_DIR"
+  --loss "$LOSS" --beta "$BETA" --popalign_alpha "$POPALIGN_ALPHA" --popalign_anchor "$POPALIGN_ANCHOR"
+  --lambda_winner "$LAMBDA_WINNER" --lambda_loser "$LAMBDA_LOSER" --timestep_sharing "$TIMESTEP_SHARING"
+  --min_timestep "$MIN_TIMESTEP" --max_timestep "$MAX_TIMESTEP"
+  --caption_dropout "$CAPTION_DROPOUT" --prior_preservation_weight "$PRIOR_PRESERVATION_WEIGHT"
+  --prior_preservation_target "$PRIOR_PRESERVATION_TARGET"
+  --learning_rate "$LEARNING_RATE" --lr_scheduler "$LR_SCHEDULER" --lr_warmup_steps "$LR_WARMUP_STEPS"
+  --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE"
+  --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM"
+  --mixed_precision "$MIXED_PRECISION" --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
+  --use_8bit_adam "$USE_8BIT_ADAM" --rank "$LORA_RANK" --seed "$SEED"
+  --checkpointing_steps "$CHECKPOINTING_STEPS" --checkpoints_total_limit "$CHECKPOINTS_TOTAL_LIMIT"
   --resume_from_checkpoint "$RESUME_FROM_CHECKPOINT" --report_to "$REPORT_TO"
+)
+# Every flag, the pairs file, the model folder and the checkpoint are checked first, in one process: a bad
+# input is one line and exit code 2, and nothing in OUTPUT_DIR is touched.
+python train_popalign.py "${train_args[@]}" --validate_only
+# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
+accelerate launch --quiet $LAUNCH_ARGS train_popalign.py "${train_args[@]}"

@@ -55,24 +55,28 @@ cd "$(dirname "$0")"
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 : "${OUT_DIR:=outputs/eval}"
 
+# The sampling settings, the same for every model: only the weights differ.
+generate_args=(
+  --model "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
+  --steps "$STEPS" --guidance "$GUIDANCE" --width "$WIDTH" --height "$HEIGHT" --scheduler "$SCHEDULER"
+  --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE"
+)
+
 # generate_classify_score FOLDER [weights flags...]: one model's images, labels and quality scores.
 generate_classify_score() {
   local folder="$1"
   shift
   # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-  accelerate launch $LAUNCH_ARGS generate_images.py --model "$BASE_MODEL" "$@" \
-    --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$folder" \
-    --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT" \
-    --steps "$STEPS" --guidance "$GUIDANCE" --width "$WIDTH" --height "$HEIGHT" --scheduler "$SCHEDULER" \
-    --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE"
+  accelerate launch --quiet $LAUNCH_ARGS generate_images.py "${generate_args[@]}" "$@" \
+    --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$folder"
   # shellcheck disable=SC2086
-  accelerate launch $LAUNCH_ARGS classify_images.py --out_dir "$folder" --classifier "$CLASSIFIER" \
+  accelerate launch --quiet $LAUNCH_ARGS classify_images.py --out_dir "$folder" --classifier "$CLASSIFIER" \
     --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE"
   if [ -n "$SCORERS" ]; then
     local options_args=()
     [ -n "$SCORER_OPTIONS_JSON" ] && options_args=(--options_json "$SCORER_OPTIONS_JSON")
     # shellcheck disable=SC2086
-    accelerate launch $LAUNCH_ARGS score_images.py --out_dir "$folder" --scorers "$SCORERS" \
+    accelerate launch --quiet $LAUNCH_ARGS score_images.py --out_dir "$folder" --scorers "$SCORERS" \
       --batch_size "$SCORE_BATCH_SIZE" "${options_args[@]}"
   fi
 }
@@ -120,6 +124,13 @@ if [ -n "$GENERIC_PROMPTS" ]; then
   fi
   tail -n +2 "$GENERIC_PROMPTS" >> "$ALL_PROMPTS_CSV"
 fi
+
+# Every model's generation is checked (settings, weights folders, output folders) before any image is made.
+python generate_images.py "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
+for index in "${!tuned_names[@]}"; do
+  python generate_images.py "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
+    --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
+done
 
 # The same prompts, sampling settings and seeds for every model; only the weights differ.
 generate_classify_score "$OUT_DIR/images/$BASE_NAME"

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(seed, prompt, image index)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass on each process")
+    parser.add_argument("--validate_only", action="store_true",
+                        help="check flags, prompts file and output folder, write nothing, exit (2: what is wrong)")
     return parser
 
 
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         if unknown:
             raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
         generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,
-                        args.images_per_identity_prompt, args.batch_size, kinds)
+                        args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -130,8 +130,59 @@ def generation_record(settings: GenerationSettings) -> dict:
     return record
 
 
-def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
-    """Refuse to mix images made with other settings (or other weights at the same path) into an existing folder.
+def check_model_location(flag: str, value: str, hub_allowed: bool = True) -> None:
+    """A model named by a path must exist; a hub id ('org/name') is left to the loader. Catches a local typo
+    before anything is loaded or written, instead of a hub connection error."""
+    if not value or Path(value).exists():
+        return
+    looks_local = (not hub_allowed or value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
+                   or value.endswith(("/", ".safetensors")))
+    if looks_local:
+        raise InputError(f"--{flag} {value}: no such file or folder")
+
+
+def validate_generation_settings(settings: GenerationSettings) -> None:
+    """Every setting checked before a model is loaded or a file written, each error naming its flag."""
+    import math
+
+    from popalign.pipelines import PRECISIONS, SCHEDULER_NAMES
+
+    if settings.scheduler != "default" and settings.scheduler not in SCHEDULER_NAMES:
+        raise InputError(f"--scheduler {settings.scheduler!r}: expected default, {', '.join(SCHEDULER_NAMES)}")
+    if settings.precision != "auto" and settings.precision not in PRECISIONS:
+        raise InputError(f"--precision {settings.precision!r}: expected auto, {', '.join(PRECISIONS)}")
+    if settings.steps < 1:
+        raise InputError(f"--steps must be >= 1 (got {settings.steps})")
+    if not math.isfinite(settings.guidance) or settings.guidance < 0:
+        raise InputError(f"--guidance must be a finite number >= 0 (got {settings.guidance})")
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if value < 8 or value % 8:
+            raise InputError(f"--{name} must be a positive multiple of 8 (got {value})")
+    check_model_location("model", settings.model)
+    check_model_location("unet", settings.unet, hub_allowed=False)
+    check_model_location("lora", settings.lora, hub_allowed=False)
+
+
+def image_decodes(path: Path) -> bool:
+    """The PNG's chunks are all there and intact (PIL's verify: no pixel decoding, cheap enough to run on resume)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # any decoding failure means: generate it again
+        return False
+
+
+def holds_images(out_dir: Path) -> bool:
+    return any((out_dir / "images").glob("*/*.png"))
+
+
+def check_or_write_config(out_dir: Path, settings: GenerationSettings, write: bool = True) -> None:
+    """Refuse to mix images made with other settings (or other weights at the same path) into an existing folder;
+    with `write`, record the settings of a new folder.
 
     Call it on one process: it reads the fine-tuned weight files in full to hash them.
     """
@@ -143,11 +194,14 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings) -> None:
         defaults = {**json.loads(json.dumps(asdict(GenerationSettings(model="")))), "weights_sha256": ""}
         saved = {key: saved.get(key, defaults[key]) for key in current}
         changed = [key for key in current if saved[key] != current[key]]
-        if changed:
+        if changed and not holds_images(out_dir):
+            if write:
+                atomic_write_json(config_path, current)  # a run that failed before its first image binds nothing
+        elif changed:
             details = ", ".join(f"the weights at --unet / --lora changed (sha256 {saved[key][:12]!r} -> {current[key][:12]!r})"
                                 if key == "weights_sha256" else f"--{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --out_dir")
-    else:
+    elif write:
         atomic_write_json(config_path, current)
 
 
@@ -173,8 +227,9 @@ def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: Gener
 
 
 def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_per_neutral_prompt: int,
-                    images_per_identity_prompt: int, batch_size: int, kinds=PROMPT_KINDS) -> pd.DataFrame:
-    """Generate every missing image of the plan over all processes of this accelerate launch; return the manifest."""
+                    images_per_identity_prompt: int, batch_size: int, kinds=PROMPT_KINDS, validate_only: bool = False) -> pd.DataFrame:
+    """Generate every missing image of the plan over all processes of this accelerate launch; return the manifest.
+    With `validate_only`, check settings, prompts and output folder, write nothing, and return the plan."""
     from tqdm.auto import tqdm
 
     from popalign.distributed import make_accelerator
@@ -185,15 +240,32 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         raise InputError(f"--batch_size must be >= 1, got {batch_size}")
     if images_per_neutral_prompt < 0 or images_per_identity_prompt < 0:
         raise InputError("--images_per_neutral_prompt and --images_per_identity_prompt must be >= 0")
-    accelerator = make_accelerator()
+    validate_generation_settings(settings)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out_dir {out_dir}: a file is in the way (give a folder)")
+    if (out_dir / "manifest.csv").is_dir() or (out_dir / CONFIG_FILE).is_dir():
+        raise InputError(f"--out_dir {out_dir}: a folder is in the way of manifest.csv or {CONFIG_FILE}")
     prompts = read_prompt_table(prompts_csv)
     prompts = prompts[prompts["kind"].isin(kinds)].reset_index(drop=True)
     manifest = plan_images(prompts, images_per_neutral_prompt, images_per_identity_prompt, settings)
+    if manifest.empty:
+        raise InputError(f"{prompts_csv}: no images to generate (no prompt of kind {', '.join(kinds)}, or 0 images per prompt asked)")
+    if validate_only:
+        if out_dir.is_dir():
+            check_or_write_config(out_dir, settings, write=False)
+        return manifest
+    accelerator = make_accelerator()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_or_write_config(out_dir, settings)
         remove_partial_files(out_dir)
+        # An image under its final name that does not decode (a disk fault, a copy cut short) is made again.
+        broken = [out_dir / path for path in manifest["image_path"] if (out_dir / path).exists() and not image_decodes(out_dir / path)]
+        for path in broken:
+            path.unlink()
+        if broken:
+            print(f"{len(broken)} existing image(s) did not decode and will be generated again, e.g. {broken[0]}")
     accelerator.wait_for_everyone()
 
     missing = manifest[[not (out_dir / path).exists() for path in manifest["image_path"]]]

@@ -9,21 +9,16 @@ from __future__ import annotations
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpmsolver++", "euler", "euler_ancestral", "pndm", "unipc")
 
 
 def scheduler_classes() -> dict[str, type]:
     """Scheduler names accepted by --scheduler ('default' keeps the checkpoint's own scheduler)."""
     import diffusers
 
-    return {
-        "ddim": diffusers.DDIMScheduler,
-        "ddpm": diffusers.DDPMScheduler,
-        "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-        "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-        "pndm": diffusers.PNDMScheduler,
-        "unipc": diffusers.UniPCMultistepScheduler,
-    }
+    classes = (diffusers.DDIMScheduler, diffusers.DDPMScheduler, diffusers.DPMSolverMultistepScheduler, diffusers.EulerDiscreteScheduler,
+               diffusers.EulerAncestralDiscreteScheduler, diffusers.PNDMScheduler, diffusers.UniPCMultistepScheduler)
+    return dict(zip(SCHEDULER_NAMES, classes))
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

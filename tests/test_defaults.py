@@ -27,6 +27,10 @@ def shell_defaults(text: str) -> dict[str, str]:
 def invocations(text: str) -> list[tuple[str, dict[str, str]]]:
     """Each command line that runs a repository script, as (script, {flag: variable})."""
     joined = re.sub(r"\\\n", " ", text)
+    # Arrays of flags (`name=( ... )`, used as "${name[@]}") are expanded where they are used.
+    arrays = {match["name"]: " ".join(match["body"].split()) for match in re.finditer(r"^\s*(?P<name>\w+)=\((?P<body>[^)]*)\)", joined, re.M | re.S)}
+    for name, body in arrays.items():
+        joined = joined.replace(f'"${{{name}[@]}}"', body)
     found = []
     for line in joined.splitlines():
         for script in re.findall(r"(?:^|\s)(\w+\.py)\b", line):
@@ -63,7 +67,7 @@ def test_shell_defaults_equal_the_python_defaults(shell_script):
     defaults = shell_defaults(text)
     checked, disagreements = 0, []
     for script, flags in invocations(text):
-        parser_defaults = {action.dest: action.default for action in parser_of(script)._actions}
+        parser_defaults = {option.lstrip("-"): action.default for action in parser_of(script)._actions for option in action.option_strings}
         for flag, variable in flags.items():
             if variable not in defaults or flag in LOCATION_FLAGS or flag not in parser_defaults or parser_defaults[flag] is None:
                 continue

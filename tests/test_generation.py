@@ -204,6 +204,8 @@ def test_a_folder_written_before_weights_were_hashed_resumes_only_without_fine_t
 
     settings = GenerationSettings(model="base", steps=2)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(asdict(settings)), encoding="utf-8")  # no weights_sha256 key
+    (tmp_path / "images" / "ab").mkdir(parents=True)
+    (tmp_path / "images" / "ab" / "00000.png").write_bytes(b"an image made with those settings")
     check_or_write_config(tmp_path, settings)
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"\x02" * 8)
@@ -212,3 +214,56 @@ def test_a_folder_written_before_weights_were_hashed_resumes_only_without_fine_t
         check_or_write_config(tmp_path, GenerationSettings(model="base", steps=2, lora=str(lora)))
     with pytest.raises(InputError, match="--steps 2 -> 3"):
         check_or_write_config(tmp_path, GenerationSettings(model="base", steps=3))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scheduler", "eulerr"], "error: --scheduler 'eulerr': expected default, ddim"),
+    (["--precision", "fp8"], "error: --precision 'fp8': expected auto, fp32"),
+    (["--unet", "runs/no_such_run/unet"], "error: --unet runs/no_such_run/unet: no such file or folder"),
+    (["--images_per_neutral_prompt", "0", "--images_per_identity_prompt", "0"], "no images to generate"),
+    (["--width", "60"], "error: --width must be a positive multiple of 8 (got 60)"),
+])
+def test_bad_settings_are_one_line_errors_before_anything_is_written(repo_root, prompts_csv, tiny_sdxl_path, tmp_path, flags, message):
+    out_dir = tmp_path / "images"
+    result = run_generation(repo_root, "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(out_dir),
+                            "--images_per_neutral_prompt", "1", "--images_per_identity_prompt", "1", *TINY, *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out_dir.exists()
+
+
+def test_a_model_path_typo_is_named_not_looked_up_on_the_hub(repo_root, prompts_csv, tmp_path):
+    result = run_generation(repo_root, "--model", "./models/toy_bsae", "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path / "x"), *TINY)
+    assert result.returncode == 2 and "error: --model ./models/toy_bsae: no such file or folder" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_broken_image_is_made_again_on_resume_and_a_failed_start_binds_nothing(reference_images, repo_root, prompts_csv,
+                                                                                  tiny_sdxl_path, tmp_path):
+    reference_dir, reference = reference_images
+    args = ["--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path / "run"),
+            "--images_per_neutral_prompt", "3", "--images_per_identity_prompt", "2", "--batch_size", "1", *TINY]
+    # A folder whose first run stopped before its first image (its settings file says steps 7): the corrected run is not refused.
+    (tmp_path / "run").mkdir()
+    saved = json.loads((reference_dir / "generation_config.json").read_text())
+    (tmp_path / "run" / "generation_config.json").write_text(json.dumps({**saved, "steps": 7}))
+    assert run_generation(repo_root, *args).returncode == 0
+    # One image cut short under its final name: on resume that image alone is made again.
+    broken = sorted((tmp_path / "run" / "images").glob("*/*.png"))[1]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    result = run_generation(repo_root, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 existing image(s) did not decode" in result.stdout and f"{len(reference) - 1} already exist" in result.stdout
+    images = load_images(tmp_path / "run")
+    assert images.keys() == reference.keys()
+    assert all(np.array_equal(image, reference[path]) for path, image in images.items())
+
+
+def test_2_generate_images_sh_bad_setting_is_one_line_and_exit_2(repo_root, prompts_csv, tiny_sdxl_path, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "MODEL": str(tiny_sdxl_path), "PROMPTS_CSV": str(prompts_csv), "OUT_DIR": str(tmp_path / "images"), "SCHEDULER": "eulerr"}
+    result = subprocess.run(["bash", "2_generate_images.sh"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --scheduler 'eulerr': expected default, ddim, ddpm, dpmsolver++, euler, "
+                                                  "euler_ancestral, pndm, unipc"]
+    assert not (tmp_path / "images").exists()

@@ -431,3 +431,22 @@ def test_resuming_never_unpickles_what_the_checkpoint_holds(tiny_sdxl_path, pair
     with pytest.raises(InputError, match="refusing a checkpoint file that holds more than tensors"):
         train(make_config(tiny_sdxl_path, pairs_data, run, **settings))
     assert not marker.exists()
+
+
+def test_4_train_sh_bad_input_is_one_line_and_exit_2_with_the_run_folder_untouched(tiny_sdxl_path, pairs_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finished.json").write_text("{}")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   "PAIRS_FILE": str(tmp_path / "no_pairs.csv"), "OUTPUT_DIR": str(run), "MODEL": str(tiny_sdxl_path), "VAE": "",
+                   "USE_8BIT_ADAM": "off", "MIXED_PRECISION": "no", "REPORT_TO": "none"}
+    completed = subprocess.run(["bash", str(REPO_ROOT / "4_train.sh")], env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    [line] = completed.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no_pairs.csv" in line
+    assert sorted(path.name for path in run.iterdir()) == ["finished.json"]
+    # The original recipe's 8-bit Adam on a machine without CUDA: refused, not silently replaced.
+    environment.update(PAIRS_FILE=str(pairs_data["pairs"]), USE_8BIT_ADAM="on")
+    completed = subprocess.run(["bash", str(REPO_ROOT / "4_train.sh")], env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and "error: --use_8bit_adam: 8-bit AdamW needs a CUDA device" in completed.stderr

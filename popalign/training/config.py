@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from popalign.io import InputError
+from popalign.io import HelpFormatter, InputError
 from popalign.losses import ANCHORS
 
 LOSSES = ("popalign", "dpo", "sft", "sudo")
@@ -25,6 +25,11 @@ PRIOR_PRESERVATION_TARGETS = ("noise", "reference")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
+
+
+# Flags spelled as in the diffusers training examples (train_dreambooth_lora_sdxl.py and the like).
+DIFFUSERS_FLAG_NAMES = {"pretrained_model": "pretrained_model_name_or_path", "vae": "pretrained_vae_model_name_or_path",
+                        "lora_rank": "rank"}
 
 
 def _help(text: str, **extra) -> dict:
@@ -114,6 +119,9 @@ class TrainConfig:
         metadata=_help("'latest' (start fresh if there is none), a checkpoint folder, or '' to ignore checkpoints and start over"))
     allow_setting_change: bool = field(default=False,
         metadata=_help("resume a checkpoint whose training settings differ from these (refused otherwise); the changes are recorded in settings_changes.jsonl"))
+    validate_only: bool = field(default=False,
+        metadata=_help("check the flags, the pairs file, the model location and the checkpoint to resume, then exit (0: the run can start; "
+                       "2: one line saying what is wrong); 4_train.sh runs it before launching"))
     stop_after_steps: int = field(default=0,
         metadata=_help("end this process after this many optimizer steps of this run (for time-limited jobs); 0 = run to max_train_steps"))
 
@@ -215,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field, with the field's default, type and help text."""
     parser = argparse.ArgumentParser(
         description="Fine-tune a diffusion U-Net on preference pairs (PopAlign, Diffusion-DPO, SFT, SUDO).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     defaults = TrainConfig()
     for item in dataclasses.fields(TrainConfig):
@@ -229,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = type(default)
         if item.name in ("pairs_file", "output_dir"):
             kwargs["required"] = True
-        parser.add_argument(f"--{item.name}", **kwargs)
+        names = [f"--{item.name}"]
+        if item.name in DIFFUSERS_FLAG_NAMES:  # the diffusers training examples' name first; ours stays as an alias
+            names.insert(0, f"--{DIFFUSERS_FLAG_NAMES[item.name]}")
+        if isinstance(default, bool):
+            names.append(f"--no_{item.name}")
+            parser.add_argument(names.pop(), dest=item.name, action="store_false", default=default, help=f"same as --{item.name} off")
+        parser.add_argument(*names, dest=item.name, **kwargs)
     return parser
 
 

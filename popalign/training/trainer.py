@@ -317,6 +317,27 @@ class PreparedRun:
     global_step: int
 
 
+def check_run_inputs(config: TrainConfig, device: torch.device):
+    """(pairs, checkpoint to resume or None, its settings that differ) after every check that needs no model:
+    flags, output location, optimizer, pairs file and images, model folder, checkpoint. Raises InputError."""
+    from popalign.generation import check_model_location
+
+    config.validate()
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir}: a file is in the way (give a folder)")
+    check_model_location("pretrained_model_name_or_path", config.pretrained_model)
+    check_model_location("vae", config.vae)
+    check_8bit_adam(config, device)
+    records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
+    checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
+    differences = settings_differences(checkpoint, config.to_dict()) if checkpoint is not None else {}
+    if differences and not config.allow_setting_change:
+        raise InputError(f"--resume_from_checkpoint {checkpoint}: it was trained with other settings ({describe_differences(differences)}); "
+                         "resume with the checkpoint's settings, start a new --output_dir, or pass --allow_setting_change")
+    return records, checkpoint, differences
+
+
 def prepare_run(config: TrainConfig) -> PreparedRun:
     """Accelerator, data encodings, policy and reference U-Nets, optimizer; restore a checkpoint if asked."""
     from accelerate.utils import set_seed
@@ -324,19 +345,11 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     config.validate()
     torch.set_num_threads(config.torch_threads)
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output_dir {output_dir}: a file is in the way (give a folder)")
     accelerator = make_training_accelerator(config)
     say = accelerator.print
     set_seed(config.seed)
     # Everything that can be checked is checked before anything is written in the run folder.
-    check_8bit_adam(config, accelerator.device)
-    records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
-    checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
-    differences = settings_differences(checkpoint, config.to_dict()) if checkpoint is not None else {}
-    if differences and not config.allow_setting_change:
-        raise InputError(f"--resume_from_checkpoint {checkpoint}: it was trained with other settings ({describe_differences(differences)}); "
-                         "resume with the checkpoint's settings, start a new --output_dir, or pass --allow_setting_change")
+    records, checkpoint, differences = check_run_inputs(config, accelerator.device)
     unet = load_unet(config.pretrained_model, config.variant)
     kind = model_kind(unet.config)
     noise_scheduler = load_noise_scheduler(config.pretrained_model)
@@ -524,6 +537,10 @@ def train(config: TrainConfig) -> TrainResult:
     same settings, pairs file content and base U-Net files), nothing is trained again.
     """
     config.validate()
+    if config.validate_only:
+        check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        print(f"{config.output_dir}: the run can start", flush=True)
+        return TrainResult(global_step=0, finished=False, output_dir=Path(config.output_dir))
     if Path(config.pairs_file).is_file():
         done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
         if done is not None:
