@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--correct_for_classifier", action="store_true",
                         help="headline the discrepancy of shares corrected for the classifier's confusion (estimated on "
                              "the base's identity-specific prompts); the correction is always shown in its own section")
+    parser.add_argument("--compare_on_intersection", action="store_true",
+                        help="when the models' folders hold different prompts, image indices or seeds, compare on the images all "
+                             "share (the report says so at the top) instead of stopping with an error")
     parser.add_argument("--chart_prompts", type=int, default=6, help="neutral prompts charted one by one")
     parser.add_argument("--grid_prompts", type=int, default=3, help="neutral prompts shown as before/after image grids")
     parser.add_argument("--grid_images", type=int, default=6, help="images per model in each grid")
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
                                       intersectional=parse_list(args.intersectional), targets=targets,
                                       num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
                                       correct_for_classifier=args.correct_for_classifier, split=args.split,
-                                      occupation_splits=splits)
+                                      occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
         result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
                           base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
         written = write_tables(result, args.report_dir)

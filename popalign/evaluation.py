@@ -91,6 +91,7 @@ class EvaluationSettings:
     correct_for_classifier: bool = False
     split: str = ""
     occupation_splits: Mapping[str, str] = field(default_factory=dict)
+    compare_on_intersection: bool = False
 
 
 @dataclass
@@ -126,6 +127,8 @@ class EvaluationResult:
     confusion: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Pooled neutral shares per model, attribute and label: observed, corrected, corrected interval.
     corrected_shares: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # With compare_on_intersection: model name -> images left out because no other model has their twin.
+    left_out: dict[str, int] = field(default_factory=dict)
 
 
 def intersectional_name(axes: Sequence[str]) -> str:
@@ -533,13 +536,62 @@ def select_split(images: pd.DataFrame, settings: EvaluationSettings) -> pd.DataF
     return images[keep].reset_index(drop=True)
 
 
+IMAGE_KEY = ["kind", "prompt_id", "image_index", "seed"]
+
+
+def _describe_keys(keys: pd.DataFrame) -> str:
+    first = keys.iloc[0]
+    return f"{len(keys)} (e.g. prompt {first['prompt_id']} image {first['image_index']} seed {first['seed']})"
+
+
+def like_with_like(images: Mapping[str, pd.DataFrame], allow_intersection: bool) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Every model's images must be the same (kind, prompt, image index, seed) set as the first (the base's):
+    the paired comparison is only a comparison of weights when nothing else differs. Otherwise InputError
+    naming what differs, unless `allow_intersection`: then every model keeps the images all models share,
+    and the second value says how many each lost."""
+    names = list(images)
+    keys = {name: frame[IMAGE_KEY].astype(str).drop_duplicates() for name, frame in images.items()}
+    base = names[0]
+    problems = []
+    for name in names[1:]:
+        merged = keys[base].merge(keys[name], how="outer", on=IMAGE_KEY, indicator=True)
+        only_base, only_tuned = merged[merged["_merge"] == "left_only"], merged[merged["_merge"] == "right_only"]
+        if len(only_base):
+            problems.append(f"{_describe_keys(only_base)} {base} image(s) without a {name} image of the same prompt, index and seed")
+        if len(only_tuned):
+            problems.append(f"{_describe_keys(only_tuned)} {name} image(s) without a {base} one")
+    if not problems:
+        return dict(images), {}
+    if not allow_intersection:
+        raise InputError(f"the models' image folders differ: {'; '.join(problems)}. Generate every model with the same prompts, "
+                         "images per prompt and SEED (eval.sh does), or pass --compare_on_intersection to compare on the images they share")
+    common = keys[base]
+    for name in names[1:]:
+        common = common.merge(keys[name], on=IMAGE_KEY)
+    kept = {}
+    for name, frame in images.items():
+        key = frame[IMAGE_KEY].astype(str)
+        mask = key.merge(common.assign(_keep=True), on=IMAGE_KEY, how="left")["_keep"].fillna(False).to_numpy(dtype=bool)
+        kept[name] = frame[mask].reset_index(drop=True)
+    if all(frame.empty for frame in kept.values()):
+        raise InputError(f"--compare_on_intersection: the models share no image ({'; '.join(problems)})")
+    return kept, {name: len(images[name]) - len(kept[name]) for name in names}
+
+
+def load_model_images(folders: Sequence[str | Path], attributes: AttributeSet, settings: EvaluationSettings,
+                      scorers: Sequence[str] | None = None) -> pd.DataFrame:
+    folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    return select_split(load_image_folders(folders, settings.classifier, attributes, scorers), settings)
+
+
 def evaluate_model(name: str, folders: Sequence[str | Path], attributes: AttributeSet, settings: EvaluationSettings,
                    scorers: Sequence[str] | None = None,
-                   confusions: Mapping[str, np.ndarray] | None = None) -> ModelEvaluation:
+                   confusions: Mapping[str, np.ndarray] | None = None, images: pd.DataFrame | None = None) -> ModelEvaluation:
     """All tables of one model's image folders.
 
     `confusions` corrects the neutral shares for the classifier (classifier_confusions); None
-    estimates them from this model's own identity-specific images.
+    estimates them from this model's own identity-specific images. `images`: the folders' images already
+    loaded (load_model_images), e.g. restricted by like_with_like.
     """
     if not MODEL_NAME_PATTERN.match(name):
         raise InputError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it names files)")
@@ -550,7 +602,8 @@ def evaluate_model(name: str, folders: Sequence[str | Path], attributes: Attribu
         raise InputError(f"intersectional needs two attributes, got {list(settings.intersectional)}")
     check_targets(settings, attributes)
     folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
-    images = select_split(load_image_folders(folders, settings.classifier, attributes, scorers), settings)
+    if images is None:
+        images = load_model_images(folders, attributes, settings, scorers)
     scorers = [column[len("quality_"):] for column in images.columns if column.startswith("quality_")]
     if confusions is None:
         confusions = classifier_confusions(images, attributes, settings)
@@ -573,17 +626,20 @@ def evaluate(base_folders: Sequence[str | Path] | str | Path, tuned_folders: Map
     """
     if base_name in tuned_folders:
         raise InputError(f"--tuned: the name {base_name!r} is taken by the base model")
-    base = evaluate_model(base_name, base_folders, attributes, settings, scorers)
+    folders = {base_name: base_folders, **tuned_folders}
+    images, left_out = like_with_like({name: load_model_images(paths, attributes, settings, scorers) for name, paths in folders.items()},
+                                      settings.compare_on_intersection)
+    base = evaluate_model(base_name, base_folders, attributes, settings, scorers, images=images[base_name])
     # One confusion matrix for every model: the classifier's, measured where the reference label is known.
     confusions = classifier_confusions(base.images, attributes, settings)
-    tuned = [evaluate_model(name, folders, attributes, settings, scorers, confusions)
-             for name, folders in tuned_folders.items()]
+    tuned = [evaluate_model(name, paths, attributes, settings, scorers, confusions, images=images[name])
+             for name, paths in tuned_folders.items()]
     comparisons = [compare_to_base(base, model, settings) for model in tuned]
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(columns=COMPARISON_COLUMNS)
     pairing = {model.name: image_pairing(base.images, model.images) for model in tuned}
     return EvaluationResult(settings, attributes, base, tuned, comparison, pairing,
                             confusion_table(confusions, attributes, settings),
-                            corrected_shares_table([base, *tuned], confusions, attributes, settings))
+                            corrected_shares_table([base, *tuned], confusions, attributes, settings), left_out)
 
 
 def confusion_table(confusions: Mapping[str, np.ndarray], attributes: AttributeSet,

@@ -393,6 +393,11 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
                       if result.settings.intersectional else f"discrepancy_{axes[-1]}")
 
     lines = [f"# Evaluation: `{result.base.name}` vs {names}", ""]
+    if result.left_out:
+        dropped = ", ".join(f"`{name}` {count}" for name, count in result.left_out.items())
+        lines += ["**Compared on the intersection** (--compare_on_intersection): the models' folders did not hold the same "
+                  "prompts, image indices and seeds, so only the images every model has were kept; images left out: "
+                  f"{dropped}.", ""]
     if result.settings.split:
         lines += [f"**Split `{result.settings.split}`**: only the neutral and identity-specific prompts of the "
                   f"occupations in this split ({', '.join(sorted(o for o, split in result.settings.occupation_splits.items() if split == result.settings.split))}); "

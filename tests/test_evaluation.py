@@ -198,16 +198,30 @@ def test_comparison_detects_a_debiased_model_and_images_pair_up(tmp_path):
                                              "same_seed": 600}
 
 
-def test_comparison_pairs_only_shared_prompts(tmp_path):
+def test_folders_that_differ_are_an_error_unless_compared_on_the_intersection(tmp_path):
+    from dataclasses import replace
+
     specs = hand_specs()
     base = make_image_folder(tmp_path / "base", specs)
-    tuned = make_image_folder(tmp_path / "tuned", specs[1:], base_seed=1)
-    result = evaluate(base, {"tuned": tuned}, ATTRIBUTES, SETTINGS)
+    other_seeds = make_image_folder(tmp_path / "other_seeds", specs, base_seed=1)
+    with pytest.raises(InputError, match=r"the models' image folders differ: 15 \(e.g. prompt \w+ image \d seed \d+\) base image\(s\) "
+                                         r"without a tuned image of the same prompt, index and seed.*--compare_on_intersection"):
+        evaluate(base, {"tuned": other_seeds}, ATTRIBUTES, SETTINGS)
+    with pytest.raises(InputError, match="share no image"):
+        evaluate(base, {"tuned": other_seeds}, ATTRIBUTES, replace(SETTINGS, compare_on_intersection=True))
+    fewer_prompts = make_image_folder(tmp_path / "fewer", specs[1:])
+    with pytest.raises(InputError, match=r"without a tuned image"):
+        evaluate(base, {"tuned": fewer_prompts}, ATTRIBUTES, SETTINGS)
+    result = evaluate(base, {"tuned": fewer_prompts}, ATTRIBUTES, replace(SETTINGS, compare_on_intersection=True))
+    assert result.left_out == {"base": 4, "tuned": 0}
+    assert len(result.base.images) == len(result.tuned[0].images) == 11
     row = result.comparison.set_index(["kind", "metric"]).loc[("neutral", "discrepancy_gender")]
     assert row["num_pairs"] == 1 and row["exact"] and row["min_p_value"] == 1.0
     assert row["verdict"].startswith("too few prompts for a verdict (n=1")
-    pairing = result.image_pairing["tuned"]
-    assert pairing["paired_images"] == 11 and pairing["same_seed"] == 0
+    from popalign.report import write_report
+
+    report = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report"), 0, 0, 0).read_text()
+    assert "**Compared on the intersection**" in report and "`base` 4" in report
 
 
 def test_a_model_may_have_several_folders(tmp_path):
