@@ -47,6 +47,8 @@ cd "$(dirname "$0")"
 : "${MIXED_PRECISION:=bf16}"                              # no | fp16 | bf16; the frozen reference U-Net is kept in it
 : "${GRADIENT_CHECKPOINTING:=on}"
 : "${USE_8BIT_ADAM:=on}"                                  # needs CUDA + bitsandbytes (refused without); off = torch AdamW, ~15 GB more on SDXL
+: "${USE_EMA:=off}"                                       # on: <OUTPUT_DIR>/unet holds an EMA of the weights (unet_raw the raw ones)
+: "${EMA_DECAY:=0.9999}"
 : "${LORA_RANK:=0}"                                       # 0 = full U-Net fine-tuning (the original); e.g. 8 for LoRA
 : "${SEED:=0}"
 
@@ -79,7 +81,7 @@ train_args=(
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE"
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM"
   --mixed_precision "$MIXED_PRECISION" --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
-  --use_8bit_adam "$USE_8BIT_ADAM" --rank "$LORA_RANK" --seed "$SEED"
+  --use_8bit_adam "$USE_8BIT_ADAM" --use_ema "$USE_EMA" --ema_decay "$EMA_DECAY" --rank "$LORA_RANK" --seed "$SEED"
   --checkpointing_steps "$CHECKPOINTING_STEPS" --checkpoints_total_limit "$CHECKPOINTS_TOTAL_LIMIT"
   --resume_from_checkpoint "$RESUME_FROM_CHECKPOINT" --report_to "$REPORT_TO"
 )

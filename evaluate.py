@@ -11,6 +11,7 @@ A model may have several folders (repeat the flag); each prompt must be in one o
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
@@ -92,7 +93,29 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {report_path}")
+    if not settings.split:
+        for card in update_model_cards(result, report_path):
+            print(f"updated the Evaluation section of {card}")
     return 0
+
+
+def update_model_cards(result, report_path) -> list[Path]:
+    """Each tuned model trained by train_popalign.py (its run folder holds the model card) gets the headline."""
+    from popalign.report import model_card_evaluation
+    from popalign.training.model_card import MODEL_CARD_NAME, update_evaluation_section
+
+    updated = []
+    for model in result.tuned:
+        for config in model.generation_configs.values():
+            weights = config.get("unet") or config.get("lora")
+            if not weights:
+                continue
+            weights = Path(weights)
+            run_dir = weights.parent if config.get("unet") or weights.is_file() else weights
+            card = run_dir / MODEL_CARD_NAME
+            if update_evaluation_section(card, model_card_evaluation(result, model.name, Path(report_path).resolve())):
+                updated.append(card)
+    return updated
 
 
 if __name__ == "__main__":

@@ -268,6 +268,15 @@ def _headline_lines(result: EvaluationResult) -> list[str]:
     return lines or ["No tuned model was given: the tables below describe the base model alone."]
 
 
+def model_card_evaluation(result: EvaluationResult, model_name: str, report_path: str | Path) -> str:
+    """The Evaluation section of a tuned model's card: its headline lines and where the full report is."""
+    lines = [line for line in _headline_lines(result) if line.startswith(f"- `{model_name}`")]
+    prompts = result.comparison.loc[result.comparison["model"] == model_name, "num_pairs"]
+    return "\n".join([f"Against `{result.base.name}` on the same prompts and seeds ({int(prompts.max()) if len(prompts) else 0} "
+                      "prompts at most per metric); differences with their 95% interval over prompts, exact paired sign-flip "
+                      "test:", "", *lines, "", f"Full report: `{report_path}`."])
+
+
 def _classifier_lines(result: EvaluationResult) -> list[str]:
     """The classifier's confusion, the corrected pooled shares, and how the correction moves the discrepancy."""
     if result.confusion.empty:

@@ -42,6 +42,10 @@ def eval_run(tiny_sd_path, tmp_path_factory):
         for parameter in unet.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     unet.save_pretrained(root / "tuned_unet")
+    # The run folder of a train_popalign.py run holds the model card, whose Evaluation section evaluate.py fills in.
+    from popalign.training.model_card import EVALUATION_HEADING, NOT_EVALUATED
+
+    (root / "README.md").write_text(f"# A tuned model\n\n{EVALUATION_HEADING}\n\n{NOT_EVALUATED}\n\n## Intended uses\n\nTests.\n")
     scorer_options = build_tiny_scorer_assets(root / "scorers")
     (root / "scorer_options.json").write_text(json.dumps(scorer_options))
     (root / "eval.csv").write_text("occupation,activity\ndoctor,\nengineer,\nastronomer,\n")
@@ -101,3 +105,11 @@ def test_eval_sh_rejects_a_bad_tuned_model_entry_before_any_work(tmp_path):
         assert completed.returncode == 2
         assert message in completed.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_the_tuned_run_model_card_gets_the_headline(eval_run):
+    out, completed = eval_run
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    card = (out.parent / "README.md").read_text()
+    assert "Not evaluated yet" not in card and "- `tuned`, neutral prompts, `discrepancy_gender`" in card
+    assert f"Full report: `{(out / 'report' / 'report.md').resolve()}`" in card and card.endswith("## Intended uses\n\nTests.\n")

@@ -450,3 +450,74 @@ def test_4_train_sh_bad_input_is_one_line_and_exit_2_with_the_run_folder_untouch
     environment.update(PAIRS_FILE=str(pairs_data["pairs"]), USE_8BIT_ADAM="on")
     completed = subprocess.run(["bash", str(REPO_ROOT / "4_train.sh")], env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2 and "error: --use_8bit_adam: 8-bit AdamW needs a CUDA device" in completed.stderr
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_every_checkpoint_loads_in_stock_diffusers_and_generates_through_eval_sh_path(tiny_sdxl_path, pairs_data, tmp_path, lora_rank):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from popalign.generation import GenerationSettings, generate_images
+
+    run = tmp_path / "run"
+    train(make_config(tiny_sdxl_path, pairs_data, run, lora_rank=lora_rank, max_train_steps=2, checkpointing_steps=1))
+    checkpoint = run / "checkpoint-1"
+    assert not (checkpoint / "model.safetensors").exists()  # the weights are stored once, in the diffusers layout
+    base = load_file(str(Path(tiny_sdxl_path) / "unet" / "diffusion_pytorch_model.safetensors"))
+    if lora_rank:
+        pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))
+        pipeline.load_lora_weights(str(checkpoint))
+        assert any("lora" in name for name in pipeline.unet.state_dict())
+        weights = {"lora": str(checkpoint)}
+    else:
+        unet = UNet2DConditionModel.from_pretrained(str(checkpoint / "unet"))
+        step_1 = unet.state_dict()
+        assert max_difference({name: step_1[name] for name in base}, base) > 0  # trained one step
+        assert max_difference(unet_weights(checkpoint), unet_weights(run)) > 0  # and not the final weights
+        weights = {"unet": str(checkpoint / "unet")}
+    # eval.sh generates each tuned model with generate_images.py --unet / --lora: the same call here.
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt_id,kind,prompt,neutral_prompt,occupation,activity,gender,race,age\n"
+                       "ab12,neutral,a photo of a doctor,a photo of a doctor,doctor,,,,\n", encoding="utf-8")
+    settings = GenerationSettings(model=str(tiny_sdxl_path), steps=2, width=32, height=32, precision="fp32", **weights)
+    manifest = generate_images(prompts, tmp_path / "images", settings, 1, 0, batch_size=1)
+    assert len(manifest) == 1 and (tmp_path / "images" / manifest["image_path"][0]).is_file()
+
+
+def test_a_finished_run_has_a_model_card_that_evaluation_fills_in(tiny_sdxl_path, pairs_data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from popalign.training.model_card import NOT_EVALUATED, update_evaluation_section
+
+    run = tmp_path / "run"
+    train(make_config(tiny_sdxl_path, pairs_data, run, loss="dpo", beta=250.0, max_train_steps=2))
+    card = ModelCard.load(str(run / "README.md"))
+    assert card.data.base_model == str(tiny_sdxl_path) and card.data.library_name == "diffusers"
+    assert {"popalign", "dpo", "text-to-image"} <= set(card.data.tags)
+    assert "| `beta` | `250.0` |" in card.text and "| pairs | 4 |" in card.text and "| distinct captions | 3 |" in card.text
+    assert f'UNet2DConditionModel.from_pretrained("{run / "unet"}"' in card.text and NOT_EVALUATED in card.text
+    assert update_evaluation_section(run / "README.md", "| metric | base | tuned |\n|---|---|---|\n| discrepancy | 0.5 | 0.1 |")
+    updated = ModelCard.load(str(run / "README.md"))
+    assert NOT_EVALUATED not in updated.text and "| discrepancy | 0.5 | 0.1 |" in updated.text
+    assert updated.text.count("## Evaluation") == 1 and "## Training settings" in updated.text
+
+
+def test_ema_weights_differ_from_the_raw_ones_and_equal_them_at_decay_0(tiny_sdxl_path, pairs_data, tmp_path):
+    settings = dict(loss="popalign", max_train_steps=3, learning_rate=1e-2, use_ema=True)
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "ema", ema_decay=0.9999, **settings))
+    ema, raw = unet_weights(tmp_path / "ema"), load_file(str(tmp_path / "ema" / "unet_raw" / "diffusion_pytorch_model.safetensors"))
+    assert max_difference(ema, raw) > 1e-4
+    # the EMA lies between the base and the raw weights: EMAModel's warm-up decay (1 + n) / (10 + n) from the second step
+    base = load_file(str(Path(tiny_sdxl_path) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert max_difference(ema, base) > 1e-4
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "decay0", ema_decay=0.0, **settings))
+    # shadow -= (1 - decay) * (shadow - raw): at decay 0 the raw weights, up to float rounding
+    assert max_difference(unet_weights(tmp_path / "decay0"), raw) < 1e-6
+
+
+def test_a_run_with_ema_resumes_to_the_same_weights(tiny_sdxl_path, pairs_data, tmp_path):
+    settings = dict(loss="popalign", max_train_steps=3, learning_rate=1e-2, use_ema=True, ema_decay=0.9, checkpointing_steps=1)
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "straight", **settings))
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "resumed", stop_after_steps=2, **settings))
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "resumed", resume_from_checkpoint="latest", **settings))
+    assert (tmp_path / "resumed" / "checkpoint-2" / "unet_ema").is_dir()
+    assert max_difference(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")) == 0.0

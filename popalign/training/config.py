@@ -102,6 +102,10 @@ class TrainConfig:
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
     use_8bit_adam: bool = field(default=True,
         metadata=_help("bitsandbytes 8-bit AdamW, as in the original (needs CUDA and bitsandbytes; without them the run is refused: pass --use_8bit_adam off)"))
+    use_ema: bool = field(default=False,
+        metadata=_help("keep an exponential moving average of the U-Net's weights (diffusers' EMAModel, full fine-tuning only); the final "
+                       "<output_dir>/unet then holds the EMA weights, what evaluation reads, and <output_dir>/unet_raw the last raw ones"))
+    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay (EMAModel's warm-up (1 + n) / (10 + n) applies below it); 0 = the raw weights"))
     mixed_precision: str = field(default="bf16",
         metadata=_help("autocast precision; the frozen reference U-Net is stored in it", choices=MIXED_PRECISIONS))
     gradient_checkpointing: bool = field(default=True,
@@ -174,6 +178,10 @@ class TrainConfig:
                 raise InputError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
         if self.adam_epsilon <= 0:
             raise InputError(f"--adam_epsilon must be > 0 (got {self.adam_epsilon})")
+        if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay <= 1.0):
+            raise InputError(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
+        if self.use_ema and self.lora_rank > 0:
+            raise InputError("--use_ema averages the full U-Net's weights: it does not combine with --rank (LoRA)")
         if self.loss == "sudo" and self.train_batch_size < 2:
             raise InputError("--loss sudo draws each loser from the other winners of the batch: --train_batch_size must be >= 2")
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -227,15 +228,31 @@ def make_training_accelerator(config: TrainConfig):
     return accelerator
 
 
-def register_lora_checkpoint_hooks(accelerator) -> None:
-    """Make accelerator.save_state / load_state store only the adapter weights, not the whole U-Net."""
+def save_lora_in_diffusers_format(unwrapped_unet, kind: str, folder: Path) -> Path:
+    """<folder>/pytorch_lora_weights.safetensors, readable by pipeline.load_lora_weights(folder)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrapped_unet))
+    layers = {name: tensor.detach().float().cpu() for name, tensor in layers.items()}
+    saver = {SDXL: StableDiffusionXLLoraLoaderMixin, SD: StableDiffusionLoraLoaderMixin}[kind]
+    saver.save_lora_weights(str(folder), unet_lora_layers=layers, unet_lora_adapter_metadata=unwrapped_unet.peft_config["default"].to_dict())
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def register_lora_checkpoint_hooks(accelerator, kind: str) -> None:
+    """Make accelerator.save_state / load_state store only the adapter weights, not the whole U-Net: exactly (for
+    resuming) and in diffusers' LoRA format (pytorch_lora_weights.safetensors, for load_lora_weights and eval.sh)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+            unwrapped = accelerator.unwrap_model(models[0])
+            state = get_peft_model_state_dict(unwrapped)
             save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(Path(output_dir) / LORA_CHECKPOINT_NAME))
+            save_lora_in_diffusers_format(unwrapped, kind, Path(output_dir))
         if weights:
             weights.pop()
 
@@ -249,11 +266,38 @@ def register_lora_checkpoint_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig) -> None:
+def register_unet_checkpoint_hooks(accelerator) -> None:
+    """Full fine-tuning: a checkpoint stores the U-Net as <checkpoint>/unet in diffusers format (what
+    UNet2DConditionModel.from_pretrained and eval.sh read) instead of accelerate's model.safetensors, and resumes
+    from it. Sharded runs (FSDP, DeepSpeed) keep accelerate's own layout."""
+    from diffusers import UNet2DConditionModel
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_pretrained(str(Path(output_dir) / "unet"))
+        if weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        if not (Path(input_dir) / "unet").is_dir():
+            return  # a checkpoint in accelerate's layout: accelerate loads it
+        saved = UNet2DConditionModel.from_pretrained(str(input_dir), subfolder="unet")
+        accelerator.unwrap_model(models.pop()).load_state_dict(saved.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+EMA_FOLDER = "unet_ema"
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig, ema=None) -> None:
     """All processes write their part of the state; the main process names it and prunes old ones."""
     accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:  # diffusers layout; its config holds the EMA's own state (decay, step)
+            ema.save_pretrained(str(partial_checkpoint_dir(output_dir, step) / EMA_FOLDER))
         finish_checkpoint(output_dir, step, config.to_json())
         prune_checkpoints(output_dir, config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
@@ -266,16 +310,7 @@ def save_final_weights(accelerator, unet, kind: str, lora: bool, output_dir: Pat
     if lora:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            unwrapped = accelerator.unwrap_model(unet)
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrapped))
-            layers = {name: tensor.detach().float().cpu() for name, tensor in layers.items()}
-            saver = {SDXL: StableDiffusionXLLoraLoaderMixin, SD: StableDiffusionLoraLoaderMixin}[kind]
-            saver.save_lora_weights(str(output_dir), unet_lora_layers=layers,
-                                    unet_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict())
+            save_lora_in_diffusers_format(accelerator.unwrap_model(unet), kind, output_dir)
         accelerator.wait_for_everyone()
         return output_dir / "pytorch_lora_weights.safetensors"
     state_dict = accelerator.get_state_dict(unet)  # every process: gathers sharded (FSDP / ZeRO-3) weights
@@ -315,6 +350,7 @@ class PreparedRun:
     timestep_range: tuple[int, int]  # training t ~ U{low..high-1}
     alphas_cumprod: torch.Tensor
     global_step: int
+    ema: Optional[object] = None  # diffusers EMAModel of the U-Net's weights (--use_ema)
 
 
 def check_run_inputs(config: TrainConfig, device: torch.device):
@@ -340,7 +376,7 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
 
 def prepare_run(config: TrainConfig) -> PreparedRun:
     """Accelerator, data encodings, policy and reference U-Nets, optimizer; restore a checkpoint if asked."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     config.validate()
     torch.set_num_threads(config.torch_threads)
@@ -380,9 +416,20 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     optimizer = make_optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if lora:
-        register_lora_checkpoint_hooks(accelerator)
+        register_lora_checkpoint_hooks(accelerator, kind)
         if config.needs_reference:
             reference = AdaptersOffReference(accelerator.unwrap_model(unet))
+    elif accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        register_unet_checkpoint_hooks(accelerator)
+
+    ema = None
+    if config.use_ema:
+        from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import EMAModel
+
+        unwrapped = accelerator.unwrap_model(unet)
+        ema = EMAModel(unwrapped.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel, model_config=unwrapped.config)
+        ema.to(accelerator.device)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +445,14 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
             raise InputError(f"--resume_from_checkpoint {checkpoint}: refusing a checkpoint file that holds more than tensors "
                              f"({first_line})") from None
         global_step = read_checkpoint_step(checkpoint)
+        if ema is not None:
+            from diffusers import UNet2DConditionModel
+            from diffusers.training_utils import EMAModel
+
+            if not (checkpoint / EMA_FOLDER).is_dir():
+                raise InputError(f"--use_ema: {checkpoint} holds no {EMA_FOLDER}/ (it was trained without EMA)")
+            ema.load_state_dict(EMAModel.from_pretrained(str(checkpoint / EMA_FOLDER), model_cls=UNet2DConditionModel).state_dict())
+            ema.to(accelerator.device)
         say(f"resumed from {checkpoint} at step {global_step}")
         if differences and accelerator.is_main_process:
             record_settings_change(output_dir, checkpoint, global_step, differences)
@@ -411,7 +466,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     return PreparedRun(config=config, accelerator=accelerator, unet=unet, reference=reference, trainable=trainable, optimizer=optimizer,
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
                        timestep_range=timestep_range,
-                       alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step)
+                       alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step, ema=ema)
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
@@ -492,6 +547,8 @@ def run_training(run: PreparedRun) -> TrainResult:
         collected = [train_micro_step(run, run.global_step * accumulation + index, reduce_mean) for index in range(accumulation)]
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
+        if run.ema is not None:
+            run.ema.step(accelerator.unwrap_model(run.unet).parameters())
         learning_rate = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
         run.lr_scheduler.step()
         run.global_step += 1
@@ -513,7 +570,7 @@ def run_training(run: PreparedRun) -> TrainResult:
         progress.set_postfix({name: f"{logged[name]:.4g}" for name in ("loss", "implicit_accuracy") if name in logged})
 
         if config.checkpointing_steps and run.global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, run.global_step, config)
+            save_checkpoint(accelerator, output_dir, run.global_step, config, run.ema)
         finished = run.global_step >= config.max_train_steps
         if not finished and config.stop_after_steps and steps_this_run >= config.stop_after_steps:
             say(f"stopping after {steps_this_run} steps of this run at step {run.global_step}; resume with --resume_from_checkpoint latest")
@@ -522,9 +579,18 @@ def run_training(run: PreparedRun) -> TrainResult:
 
     if finished:
         saved = save_final_weights(accelerator, run.unet, run.kind, config.lora_rank > 0, output_dir)
+        if run.ema is not None and accelerator.is_main_process:
+            # The EMA weights become <output_dir>/unet (what evaluation and the model card load); the raw ones stay beside.
+            shutil.rmtree(output_dir / "unet_raw", ignore_errors=True)
+            os.replace(output_dir / "unet", output_dir / "unet_raw")
+            run.ema.save_pretrained(str(output_dir / "unet"))
         if accelerator.is_main_process:
+            from popalign.training.model_card import write_model_card
+
+            card = write_model_card(output_dir, config.to_dict(), saved, run.global_step, run.kind)
             mark_finished(output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model),
                           saved, run.global_step)
+            say(f"model card: {card}")
         say(f"saved {saved}")
     accelerator.end_training()
     return TrainResult(global_step=run.global_step, finished=finished, output_dir=output_dir)
