@@ -326,3 +326,10 @@ def test_hyperparameters_out_of_range_are_refused_naming_the_flag(settings, flag
     with pytest.raises(InputError, match=flag):
         TrainConfig(pairs_file="p.csv", output_dir="o", **settings).validate()
     TrainConfig(pairs_file="p.csv", output_dir="o", loss="sft", beta=0.0).validate()  # SFT has no temperature
+
+
+def test_push_to_hub_is_opt_in_and_refused_offline(monkeypatch):
+    assert TrainConfig().push_to_hub is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="--push_to_hub needs the network"):
+        TrainConfig(pairs_file="p.csv", output_dir="o", push_to_hub=True).validate()

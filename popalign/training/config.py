@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -129,6 +130,11 @@ class TrainConfig:
     stop_after_steps: int = field(default=0,
         metadata=_help("end this process after this many optimizer steps of this run (for time-limited jobs); 0 = run to max_train_steps"))
 
+    # sharing
+    push_to_hub: bool = field(default=False,
+        metadata=_help("upload the finished run (weights, model card, config; not checkpoints or logs) to the Hugging Face Hub"))
+    hub_model_id: str = field(default="", metadata=_help("Hub repository for --push_to_hub; default: the output folder's name"))
+
     # logging
     report_to: str = field(default="tensorboard", metadata=_help("experiment tracker", choices=TRACKERS))
     tracker_project: str = field(default="popalign", metadata=_help("tracker project / run name"))
@@ -182,6 +188,8 @@ class TrainConfig:
             raise InputError(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
         if self.use_ema and self.lora_rank > 0:
             raise InputError("--use_ema averages the full U-Net's weights: it does not combine with --rank (LoRA)")
+        if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise InputError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set")
         if self.loss == "sudo" and self.train_batch_size < 2:
             raise InputError("--loss sudo draws each loser from the other winners of the batch: --train_batch_size must be >= 2")
 

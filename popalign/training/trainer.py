@@ -591,6 +591,12 @@ def run_training(run: PreparedRun) -> TrainResult:
             mark_finished(output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model),
                           saved, run.global_step)
             say(f"model card: {card}")
+            if config.push_to_hub:
+                from huggingface_hub import create_repo, upload_folder
+
+                repo_id = create_repo(config.hub_model_id or output_dir.name, exist_ok=True).repo_id
+                upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*", "*.partial"])
+                say(f"pushed {output_dir} to the Hub as {repo_id}")
         say(f"saved {saved}")
     accelerator.end_training()
     return TrainResult(global_step=run.global_step, finished=finished, output_dir=output_dir)
