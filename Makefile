@@ -16,6 +16,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	# bitsandbytes (8-bit AdamW, the original recipe's optimizer) only where it can run: a machine with a CUDA GPU.
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install --quiet "bitsandbytes>=0.45"; fi
 	touch $@
 
 demo: install
