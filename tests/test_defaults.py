@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from popalign.cost import shell_defaults
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]
 PYTHON_SCRIPTS = ["1_generate_diverse_prompts.py", "generate_images.py", "classify_images.py", "score_images.py",
                   "3_generate_preferences.py", "train_popalign.py", "evaluate.py"]
 # Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
 LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
-DEFAULT_LINE = re.compile(r'^: "\$\{(?P<name>\w+):?=(?P<value>[^}]*)\}"', re.M)
 FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')
-
-
-def shell_defaults(text: str) -> dict[str, str]:
-    """`: "${X:=value}"` lines -> {X: value}, for literal values only (no other variable, no command)."""
-    return {match["name"]: match["value"] for match in DEFAULT_LINE.finditer(text) if "$" not in match["value"]}
 
 
 def invocations(text: str) -> list[tuple[str, dict[str, str]]]:

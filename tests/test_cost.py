@@ -1,0 +1,39 @@
+"""The cost model: FLOPs counted on the meta device, the recipe's counts read from the repository, GPU-hours."""
+
+import pytest
+import torch
+
+from popalign import cost
+
+
+def test_hand_computed_formulas():
+    assert cost.image_flops(unet_forward=2.0, vae_decode=5.0, steps=10, guidance=True) == 10 * 2 * 2.0 + 5.0
+    assert cost.image_flops(unet_forward=2.0, vae_decode=5.0, steps=10, guidance=False) == 25.0
+    # 4 pairs: 8 samples x (3 policy forwards-equivalent + 1 reference forward); SFT: 4 winners x 3, no reference
+    assert cost.training_step_flops(1.0, pairs=4, objective="popalign") == 32.0
+    assert cost.training_step_flops(1.0, pairs=4, objective="sft") == 12.0
+    assert cost.gpu_hours(989e12 * 0.5 * 3600, "H100", utilisation=0.5) == pytest.approx(1.0)
+
+
+def test_the_flop_counter_on_the_meta_device_matches_a_hand_count():
+    with torch.device("meta"):
+        layer = torch.nn.Linear(64, 32)
+        convolution = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+    assert cost.count_flops(lambda: layer(torch.zeros(10, 64, device="meta"))) == 2 * 10 * 64 * 32
+    assert cost.count_flops(lambda: convolution(torch.zeros(1, 3, 16, 16, device="meta"))) == 2 * 16 * 16 * 8 * 3 * 9
+
+
+def test_the_real_architectures_have_their_published_sizes():
+    sdxl = cost.component_flops("sdxl")
+    assert sdxl["unet_parameters"] == 2_567_463_684  # SDXL base U-Net
+    assert 6.7e12 < sdxl["unet_forward"] < 6.8e12
+    assert cost.component_flops("sd15")["unet_parameters"] == 859_520_964  # SD 1.5 U-Net
+
+
+def test_the_recipe_is_read_from_the_repository():
+    recipe = cost.Recipe.from_repository(processes=8)
+    assert (recipe.training_neutral_prompts, recipe.identities, recipe.images_per_neutral_prompt,
+            recipe.images_per_identity_prompt) == (123, 12, 100, 10)
+    assert recipe.training_images == 123 * 100 + 123 * 12 * 10
+    assert (recipe.steps, recipe.guidance, recipe.train_steps, recipe.pairs_per_step) == (50, True, 750, 8)
+    assert recipe.evaluation_images == 2 * ((112 + 60) * 100 + 112 * 12 * 100)
