@@ -267,3 +267,20 @@ def test_2_generate_images_sh_bad_setting_is_one_line_and_exit_2(repo_root, prom
     assert result.stderr.strip().splitlines() == ["error: --scheduler 'eulerr': expected default, ddim, ddpm, dpmsolver++, euler, "
                                                   "euler_ancestral, pndm, unipc"]
     assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_give_the_same_bytes_into_one_shared_folder(reference_images, repo_root, prompts_csv, tiny_sdxl_path, tmp_path):
+    from multinode import run_two_nodes
+
+    _, reference = reference_images
+    nodes = run_two_nodes(["generate_images.py", "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir",
+                           str(tmp_path), "--images_per_neutral_prompt", "3", "--images_per_identity_prompt", "2", "--batch_size", "1",
+                           *TINY], repo_root, port=29541)
+    assert all(node.returncode == 0 for node in nodes), nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    assert "14 to generate on 2 process(es)" in nodes[0].stdout + nodes[1].stdout
+    images = load_images(tmp_path)
+    assert images.keys() == reference.keys()
+    assert all(np.array_equal(image, reference[path]) for path, image in images.items())
+    # the shared files are written once, by the global main process
+    assert not list(tmp_path.rglob("*.tmp")) and "wrote" not in nodes[1].stdout

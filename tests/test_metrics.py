@@ -289,7 +289,11 @@ def test_paired_test_needs_matching_lengths():
 
 def test_paired_verdict():
     four = metrics.paired_test([0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.15, 0.3])
-    assert metrics.paired_verdict(four, "lower").startswith("too few prompts for a verdict (n=4")
+    assert metrics.paired_verdict(four, "lower") == "too few prompts for a verdict (n=4: p cannot go below 0.125)"
+    # 6 prompts, one of them unchanged (both models draw one identity only): 2 / 2^5, not 2 / 2^6
+    six = metrics.paired_test([0.707, 0.6, 0.7, 0.8, 0.65, 0.7], [0.707, 0.2, 0.15, 0.3, 0.25, 0.3])
+    assert six.min_p_value == pytest.approx(2 / 2 ** 5)
+    assert metrics.paired_verdict(six, "lower") == "too few prompts for a verdict (n=6, 1 of them unchanged: p cannot go below 0.0625)"
     rng = np.random.default_rng(0)
     base = rng.uniform(0.5, 0.8, 12)
     better = metrics.paired_test(base, base - 0.3 + rng.normal(0, 0.01, 12))

@@ -3,7 +3,7 @@ shipped toy base, with small image counts and a short PopAlign run.
 
 It checks the direction of the result with a margin: on the same evaluation prompts and the same
 per-image seeds, the PopAlign model's neutral-prompt discrepancy is clearly below the base
-model's. The sizes are the smallest at which that difference stands well above the sampling
+model's, on the 4 occupations the pairs were built from and on the 6 held out from training. The sizes are the smallest at which that difference stands well above the sampling
 noise of the evaluation (see the margin below), so the test can fail for real: a loss with the
 wrong sign, pairs with winners and losers swapped, or a trainer that does not update the U-Net all
 leave the discrepancy where the base has it.
@@ -40,6 +40,9 @@ SHORT_RUN = {
 # of the mean over 4 prompts and 2 attributes about 0.02 (less for the paired difference, as both
 # models are evaluated on the same seeds), so 0.04 is 2 standard errors or more.
 MARGIN = 0.04
+# On the 6 held-out occupations (never in a pair) the same margin: with 6 prompts the standard error of the
+# mean is smaller, and the full demo moves them by about 0.2.
+HELDOUT_MARGIN = 0.04
 
 
 def _mean_discrepancy(summary: pd.DataFrame, model: str) -> float:
@@ -58,18 +61,29 @@ def short_demo(tmp_path_factory):
     return out, result.stdout
 
 
-def test_popalign_lowers_neutral_prompt_discrepancy_on_the_same_seeds(short_demo):
+@pytest.mark.parametrize("split, margin", [("train", MARGIN), ("heldout", HELDOUT_MARGIN)])
+def test_popalign_lowers_neutral_prompt_discrepancy_on_the_same_seeds(short_demo, split, margin):
     out, _ = short_demo
-    summary = pd.read_csv(out / "eval" / "report" / "summary.csv")
+    summary = pd.read_csv(out / "eval" / f"report_{split}" / "summary.csv")
     base, popalign = _mean_discrepancy(summary, "base"), _mean_discrepancy(summary, "popalign")
-    assert popalign < base - MARGIN, f"PopAlign {popalign:.3f} vs base {base:.3f}: not lower by {MARGIN}"
+    assert popalign < base - margin, f"{split}: PopAlign {popalign:.3f} vs base {base:.3f}: not lower by {margin}"
 
 
-def test_short_demo_prints_the_table_and_the_base_skew_is_measured(short_demo):
+def test_pairs_come_from_the_training_occupations_only(short_demo):
+    out, _ = short_demo
+    pairs = pd.read_csv(out / "preferences" / "pairs.csv", dtype=str, keep_default_na=False)
+    world = pd.read_csv(REPO / "data" / "toy" / "occupations.csv", dtype=str)
+    named = {occupation for occupation in world["occupation"] for prompt in set(pairs["neutral_prompt"]) if f" {occupation} " in prompt}
+    assert named == set(world.loc[world["split"] == "train", "occupation"]) == {"doctor", "nurse", "engineer", "teacher"}
+
+
+def test_short_demo_prints_every_split_and_the_base_skew_is_measured(short_demo):
     out, stdout = short_demo
+    for split, prompts in (("train", 4), ("heldout", 6), ("validation", 2)):
+        assert f"Occupations of split `{split}` ({prompts} neutral prompts)" in stdout
+        assert str(out / "eval" / f"report_{split}" / "report.md") in stdout
     assert "| base |" in stdout and "| popalign |" in stdout
-    assert str(out / "eval" / "report" / "report.md") in stdout
-    summary = pd.read_csv(out / "eval" / "report" / "summary.csv")
+    summary = pd.read_csv(out / "eval" / "report_heldout" / "summary.csv")
     # The base model's skew is measured from its own pictures: far from uniform on neutral prompts
     # (uniform gender gives 0, one gender only 0.707), while it draws what identity prompts ask for.
     base_gender = summary[(summary["model"] == "base") & (summary["kind"] == "neutral") & (summary["metric"] == "discrepancy_gender")]

@@ -521,3 +521,19 @@ def test_a_run_with_ema_resumes_to_the_same_weights(tiny_sdxl_path, pairs_data, 
     train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "resumed", resume_from_checkpoint="latest", **settings))
     assert (tmp_path / "resumed" / "checkpoint-2" / "unet_ema").is_dir()
     assert max_difference(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")) == 0.0
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_train_the_weights_of_one_process(tiny_sdxl_path, pairs_data, tmp_path):
+    from multinode import run_two_nodes
+
+    flags = dict(loss="popalign", max_train_steps=2, learning_rate=0.1, adam_epsilon=1.0, caption_dropout=0.5, checkpointing_steps=1,
+                 pairs_file=str(pairs_data["identity_prompt"]))
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "one", train_batch_size=2, **flags))
+    config = make_config(tiny_sdxl_path, pairs_data, tmp_path / "two_nodes", train_batch_size=1, **flags)
+    argv = [f"--{name}={('on' if value else 'off') if isinstance(value, bool) else value}" for name, value in config.to_dict().items()]
+    nodes = run_two_nodes([str(REPO_ROOT / "train_popalign.py"), *argv], REPO_ROOT, port=29551)
+    assert all(node.returncode == 0 for node in nodes), nodes[0].stderr[-3000:] + nodes[1].stderr[-3000:]
+    assert max_difference(unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two_nodes")) < 1e-6
+    assert sorted(path.name for path in (tmp_path / "two_nodes").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list((tmp_path / "two_nodes").glob("*.partial"))
