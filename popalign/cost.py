@@ -52,6 +52,7 @@ class Recipe:
     train_steps: int
     pairs_per_step: int
     eval_neutral_prompts: int
+    eval_identities: int  # identity-specific prompts per evaluation neutral prompt (eval.sh's IDENTITY_RESTRICT applied)
     eval_generic_prompts: int
     eval_images_per_prompt: int
     eval_images_per_identity_prompt: int
@@ -63,12 +64,17 @@ class Recipe:
         import pandas as pd
 
         from popalign.attributes import load_attributes
+        from popalign.prompts import parse_restrictions
 
         attributes = load_attributes(root / "data" / "attributes.json")
         generate, train, evaluate = (shell_defaults((root / name).read_text(encoding="utf-8"))
                                      for name in ("2_generate_images.sh", "4_train.sh", "eval.sh"))
         rows = lambda name: len(pd.read_csv(root / "data" / name, dtype=str, keep_default_na=False))  # noqa: E731
         eval_images_per_prompt = int(evaluate["IMAGES_PER_PROMPT"])
+        restricted = parse_restrictions([evaluate["IDENTITY_RESTRICT"]] if evaluate.get("IDENTITY_RESTRICT") else [], attributes)
+        eval_identities = 1
+        for axis in evaluate["IDENTITY_AXES"].split(","):
+            eval_identities *= len(restricted.get(axis, attributes[axis].labels))
         return cls(training_neutral_prompts=rows("training_prompts.csv"),
                    identities=len(attributes["gender"].labels) * len(attributes["race"].labels),
                    images_per_neutral_prompt=int(generate["IMAGES_PER_NEUTRAL_PROMPT"]),
@@ -76,7 +82,7 @@ class Recipe:
                    steps=int(generate["STEPS"]), guidance=float(generate["GUIDANCE"]) > 1.0,
                    train_steps=int(train["MAX_TRAIN_STEPS"]),
                    pairs_per_step=int(train["TRAIN_BATCH_SIZE"]) * int(train["GRADIENT_ACCUMULATION_STEPS"]) * processes,
-                   eval_neutral_prompts=rows("eval_prompts.csv"), eval_generic_prompts=rows("eval_generic_prompts.csv"),
+                   eval_neutral_prompts=rows("eval_prompts.csv"), eval_identities=eval_identities, eval_generic_prompts=rows("eval_generic_prompts.csv"),
                    eval_images_per_prompt=eval_images_per_prompt,
                    eval_images_per_identity_prompt=int(evaluate.get("IMAGES_PER_IDENTITY_PROMPT") or eval_images_per_prompt))
 
@@ -88,7 +94,7 @@ class Recipe:
     @property
     def evaluation_images(self) -> int:
         per_model = ((self.eval_neutral_prompts + self.eval_generic_prompts) * self.eval_images_per_prompt
-                     + self.eval_neutral_prompts * self.identities * self.eval_images_per_identity_prompt)
+                     + self.eval_neutral_prompts * self.eval_identities * self.eval_images_per_identity_prompt)
         return self.eval_models * per_model
 
 

@@ -36,4 +36,6 @@ def test_the_recipe_is_read_from_the_repository():
             recipe.images_per_identity_prompt) == (123, 12, 100, 10)
     assert recipe.training_images == 123 * 100 + 123 * 12 * 10
     assert (recipe.steps, recipe.guidance, recipe.train_steps, recipe.pairs_per_step) == (50, True, 750, 8)
-    assert recipe.evaluation_images == 2 * ((112 + 60) * 100 + 112 * 12 * 100)
+    # eval.sh restricts race to white, asian, black (as the original): 2 x 3 identity-specific prompts per occupation
+    assert recipe.eval_identities == 6
+    assert recipe.evaluation_images == 2 * ((112 + 60) * 100 + 112 * 6 * 100) == 168_800
