@@ -39,10 +39,10 @@ generate_args=(
   --batch_size "$BATCH_SIZE"
 )
 # Checked first in one process: a bad setting or file is one line and exit code 2, and nothing is written.
-python generate_images.py "${generate_args[@]}" --validate_only
+python -m popalign.generate "${generate_args[@]}" --validate_only
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch --quiet $LAUNCH_ARGS generate_images.py "${generate_args[@]}"
+accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}"
 
 # shellcheck disable=SC2086
-accelerate launch --quiet $LAUNCH_ARGS classify_images.py \
+accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify \
   --out_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE"

@@ -3,7 +3,7 @@
 # Edit the variables below, or override any of them from the environment:
 #   TUNED_MODELS="popalign=unet:runs/popalign-sdxl/unet dpo=lora:runs/dpo-lora" NUM_PROCESSES=8 bash eval.sh
 # For each model: images for the identity-neutral, identity-specific and generic (no person) eval
-# prompts in OUT_DIR/images/<name>, classified and quality-scored; then evaluate.py writes
+# prompts in OUT_DIR/images/<name>, classified and quality-scored; then popalign.evaluate writes
 # OUT_DIR/report/report.md with the tables, charts and image grids.
 # Every image's seed is f(SEED, prompt, image index), so the models' images pair up one to one.
 # Re-running resumes: finished images, labels and scores are skipped.
@@ -43,7 +43,7 @@ cd "$(dirname "$0")"
 : "${CLIP_MODEL:=openai/clip-vit-large-patch14}"         # for CLASSIFIER=clip
 : "${CLASSIFY_BATCH_SIZE:=16}"
 : "${SCORERS:=hpsv2,pickscore,clip,aesthetic,imagereward}"   # empty: no quality scoring
-: "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see score_images.py)
+: "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see popalign.score)
 : "${SCORE_BATCH_SIZE:=8}"
 : "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign
                                       # patterns of the paired test beyond 16 prompts)
@@ -67,16 +67,16 @@ generate_classify_score() {
   local folder="$1"
   shift
   # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-  accelerate launch --quiet $LAUNCH_ARGS generate_images.py "${generate_args[@]}" "$@" \
+  accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}" "$@" \
     --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$folder"
   # shellcheck disable=SC2086
-  accelerate launch --quiet $LAUNCH_ARGS classify_images.py --out_dir "$folder" --classifier "$CLASSIFIER" \
+  accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --out_dir "$folder" --classifier "$CLASSIFIER" \
     --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE"
   if [ -n "$SCORERS" ]; then
     local options_args=()
     [ -n "$SCORER_OPTIONS_JSON" ] && options_args=(--options_json "$SCORER_OPTIONS_JSON")
     # shellcheck disable=SC2086
-    accelerate launch --quiet $LAUNCH_ARGS score_images.py --out_dir "$folder" --scorers "$SCORERS" \
+    accelerate launch --quiet $LAUNCH_ARGS -m popalign.score --out_dir "$folder" --scorers "$SCORERS" \
       --batch_size "$SCORE_BATCH_SIZE" "${options_args[@]}"
   fi
 }
@@ -126,9 +126,9 @@ if [ -n "$GENERIC_PROMPTS" ]; then
 fi
 
 # Every model's generation is checked (settings, weights folders, output folders) before any image is made.
-python generate_images.py "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
+python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 for index in "${!tuned_names[@]}"; do
-  python generate_images.py "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
+  python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
     --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
 done
 
@@ -144,11 +144,11 @@ done
 scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")
 [ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
-python evaluate.py "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
+python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
   --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --report_dir "$OUT_DIR/report"
 if [ -n "$OCCUPATION_SPLITS" ]; then
   for split in $splits; do
-    python evaluate.py "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
+    python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
       --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --occupation_splits "$OCCUPATION_SPLITS" \
       --split "$split" --report_dir "$OUT_DIR/report_$split"
   done

@@ -198,7 +198,7 @@ def load_image_folder(folder: str | Path, classifier: str, attributes: Attribute
 
     labels_file = folder / f"labels_{classifier}.csv"
     labels = read_csv_checked(labels_file, [*LABEL_COLUMNS, *attributes.names])
-    _check_covers(manifest["image_path"], labels, labels_file, "run classification (classify_images.py) to finish it")
+    _check_covers(manifest["image_path"], labels, labels_file, "run classification (popalign.classify) to finish it")
     for attribute in attributes.names:
         outside = ~labels[attribute].isin(["", *attributes[attribute].labels])
         if outside.any():
@@ -215,7 +215,7 @@ def load_image_folder(folder: str | Path, classifier: str, attributes: Attribute
     for scorer in discover_scorers(folder) if scorers is None else scorers:
         quality_file = folder / f"quality_{scorer}.csv"
         quality = read_csv_checked(quality_file, QUALITY_COLUMNS)
-        _check_covers(manifest["image_path"], quality, quality_file, "run score_images.py to finish it")
+        _check_covers(manifest["image_path"], quality, quality_file, "run popalign.score to finish it")
         scores = pd.to_numeric(quality["score"], errors="coerce")
         if scores.isna().any():
             raise InputError(f"{quality_file}: score {quality['score'][scores.isna()].iloc[0]!r} is not a number")

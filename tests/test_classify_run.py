@@ -1,4 +1,4 @@
-"""The resumable, sharded labelling runner and the classify_images.py script."""
+"""The resumable, sharded labelling runner and the popalign.classify script."""
 
 import json
 import os
@@ -133,13 +133,10 @@ def test_settings_change_refuses_to_mix_rows(tmp_path):
 
 
 def test_script_reports_bad_input_and_exits_2(tmp_path, capsys):
-    sys.path.insert(0, str(REPO))
-    try:
-        import classify_images
-    finally:
-        sys.path.remove(str(REPO))
+    from popalign.classify import __main__ as classify_entry_point
+
     with pytest.raises(SystemExit) as exit_info:
-        classify_images.main(["--out_dir", str(tmp_path), "--classifier", "clip", "--clip_model", str(tmp_path)])
+        classify_entry_point.main(["--out_dir", str(tmp_path), "--classifier", "clip", "--clip_model", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'manifest.csv'}: file not found"
 
@@ -152,7 +149,7 @@ def test_two_processes_give_the_same_labels_as_one_and_resume_with_one(tmp_path,
     two = make_folder(tmp_path / "two", many_colours)
     one = make_folder(tmp_path / "one", many_colours)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "classify_images.py",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "popalign.classify",
                "--out_dir", str(two), "--classifier", "clip", "--clip_model", str(tiny_clip_path), "--batch_size", "2",
                "--face_threshold", "0"]  # every image gets labels to compare
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -13,8 +13,9 @@ from popalign.cost import shell_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]
-PYTHON_SCRIPTS = ["1_generate_diverse_prompts.py", "generate_images.py", "classify_images.py", "score_images.py",
-                  "3_generate_preferences.py", "train_popalign.py", "evaluate.py"]
+# The entry points: the numbered scripts and the trainer at the root, the other stages as `python -m popalign.<stage>`.
+ENTRY_POINTS = ["1_generate_diverse_prompts.py", "popalign.generate", "popalign.classify", "popalign.score",
+                "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate"]
 # Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
 LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
 FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')
@@ -29,17 +30,22 @@ def invocations(text: str) -> list[tuple[str, dict[str, str]]]:
         joined = joined.replace(f'"${{{name}[@]}}"', body)
     found = []
     for line in joined.splitlines():
-        for script in re.findall(r"(?:^|\s)(\w+\.py)\b", line):
-            if (REPO_ROOT / script).is_file():
+        for script in re.findall(r"(?:^|\s)(\w+\.py|-m popalign\.\w+)\b", line):
+            script = script.removeprefix("-m ")
+            if script in ENTRY_POINTS or (REPO_ROOT / script).is_file():
                 found.append((script, {match["flag"]: match["name"] for match in FLAG_FROM_VARIABLE.finditer(line)}))
     return found
 
 
 def parser_of(script: str):
+    """The argparse parser of a root script (`name.py`) or of a module entry point (`popalign.<stage>`)."""
     if script == "train_popalign.py":
         from popalign.training.config import build_parser
 
         return build_parser()
+    if script.startswith("popalign."):
+        module_name = "popalign.classify.__main__" if script == "popalign.classify" else script
+        return importlib.import_module(module_name).build_parser()
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py").replace("-", "_"), REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -76,14 +82,15 @@ def test_shell_defaults_equal_the_python_defaults(shell_script):
 
 
 def test_the_parser_reads_a_disagreement():
-    text = ': "${STEPS:=30}"\n: "${OTHER:=$STEPS}"\naccelerate launch generate_images.py --steps "$STEPS" \\\n  --seed "$SEED"\n'
+    text = ': "${STEPS:=30}"\n: "${OTHER:=$STEPS}"\naccelerate launch -m popalign.generate --steps "$STEPS" \\\n  --seed "$SEED"\n'
     assert shell_defaults(text) == {"STEPS": "30"}
-    assert invocations(text) == [("generate_images.py", {"steps": "STEPS", "seed": "SEED"})]
-    assert as_python("30", parser_of("generate_images.py").get_default("steps")) != parser_of("generate_images.py").get_default("steps")
+    assert invocations(text) == [("popalign.generate", {"steps": "STEPS", "seed": "SEED"})]
+    assert as_python("30", parser_of("popalign.generate").get_default("steps")) != parser_of("popalign.generate").get_default("steps")
 
 
-@pytest.mark.parametrize("script", PYTHON_SCRIPTS)
+@pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_every_script_help_exits_0_and_shows_defaults(script):
-    completed = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", script] if script.startswith("popalign.") else [sys.executable, script]
+    completed = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "(default:" in completed.stdout

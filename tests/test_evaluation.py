@@ -288,7 +288,7 @@ def test_non_uniform_target(hand_folder):
 
 
 def test_evaluate_script_reports_bad_input(tmp_path):
-    completed = subprocess.run([sys.executable, "evaluate.py", "--base", str(tmp_path / "missing"), "--report_dir",
+    completed = subprocess.run([sys.executable, "-m", "popalign.evaluate", "--base", str(tmp_path / "missing"), "--report_dir",
                                 str(tmp_path / "report")], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 2
     assert completed.stderr.startswith("error: ") and "manifest.csv: file not found" in completed.stderr

@@ -42,7 +42,7 @@ def eval_run(tiny_sd_path, tmp_path_factory):
         for parameter in unet.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     unet.save_pretrained(root / "tuned_unet")
-    # The run folder of a train_popalign.py run holds the model card, whose Evaluation section evaluate.py fills in.
+    # The run folder of a train_popalign.py run holds the model card, whose Evaluation section popalign.evaluate fills in.
     from popalign.training.model_card import EVALUATION_HEADING, NOT_EVALUATED
 
     (root / "README.md").write_text(f"# A tuned model\n\n{EVALUATION_HEADING}\n\n{NOT_EVALUATED}\n\n## Intended uses\n\nTests.\n")

@@ -20,7 +20,7 @@ TINY = ["--steps", "2", "--width", "64", "--height", "64", "--precision", "fp32"
 
 def run_generation(repo_root, *args, launcher=(sys.executable,), env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([*launcher, "generate_images.py", *args], cwd=repo_root, capture_output=True, text=True, env=env)
+    return subprocess.run([*launcher, "-m", "popalign.generate", *args], cwd=repo_root, capture_output=True, text=True, env=env)
 
 
 def load_images(folder):
@@ -101,7 +101,7 @@ def test_interrupted_generation_resumes_to_the_same_images(reference_images, rep
     args = ["--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path),
             "--images_per_neutral_prompt", "3", "--images_per_identity_prompt", "2", "--batch_size", "1", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "generate_images.py", *args], cwd=repo_root, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "popalign.generate", *args], cwd=repo_root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "images").glob("*/*.png"))) < 4:
@@ -274,7 +274,7 @@ def test_two_simulated_nodes_give_the_same_bytes_into_one_shared_folder(referenc
     from multinode import run_two_nodes
 
     _, reference = reference_images
-    nodes = run_two_nodes(["generate_images.py", "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir",
+    nodes = run_two_nodes(["-m", "popalign.generate", "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir",
                            str(tmp_path), "--images_per_neutral_prompt", "3", "--images_per_identity_prompt", "2", "--batch_size", "1",
                            *TINY], repo_root, port=29541)
     assert all(node.returncode == 0 for node in nodes), nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]

@@ -114,10 +114,7 @@ def test_bad_folders_are_reported(tmp_path, tiny_options):
 
 
 def _score_images_script(repo_root):
-    spec = importlib.util.spec_from_file_location("score_images_script", repo_root / "score_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("popalign.score")
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -148,7 +145,7 @@ def test_two_processes_give_the_single_process_file(tmp_path, tiny_options, repo
     options_file.write_text(json.dumps(tiny_options), encoding="utf-8")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*torchrun, str(repo_root / "score_images.py"), "--out_dir", str(sharded), "--scorers", "clip",
+        [*torchrun, "-m", "popalign.score", "--out_dir", str(sharded), "--scorers", "clip",
          "--batch_size", "2", "--options_json", str(options_file)],
         capture_output=True, text=True, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )

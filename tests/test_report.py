@@ -135,7 +135,7 @@ def test_report_of_the_base_model_alone_and_of_generic_prompts_only(tmp_path):
 def test_evaluate_script_writes_the_report(folders, tmp_path):
     base, tuned = folders
     completed = subprocess.run(
-        [sys.executable, "evaluate.py", "--base", str(base), "--tuned", f"popalign={tuned}", "--report_dir",
+        [sys.executable, "-m", "popalign.evaluate", "--base", str(base), "--tuned", f"popalign={tuned}", "--report_dir",
          str(tmp_path / "report"), "--num_resamples", "200", "--scorers", "hpsv2", "--chart_prompts", "2"],
         cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr

@@ -1,4 +1,4 @@
-"""The toy demo's closing table, from a hand-written evaluate.py summary and comparison."""
+"""The toy demo's closing table, from a hand-written popalign.evaluate summary and comparison."""
 
 import json
 

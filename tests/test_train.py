@@ -474,7 +474,7 @@ def test_every_checkpoint_loads_in_stock_diffusers_and_generates_through_eval_sh
         assert max_difference({name: step_1[name] for name in base}, base) > 0  # trained one step
         assert max_difference(unet_weights(checkpoint), unet_weights(run)) > 0  # and not the final weights
         weights = {"unet": str(checkpoint / "unet")}
-    # eval.sh generates each tuned model with generate_images.py --unet / --lora: the same call here.
+    # eval.sh generates each tuned model with popalign.generate --unet / --lora: the same call here.
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt_id,kind,prompt,neutral_prompt,occupation,activity,gender,race,age\n"
                        "ab12,neutral,a photo of a doctor,a photo of a doctor,doctor,,,,\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The toy demo's closing table, read from the summary.csv that evaluate.py writes.
+"""The toy demo's closing table, read from the summary.csv that popalign.evaluate writes.
 
     python -m popalign.toy.report outputs/toy_demo/eval/report_train outputs/toy_demo/eval/report_heldout
 

@@ -1,7 +1,7 @@
 """The model card (README.md) of a finished run, written with diffusers' model-card helpers.
 
 It records the base model, the objective and every training setting, and what the pairs file held. Its
-"Evaluation" section says "not evaluated yet" until evaluate.py reports on these weights; then it holds
+"Evaluation" section says "not evaluated yet" until popalign.evaluate reports on these weights; then it holds
 the report's headline rows (update_evaluation_section).
 """
 

@@ -1,6 +1,6 @@
 """Classify the images of a generated folder: face found?, gender, race (and their scores).
 
-    accelerate launch classify_images.py --out_dir outputs/images/neutral --classifier deepface --detector yunet
+    accelerate launch -m popalign.classify --out_dir outputs/images/neutral --classifier deepface --detector yunet
 
 Writes <out_dir>/labels_<classifier>.csv (docs/data_formats.md); a re-run resumes.
 """

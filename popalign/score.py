@@ -1,6 +1,6 @@
 """Score the images of a generated folder with image-quality scorers.
 
-    accelerate launch score_images.py --out_dir outputs/eval/base/neutral \
+    accelerate launch -m popalign.score --out_dir outputs/eval/base/neutral \
         --scorers hpsv2,pickscore,clip,aesthetic,imagereward --batch_size 8
 
 Writes <out_dir>/quality_<scorer>.csv (image_path, prompt, score, scorer, scorer_description)

@@ -1,6 +1,6 @@
 """Step 5b: bias and quality metrics of classified (and scored) image folders, and the report.
 
-    python evaluate.py --base outputs/eval/base/people --base outputs/eval/base/generic \
+    python -m popalign.evaluate --base outputs/eval/base/people --base outputs/eval/base/generic \
         --tuned popalign=outputs/eval/popalign/people --tuned popalign=outputs/eval/popalign/generic \
         --report_dir outputs/eval/report
 reads each folder's manifest.csv, labels_<classifier>.csv and quality_<scorer>.csv and writes
