@@ -37,12 +37,11 @@ import pandas as pd
 
 from popalign import metrics
 from popalign.attributes import AttributeSet
+from popalign.image_folder import (PROMPT_KINDS, QUALITY_REQUIRED_COLUMNS, labels_file_name, labels_path, quality_path,
+                                   read_manifest)
 from popalign.io import InputError, atomic_write_csv, atomic_write_json, read_csv_checked
 
-PROMPT_KINDS = ("neutral", "identity", "generic")
 PROMPT_COLUMNS = ["prompt_id", "kind", "prompt", "neutral_prompt", "occupation", "activity"]
-QUALITY_COLUMNS = ["image_path", "prompt", "score", "scorer"]
-LABEL_COLUMNS = ["image_path", "face_detected"]
 POOLED = "pooled"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -186,18 +185,10 @@ def load_image_folder(folder: str | Path, classifier: str, attributes: Attribute
     a label row and a score row: a partial file means a stage has not finished.
     """
     folder = Path(folder)
-    manifest_path = folder / "manifest.csv"
-    manifest = read_csv_checked(manifest_path, ["image_path", "image_index", "seed", *PROMPT_COLUMNS, *attributes.names])
-    if manifest.empty:
-        raise InputError(f"{manifest_path}: no images listed")
-    if manifest["image_path"].duplicated().any():
-        raise InputError(f"{manifest_path}: image {manifest['image_path'][manifest['image_path'].duplicated()].iloc[0]!r} listed twice")
-    unknown_kinds = sorted(set(manifest["kind"]) - set(PROMPT_KINDS))
-    if unknown_kinds:
-        raise InputError(f"{manifest_path}: unknown prompt kind(s) {unknown_kinds} (known: {', '.join(PROMPT_KINDS)})")
+    manifest = read_manifest(folder, ["image_path", "image_index", "seed", *PROMPT_COLUMNS, *attributes.names])
 
-    labels_file = folder / f"labels_{classifier}.csv"
-    labels = read_csv_checked(labels_file, [*LABEL_COLUMNS, *attributes.names])
+    labels_file = labels_path(folder, classifier)
+    labels = read_csv_checked(labels_file, ["image_path", "face_detected", *attributes.names])
     _check_covers(manifest["image_path"], labels, labels_file, "run classification (popalign.classify) to finish it")
     for attribute in attributes.names:
         outside = ~labels[attribute].isin(["", *attributes[attribute].labels])
@@ -213,8 +204,8 @@ def load_image_folder(folder: str | Path, classifier: str, attributes: Attribute
     images = manifest.merge(labels, on="image_path", how="left", validate="one_to_one")
 
     for scorer in discover_scorers(folder) if scorers is None else scorers:
-        quality_file = folder / f"quality_{scorer}.csv"
-        quality = read_csv_checked(quality_file, QUALITY_COLUMNS)
+        quality_file = quality_path(folder, scorer)
+        quality = read_csv_checked(quality_file, QUALITY_REQUIRED_COLUMNS)
         _check_covers(manifest["image_path"], quality, quality_file, "run popalign.score to finish it")
         scores = pd.to_numeric(quality["score"], errors="coerce")
         if scores.isna().any():
@@ -252,7 +243,7 @@ def scorer_info(folders: Sequence[str | Path], scorer: str) -> dict[str, list[st
     """What a scorer's quality files say about it: distinct `scorer` and `scorer_description` values."""
     names, descriptions = set(), set()
     for folder in folders:
-        quality = read_csv_checked(Path(folder) / f"quality_{scorer}.csv", QUALITY_COLUMNS)
+        quality = read_csv_checked(quality_path(folder, scorer), QUALITY_REQUIRED_COLUMNS)
         names.update(quality["scorer"])
         if "scorer_description" in quality.columns:
             descriptions.update(value for value in quality["scorer_description"] if value)
@@ -613,7 +604,7 @@ def evaluate_model(name: str, folders: Sequence[str | Path], attributes: Attribu
         distributions=distribution_table(images, attributes, settings.axes),
         summary=summary_table(images, per_prompt, attributes, settings, scorers, confusions), scorers=scorers,
         scorer_info={scorer: scorer_info(folders, scorer) for scorer in scorers},
-        classifier_settings=_read_json_if_present(folders[0] / f".labels_{settings.classifier}.settings.json"),
+        classifier_settings=_read_json_if_present(folders[0] / f".{labels_file_name(settings.classifier).removesuffix('.csv')}.settings.json"),
         generation_configs={str(folder): _read_json_if_present(folder / "generation_config.json") for folder in folders})
 
 

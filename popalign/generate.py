@@ -7,7 +7,8 @@ Writes OUT_DIR/images/<prompt_id>/<index>.png, OUT_DIR/manifest.csv and OUT_DIR/
 import argparse
 import sys
 
-from popalign.generation import PROMPT_KINDS, GenerationSettings, generate_images
+from popalign.generation import GenerationSettings, generate_images
+from popalign.image_folder import PROMPT_KINDS
 from popalign.io import HelpFormatter, InputError
 
 

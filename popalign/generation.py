@@ -20,13 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
 from popalign.io import InputError, atomic_save_image, atomic_write_csv, atomic_write_json, csv_row_number, file_sha256, read_csv_checked
 
-PROMPT_KINDS = ("neutral", "identity", "generic")
-ATTRIBUTE_COLUMNS = ("gender", "race", "age")
-MANIFEST_COLUMNS = ["image_path", "prompt_id", "kind", "prompt", "neutral_prompt", "occupation", "activity",
-                    *ATTRIBUTE_COLUMNS, "image_index", "seed", "model", "unet", "lora", "scheduler", "steps",
-                    "guidance", "width", "height", "negative_prompt", "precision", "base_seed"]
 CONFIG_FILE = "generation_config.json"
 
 
@@ -244,8 +240,8 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out_dir {out_dir}: a file is in the way (give a folder)")
-    if (out_dir / "manifest.csv").is_dir() or (out_dir / CONFIG_FILE).is_dir():
-        raise InputError(f"--out_dir {out_dir}: a folder is in the way of manifest.csv or {CONFIG_FILE}")
+    if (out_dir / MANIFEST_NAME).is_dir() or (out_dir / CONFIG_FILE).is_dir():
+        raise InputError(f"--out_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
     prompts = read_prompt_table(prompts_csv)
     prompts = prompts[prompts["kind"].isin(kinds)].reset_index(drop=True)
     manifest = plan_images(prompts, images_per_neutral_prompt, images_per_identity_prompt, settings)
@@ -288,6 +284,6 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_csv(out_dir / "manifest.csv", manifest)
-        print(f"wrote {out_dir / 'manifest.csv'} ({len(manifest)} images)")
+        atomic_write_csv(out_dir / MANIFEST_NAME, manifest)
+        print(f"wrote {out_dir / MANIFEST_NAME} ({len(manifest)} images)")
     return manifest

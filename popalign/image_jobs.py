@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from popalign.image_folder import read_manifest  # noqa: F401  (re-exported for the runners)
 from popalign.io import InputError, atomic_write_json, csv_row_number, read_csv_checked, read_jsonl
 
 
@@ -29,26 +30,6 @@ class SingleProcess:
 
     def wait_for_everyone(self) -> None:
         pass
-
-
-def read_manifest(out_dir: str | Path, columns: Sequence[str] = ("image_path",)) -> pd.DataFrame:
-    """The folder's manifest.csv with `columns`; every image must exist and be listed once."""
-    out_dir = Path(out_dir)
-    manifest_path = out_dir / "manifest.csv"
-    manifest = read_csv_checked(manifest_path, list(columns))
-    if manifest.empty:
-        raise InputError(f"{manifest_path}: no images listed")
-    seen: dict[str, int] = {}
-    for position, image_path in enumerate(manifest["image_path"]):
-        row = csv_row_number(position)
-        if not image_path:
-            raise InputError(f"{manifest_path}: row {row}: empty image_path")
-        if image_path in seen:
-            raise InputError(f"{manifest_path}: row {row}: image {image_path!r} already listed in row {seen[image_path]}")
-        if not (out_dir / image_path).is_file():
-            raise InputError(f"{manifest_path}: row {row}: image {image_path!r} not found in {out_dir}")
-        seen[image_path] = row
-    return manifest
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -25,7 +25,6 @@ face carries no label and adds no class to a draw.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,27 +33,22 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from popalign import image_folder
 from popalign.attributes import AttributeSet
+from popalign.image_folder import PROMPT_KINDS
 from popalign.io import InputError, atomic_write_csv, atomic_write_json, csv_row_number, read_csv_checked
 
 # The statistic that decides a pair: distinct classified genders and races in a draw.
 DIVERSITY_AXES = ("gender", "race")
-# Prompt kinds of step 2; `generic` prompts (no person, for quality checks) take no part in pairing.
-KINDS = ("neutral", "identity", "generic")
 # How a diverse image is drawn (module docstring, step 2).
 DIVERSE_DRAWS = ("per_identity_prompt", "per_image")
-MANIFEST_COLUMNS = ["image_path", "kind", "prompt", "neutral_prompt", *DIVERSITY_AXES]
-LABEL_COLUMNS = ["image_path", "face_detected", *DIVERSITY_AXES]
+# The columns of the image folder's files (popalign.image_folder) this step reads.
+NEEDED_MANIFEST_COLUMNS = ["image_path", "kind", "prompt", "neutral_prompt", *DIVERSITY_AXES]
+NEEDED_LABEL_COLUMNS = ["image_path", "face_detected", *DIVERSITY_AXES]
 PAIR_COLUMNS = [
     "winner_path", "loser_path", "caption", "neutral_prompt", "winner_prompt", "loser_prompt", "winner_side",
     "diverse_distinct_genders", "diverse_distinct_races", "base_distinct_genders", "base_distinct_races", "iteration",
 ]
-
-
-def labels_file_name(classifier: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", classifier):
-        raise InputError(f"--classifier {classifier!r}: expected a name made of letters, digits, '_', '-', '.'")
-    return f"labels_{classifier}.csv"
 
 
 def _raise_at_first(mask: pd.Series, path: Path, describe) -> None:
@@ -85,8 +79,8 @@ def _check_labels(frame: pd.DataFrame, path: Path, axes: Sequence[str], attribut
 def _validate_manifest(manifest: pd.DataFrame, path: Path, axes: Sequence[str], attributes: AttributeSet) -> None:
     _check_unique_paths(manifest, path)
     kinds = manifest["kind"]
-    _raise_at_first(~kinds.isin(KINDS), path,
-                    lambda position: f"kind {kinds.iloc[position]!r} is not one of {', '.join(KINDS)}")
+    _raise_at_first(~kinds.isin(PROMPT_KINDS), path,
+                    lambda position: f"kind {kinds.iloc[position]!r} is not one of {', '.join(PROMPT_KINDS)}")
     _raise_at_first((kinds != "generic") & (manifest["neutral_prompt"] == ""), path,
                     lambda position: "empty neutral_prompt")
     _check_labels(manifest, path, axes, attributes)
@@ -118,9 +112,9 @@ def load_image_records(image_dirs: Sequence[str | Path], classifier: str, attrib
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise InputError(f"{image_dir}: image folder not found")
-        manifest_path, labels_path = image_dir / "manifest.csv", image_dir / labels_file_name(classifier)
-        manifest = read_csv_checked(manifest_path, MANIFEST_COLUMNS)
-        labels = read_csv_checked(labels_path, LABEL_COLUMNS)
+        manifest_path, labels_path = image_folder.manifest_path(image_dir), image_folder.labels_path(image_dir, classifier)
+        manifest = read_csv_checked(manifest_path, NEEDED_MANIFEST_COLUMNS)
+        labels = read_csv_checked(labels_path, NEEDED_LABEL_COLUMNS)
         axes = [axis for axis in attributes.names if axis in manifest.columns and axis in labels.columns]
         _validate_manifest(manifest, manifest_path, axes, attributes)
         _validate_labels(labels, labels_path, axes, attributes)

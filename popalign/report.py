@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 
 from popalign.evaluation import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
                                  intersectional_name)
+from popalign.image_folder import PROMPT_KINDS  # noqa: E402
 from popalign.io import atomic_write_text  # noqa: E402
 
 CLASSIFIER_DESCRIPTIONS = {
@@ -324,7 +325,7 @@ def _classifier_lines(result: EvaluationResult) -> list[str]:
 def _counts_table(result: EvaluationResult) -> str:
     rows = []
     for model in [result.base, *result.tuned]:
-        for kind in ("neutral", "identity", "generic"):
+        for kind in PROMPT_KINDS:
             kind_images = model.images[model.images["kind"] == kind]
             if kind_images.empty:
                 continue
@@ -429,7 +430,7 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
     lines += ["### The classifier's confusion", "", *_classifier_lines(result)]
 
     lines += ["## Results", ""]
-    for kind in ("neutral", "identity", "generic"):
+    for kind in PROMPT_KINDS:
         if (result.base.summary["kind"] == kind).any():
             lines += [f"### {KIND_TITLES[kind]}", "", _results_table(result, kind), ""]
     lines += ["Metric definitions (`<attribute>` is gender, race, ...; `race_x_gender` is the joint label over all "

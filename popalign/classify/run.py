@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from popalign.classify import build_classifier
 from popalign.classify.base import Classifier
+from popalign.image_folder import LABEL_COLUMNS, labels_path  # noqa: F401
 from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, read_manifest, run_image_job
 from popalign.io import atomic_write_csv
 
-LABEL_COLUMNS = ["image_path", "face_detected", "gender", "gender_score", "race", "race_score", "age", "age_score", "classifier"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,6 @@ class LabellingSummary:
     @property
     def detection_rate(self) -> float:
         return self.faces_detected / self.images if self.images else 0.0
-
-
-def labels_path(out_dir: str | Path, classifier_name: str) -> Path:
-    return Path(out_dir) / f"labels_{classifier_name}.csv"
 
 
 def read_manifest_image_paths(out_dir: str | Path) -> list[str]:

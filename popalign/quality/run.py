@@ -16,16 +16,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from popalign.image_folder import QUALITY_COLUMNS, quality_path  # noqa: F401
 from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, read_manifest, run_image_job
 from popalign.io import atomic_write_csv
 from popalign.quality import build_scorer
 from popalign.quality.base import QualityScorer
 
-QUALITY_COLUMNS = ["image_path", "prompt", "score", "scorer", "scorer_description"]
-
-
-def quality_path(out_dir: str | Path, scorer_name: str) -> Path:
-    return Path(out_dir) / f"quality_{scorer_name}.csv"
 
 
 def read_manifest_prompts(out_dir: str | Path) -> list[tuple[str, str]]:
