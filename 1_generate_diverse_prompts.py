@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, InputError, atomic_write_csv
+from popalign.io import HelpFormatter, InputError, atomic_write_csv, check_output_location
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restrictions, read_neutral_prompts
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_location(args.output, "--output")
         attributes = load_attributes(args.attributes)
         axes = [name.strip() for name in args.axes.split(",") if name.strip()]
         prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, InputError
+from popalign.io import HelpFormatter, InputError, check_output_location
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_location(args.output, "--output")
+        check_output_location(summary_path_for(args.output), "--output")
         summary = generate_preferences(
             args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),
             num_iterations=args.num_iterations, population_size=args.population_size, seed=args.seed,

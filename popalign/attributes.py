@@ -56,14 +56,20 @@ def load_attributes(path: str | Path = DEFAULT_ATTRIBUTES_PATH) -> AttributeSet:
         raise InputError(f"{path}: file not found") from None
     except json.JSONDecodeError as error:
         raise InputError(f"{path}: invalid JSON ({error})") from None
-    if "attributes" not in raw:
-        raise InputError(f"{path}: missing key 'attributes'")
+    if not isinstance(raw, dict) or not isinstance(raw.get("attributes"), dict) or not raw["attributes"]:
+        raise InputError(f"{path}: expected an object with a non-empty 'attributes' object (docs/data_formats.md)")
     attributes = {}
     for name, spec in raw["attributes"].items():
+        if not isinstance(spec, dict):
+            raise InputError(f"{path}: attribute {name!r} must be an object with 'values'")
         values = spec.get("values")
         if not isinstance(values, dict) or not values:
             raise InputError(f"{path}: attribute {name!r} needs a non-empty 'values' mapping")
+        if not isinstance(spec.get("classifier_labels", {}), dict):
+            raise InputError(f"{path}: attribute {name!r}: 'classifier_labels' must map raw labels to labels")
         attributes[name] = Attribute(name, dict(values), dict(spec.get("classifier_labels", {})))
+    if not isinstance(raw.get("word_order", []), list):
+        raise InputError(f"{path}: 'word_order' must be a list of attribute names")
     word_order = list(raw.get("word_order", attributes))
     unknown = [name for name in word_order if name not in attributes]
     if unknown:

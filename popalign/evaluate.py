@@ -15,7 +15,7 @@ from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.io import HelpFormatter, InputError
+from popalign.io import HelpFormatter, InputError, check_output_location
 from popalign.prompts import occupation_splits
 from popalign.report import write_report
 
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
                                       num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
                                       correct_for_classifier=args.correct_for_classifier, split=args.split,
                                       occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
+        check_output_location(args.report_dir, "--report_dir", folder=True)
         result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
                           base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
         written = write_tables(result, args.report_dir)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
-from popalign.io import InputError, atomic_save_image, atomic_write_csv, atomic_write_json, csv_row_number, file_sha256, read_csv_checked
+from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_output_location, csv_row_number,
+                         file_sha256, read_csv_checked)
 
 CONFIG_FILE = "generation_config.json"
 
@@ -238,8 +239,7 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         raise InputError("--images_per_neutral_prompt and --images_per_identity_prompt must be >= 0")
     validate_generation_settings(settings)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out_dir {out_dir}: a file is in the way (give a folder)")
+    check_output_location(out_dir, "--out_dir", folder=True)
     if (out_dir / MANIFEST_NAME).is_dir() or (out_dir / CONFIG_FILE).is_dir():
         raise InputError(f"--out_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
     prompts = read_prompt_table(prompts_csv)

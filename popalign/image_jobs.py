@@ -33,8 +33,12 @@ class SingleProcess:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The image as RGB; InputError naming the file when it does not decode (truncated, not an image)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{path}: not a readable image ({error}); delete it and re-run generation, which makes it again") from None
 
 
 class ImageJob:

@@ -117,3 +117,16 @@ def read_jsonl(paths: Iterable[str | Path]) -> list[dict]:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of every script: the module docstring as written, and each flag's default."""
+
+
+def check_output_location(path: str | Path, flag: str, folder: bool = False) -> None:
+    """Before any work: the output (a file, or with `folder` a folder) can be written at `path`: no file stands where
+    one of its parent folders must be, and nothing of the other kind sits at its name. InputError naming the flag."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: a file is in the way (give a folder)")
+    if not folder and path.is_dir():
+        raise InputError(f"{flag} {path}: a folder is in the way (give a file name)")

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from popalign.io import InputError, atomic_write_text
+from popalign.io import InputError, atomic_write_text, check_output_location
 from popalign.losses import (derangement, diffusion_dpo_loss, per_sample_denoising_error, popalign_loss, sft_loss, sudo_loss,
                              with_prior_preservation)
 from popalign.training.checkpoints import (
@@ -360,8 +360,7 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
 
     config.validate()
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"--output_dir {output_dir}: a file is in the way (give a folder)")
+    check_output_location(output_dir, "--output_dir", folder=True)
     check_model_location("pretrained_model_name_or_path", config.pretrained_model)
     check_model_location("vae", config.vae)
     check_8bit_adam(config, device)
