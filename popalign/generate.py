@@ -9,6 +9,7 @@ import sys
 
 from popalign.generation import GenerationSettings, generate_images
 from popalign.image_folder import PROMPT_KINDS
+from popalign.pipelines import SpeedOptions
 from popalign.io import HelpFormatter, InputError
 
 
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(seed, prompt, image index)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass on each process")
+    speed = parser.add_argument_group("speed (how the pipeline runs, not what it draws; docs/cost.md)")
+    speed.add_argument("--channels_last", action="store_true", help="U-Net and VAE in channels-last memory format")
+    speed.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time (less memory)")
+    speed.add_argument("--vae_tiling", action="store_true", help="decode in tiles (less memory at high resolution)")
+    speed.add_argument("--compile_unet", action="store_true", help="torch.compile the U-Net (slow to start, faster steps)")
     parser.add_argument("--validate_only", action="store_true",
                         help="check flags, prompts file and output folder, write nothing, exit (2: what is wrong)")
     return parser
@@ -47,7 +53,9 @@ def main(argv=None) -> int:
         if unknown:
             raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
         generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,
-                        args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only)
+                        args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only,
+                        speed=SpeedOptions(channels_last=args.channels_last, vae_slicing=args.vae_slicing,
+                                           vae_tiling=args.vae_tiling, compile_unet=args.compile_unet))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -224,7 +224,8 @@ def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: Gener
 
 
 def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_per_neutral_prompt: int,
-                    images_per_identity_prompt: int, batch_size: int, kinds=PROMPT_KINDS, validate_only: bool = False) -> pd.DataFrame:
+                    images_per_identity_prompt: int, batch_size: int, kinds=PROMPT_KINDS, validate_only: bool = False,
+                    speed=None) -> pd.DataFrame:
     """Generate every missing image of the plan over all processes of this accelerate launch; return the manifest.
     With `validate_only`, check settings, prompts and output folder, write nothing, and return the plan."""
     from tqdm.auto import tqdm
@@ -273,7 +274,7 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     if len(my_share):
         dtype = resolve_dtype(settings.precision, accelerator.device)
         pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
-                                               settings.unet or None, settings.lora or None)
+                                               settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
         progress = tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process)
         for start in range(0, len(my_share), batch_size):
             batch = my_share.iloc[start : start + batch_size]

@@ -284,3 +284,16 @@ def test_two_simulated_nodes_give_the_same_bytes_into_one_shared_folder(referenc
     assert all(np.array_equal(image, reference[path]) for path, image in images.items())
     # the shared files are written once, by the global main process
     assert not list(tmp_path.rglob("*.tmp")) and "wrote" not in nodes[1].stdout
+
+
+def test_speed_options_change_how_not_what(reference_images, repo_root, prompts_csv, tiny_sdxl_path, tmp_path):
+    _, reference = reference_images
+    result = run_generation(repo_root, "--model", str(tiny_sdxl_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path),
+                            "--images_per_neutral_prompt", "3", "--images_per_identity_prompt", "2", "--batch_size", "2", *TINY,
+                            "--channels_last", "--vae_slicing", "--vae_tiling")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "channels_last" not in (tmp_path / "generation_config.json").read_text()  # not a setting of the pixels
+    images = load_images(tmp_path)
+    assert images.keys() == reference.keys()
+    for path, image in images.items():  # memory layout and batch size move pixels by at most one 8-bit level
+        assert np.abs(image.astype(int) - reference[path].astype(int)).max() <= 1, path
