@@ -7,6 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# RECIPE=FILE (relative to the repository root): a file of `: "${NAME:=value}"` lines read before the defaults
+# below, so a whole configuration travels as one file (configs/toy_recipe.sh); the environment still wins.
+if [ -n "${RECIPE:-}" ]; then
+  [ -f "$RECIPE" ] || { echo "error: RECIPE=$RECIPE: file not found" >&2; exit 2; }
+  # shellcheck source=/dev/null
+  source "$RECIPE"
+fi
+
 # Model and sampling (defaults = the original PopAlign setup: SDXL base, 50 steps, guidance 5.0, 1024x1024).
 : "${MODEL:=stabilityai/stable-diffusion-xl-base-1.0}"
 : "${SCHEDULER:=default}"             # default keeps the checkpoint's scheduler; or euler, ddim, dpmsolver++, ...

@@ -35,13 +35,14 @@ fi
 # The toy classifier and quality scorer read the toy world from these files.
 export POPALIGN_TOY_OCCUPATIONS="$TOY_OCCUPATIONS" POPALIGN_TOY_ATTRIBUTES="$TOY_ATTRIBUTES"
 
-# Sampling: the toy pipeline's DDIM scheduler, 32x32, fp32 on CPU. Step 2 draws the training populations
-# at guidance 1.0 (the model's own conditional distribution: its neutral-prompt skew is the data's);
-# the evaluation samples as a user would, with classifier-free guidance 3.0, which sharpens every
-# prompt - the base's neutral prompts then draw their majority identity even more often.
-export STEPS="${STEPS:-20}" GUIDANCE="${GUIDANCE:-1.0}" WIDTH=32 HEIGHT=32 PRECISION=fp32 SCHEDULER=default
+# The toy world's settings (model, sampling, classifier, CPU training) travel as one file that every numbered
+# script reads: RECIPE (configs/toy_recipe.sh). Step 2 draws the training populations at guidance 1.0 (the
+# model's own conditional distribution: its neutral-prompt skew is the data's); the evaluation samples as a
+# user would, with classifier-free guidance 3.0, which sharpens every prompt - the base's neutral prompts then
+# draw their majority identity even more often.
+: "${RECIPE:=configs/toy_recipe.sh}"
 : "${EVAL_GUIDANCE:=3.0}"
-export CLASSIFIER=toy NUM_PROCESSES BATCH_SIZE="${BATCH_SIZE:-50}" CLASSIFY_BATCH_SIZE=100
+export RECIPE
 
 # Step 1: identity-neutral toy prompts -> identity-specific variants (gender x race).
 python 1_generate_diverse_prompts.py --input "$TOY_OCCUPATIONS" --split "$TOY_TRAIN_SPLIT" --attributes "$TOY_ATTRIBUTES" \
@@ -49,7 +50,7 @@ python 1_generate_diverse_prompts.py --input "$TOY_OCCUPATIONS" --split "$TOY_TR
 
 # Step 2: the base model's populations: a biased one per neutral prompt, a diverse one from the
 # identity-specific prompts; every image classified by the toy classifier.
-MODEL="$TOY_MODEL" PROMPTS_CSV="$OUT/prompts/train_prompts_diverse.csv" OUT_DIR="$OUT/images/train" SEED=0 \
+MODEL="$TOY_MODEL" PROMPTS_CSV="$OUT/prompts/train_prompts_diverse.csv" OUT_DIR="$OUT/images/train" SEED=0 GUIDANCE=1.0 NUM_PROCESSES="$NUM_PROCESSES" \
 IMAGES_PER_NEUTRAL_PROMPT="${TRAIN_IMAGES_PER_NEUTRAL_PROMPT:-100}" \
 IMAGES_PER_IDENTITY_PROMPT="${TRAIN_IMAGES_PER_IDENTITY_PROMPT:-20}" \
   bash 2_generate_images.sh
@@ -77,12 +78,11 @@ python 3_generate_preferences.py --image_dirs "$OUT/images/train" --classifier t
 # TRAIN_PRIOR_PRESERVATION_WEIGHT=0 trains without it (the original PopAlign).
 train() {
   local loss="$1" beta="$2" learning_rate="$3" lambda_loser="${4:-1.0}"
-  PAIRS_FILE="$OUT/preferences/pairs.csv" OUTPUT_DIR="$OUT/train/$loss" MODEL="$TOY_MODEL" VAE="" RESOLUTION=32 \
+  PAIRS_FILE="$OUT/preferences/pairs.csv" OUTPUT_DIR="$OUT/train/$loss" MODEL="$TOY_MODEL" \
   LOSS="$loss" BETA="$beta" LAMBDA_LOSER="$lambda_loser" CAPTION_DROPOUT="${TRAIN_CAPTION_DROPOUT:-0.2}" LEARNING_RATE="$learning_rate" \
   PRIOR_PRESERVATION_WEIGHT="${TRAIN_PRIOR_PRESERVATION_WEIGHT:-0.25}" PRIOR_PRESERVATION_TARGET="${TRAIN_PRIOR_PRESERVATION_TARGET:-reference}" \
   LR_SCHEDULER="${TRAIN_LR_SCHEDULER:-cosine}" LR_WARMUP_STEPS="${TRAIN_WARMUP_STEPS:-20}" MAX_TRAIN_STEPS="${TRAIN_STEPS:-600}" \
-  TRAIN_BATCH_SIZE=$((TRAIN_BATCH_SIZE / NUM_PROCESSES)) MIXED_PRECISION=no GRADIENT_CHECKPOINTING=off USE_8BIT_ADAM=off \
-  CHECKPOINTING_STEPS=0 REPORT_TO=none NUM_PROCESSES="$NUM_PROCESSES" SEED="${TRAIN_SEED:-0}" \
+  TRAIN_BATCH_SIZE=$((TRAIN_BATCH_SIZE / NUM_PROCESSES)) NUM_PROCESSES="$NUM_PROCESSES" SEED="${TRAIN_SEED:-0}" \
     bash 4_train.sh
 }
 train popalign "${POPALIGN_BETA:-0.5}" "${POPALIGN_LR:-2e-4}" "${POPALIGN_LAMBDA_LOSER:-0.1}"
@@ -100,9 +100,9 @@ fi
 # with a training split, each split also gets its own report (report_train, report_heldout).
 toy_races="$(python -c 'import sys; from popalign.attributes import load_attributes; print(",".join(load_attributes(sys.argv[1])["race"].labels))' "$TOY_ATTRIBUTES")"
 BASE_MODEL="$TOY_MODEL" TUNED_MODELS="$tuned" EVAL_PROMPTS="$TOY_OCCUPATIONS" GENERIC_PROMPTS="$TOY_GENERIC_PROMPTS" \
-EVAL_TEMPLATE="a photo of {person} {activity}" ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 \
+ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 \
 IMAGES_PER_PROMPT="${EVAL_IMAGES_PER_NEUTRAL_PROMPT:-100}" IMAGES_PER_IDENTITY_PROMPT="${EVAL_IMAGES_PER_IDENTITY_PROMPT:-10}" \
-SCORERS=toy NUM_RESAMPLES=2000 OUT_DIR="$OUT/eval" GUIDANCE="$EVAL_GUIDANCE" \
+OUT_DIR="$OUT/eval" GUIDANCE="$EVAL_GUIDANCE" NUM_PROCESSES="$NUM_PROCESSES" \
 OCCUPATION_SPLITS="$([ -n "$TOY_TRAIN_SPLIT" ] && echo "$TOY_OCCUPATIONS")" \
   bash eval.sh
 

@@ -10,6 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# RECIPE=FILE (relative to the repository root): a file of `: "${NAME:=value}"` lines read before the defaults
+# below, so a whole configuration travels as one file (configs/toy_recipe.sh); the environment still wins.
+if [ -n "${RECIPE:-}" ]; then
+  [ -f "$RECIPE" ] || { echo "error: RECIPE=$RECIPE: file not found" >&2; exit 2; }
+  # shellcheck source=/dev/null
+  source "$RECIPE"
+fi
+
 # Models. TUNED_MODELS is a space-separated list of NAME=KIND:DIR, KIND one of
 #   unet  a fine-tuned U-Net folder (diffusers format, e.g. what train_popalign.py saves)
 #   lora  a LoRA weights folder (loaded with pipeline.load_lora_weights)

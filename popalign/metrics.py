@@ -583,7 +583,10 @@ def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.
         # An exact test's floor is 2 / 2^n; prompts whose difference is exactly 0 (e.g. one identity only in both
         # models) carry no sign and each doubles it.
         unchanged = round(math.log2(result.min_p_value * 2 ** result.num_pairs / 2)) if result.exact else 0
-        count = f"n={result.num_pairs}" + (f", {unchanged} of them unchanged" if unchanged > 0 else "")
+        if result.min_p_value >= 1.0 and unchanged > 0:  # the floor is capped at 1: n - 1 or n unchanged look alike
+            count = f"n={result.num_pairs}, at most one of them changed"
+        else:
+            count = f"n={result.num_pairs}" + (f", {unchanged} of them unchanged" if unchanged > 0 else "")
         return f"too few prompts for a verdict ({count}: p cannot go below {result.min_p_value:.3g})"
     interval_excludes_zero = not (math.isnan(result.ci_low) or result.ci_low <= 0 <= result.ci_high)
     if result.p_value > alpha or not interval_excludes_zero:

@@ -294,6 +294,8 @@ def test_paired_verdict():
     six = metrics.paired_test([0.707, 0.6, 0.7, 0.8, 0.65, 0.7], [0.707, 0.2, 0.15, 0.3, 0.25, 0.3])
     assert six.min_p_value == pytest.approx(2 / 2 ** 5)
     assert metrics.paired_verdict(six, "lower") == "too few prompts for a verdict (n=6, 1 of them unchanged: p cannot go below 0.0625)"
+    unchanged = metrics.paired_test([0.707, 0.707], [0.707, 0.707])
+    assert metrics.paired_verdict(unchanged, "lower") == "too few prompts for a verdict (n=2, at most one of them changed: p cannot go below 1)"
     rng = np.random.default_rng(0)
     base = rng.uniform(0.5, 0.8, 12)
     better = metrics.paired_test(base, base - 0.3 + rng.normal(0, 0.01, 12))
