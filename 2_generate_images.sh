@@ -40,9 +40,9 @@ fi
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 
 generate_args=(
-  --model "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
+  --pretrained_model_name_or_path "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
   --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED"
-  --prompts_csv "$PROMPTS_CSV" --out_dir "$OUT_DIR"
+  --prompts_csv "$PROMPTS_CSV" --output_dir "$OUT_DIR"
   --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --batch_size "$BATCH_SIZE"
 )
@@ -53,4 +53,4 @@ accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}
 
 # shellcheck disable=SC2086
 accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify \
-  --out_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE"
+  --output_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE"

@@ -65,7 +65,7 @@ fi
 
 # The sampling settings, the same for every model: only the weights differ.
 generate_args=(
-  --model "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
+  --pretrained_model_name_or_path "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --steps "$STEPS" --guidance "$GUIDANCE" --width "$WIDTH" --height "$HEIGHT" --scheduler "$SCHEDULER"
   --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE"
 )
@@ -76,15 +76,15 @@ generate_classify_score() {
   shift
   # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
   accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}" "$@" \
-    --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$folder"
+    --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$folder"
   # shellcheck disable=SC2086
-  accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --out_dir "$folder" --classifier "$CLASSIFIER" \
+  accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --output_dir "$folder" --classifier "$CLASSIFIER" \
     --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE"
   if [ -n "$SCORERS" ]; then
     local options_args=()
     [ -n "$SCORER_OPTIONS_JSON" ] && options_args=(--options_json "$SCORER_OPTIONS_JSON")
     # shellcheck disable=SC2086
-    accelerate launch --quiet $LAUNCH_ARGS -m popalign.score --out_dir "$folder" --scorers "$SCORERS" \
+    accelerate launch --quiet $LAUNCH_ARGS -m popalign.score --output_dir "$folder" --scorers "$SCORERS" \
       --batch_size "$SCORE_BATCH_SIZE" "${options_args[@]}"
   fi
 }
@@ -134,10 +134,10 @@ if [ -n "$GENERIC_PROMPTS" ]; then
 fi
 
 # Every model's generation is checked (settings, weights folders, output folders) before any image is made.
-python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
+python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 for index in "${!tuned_names[@]}"; do
   python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
-    --prompts_csv "$ALL_PROMPTS_CSV" --out_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
+    --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
 done
 
 # The same prompts, sampling settings and seeds for every model; only the weights differ.
@@ -153,11 +153,11 @@ scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")
 [ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
 python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
-  --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --report_dir "$OUT_DIR/report"
+  --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --output_dir "$OUT_DIR/report"
 if [ -n "$OCCUPATION_SPLITS" ]; then
   for split in $splits; do
     python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
       --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --occupation_splits "$OCCUPATION_SPLITS" \
-      --split "$split" --report_dir "$OUT_DIR/report_$split"
+      --split "$split" --output_dir "$OUT_DIR/report_$split"
   done
 fi

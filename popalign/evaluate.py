@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tuned", action="append", default=[], metavar="NAME=FOLDER",
                         help="image folder of a tuned model (repeatable, also with the same NAME); "
                              "compared with the base prompt by prompt")
-    parser.add_argument("--report_dir", required=True, help="where report.md, charts and tables are written")
+    parser.add_argument("--output_dir", "--report_dir", dest="report_dir", required=True, help="where report.md, charts and tables are written")
     parser.add_argument("--classifier", default="deepface", help="reads labels_<classifier>.csv in each folder")
     parser.add_argument("--scorers", default="", help="comma-separated; reads quality_<scorer>.csv (default: every such file)")
     parser.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_PATH), help="attribute definition JSON")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                                       num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
                                       correct_for_classifier=args.correct_for_classifier, split=args.split,
                                       occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
-        check_output_location(args.report_dir, "--report_dir", folder=True)
+        check_output_location(args.report_dir, "--output_dir", folder=True)
         result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
                           base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
         written = write_tables(result, args.report_dir)

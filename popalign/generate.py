@@ -15,11 +15,11 @@ from popalign.io import HelpFormatter, InputError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local pipeline folder")
+    parser.add_argument("--pretrained_model_name_or_path", "--model", dest="model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local pipeline folder")
     parser.add_argument("--unet", default="", help="fine-tuned U-Net folder (diffusers format) replacing the model's")
     parser.add_argument("--lora", default="", help="LoRA weights folder loaded with pipeline.load_lora_weights")
     parser.add_argument("--prompts_csv", required=True, help="step-1 prompts file")
-    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="the image folder (docs/data_formats.md)")
     parser.add_argument("--kinds", default=",".join(PROMPT_KINDS), help="prompt kinds to generate (neutral,identity,generic)")
     parser.add_argument("--images_per_neutral_prompt", type=int, default=100, help="also used for generic prompts")
     parser.add_argument("--images_per_identity_prompt", type=int, default=10)

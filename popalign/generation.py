@@ -197,7 +197,7 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings, write: bo
         elif changed:
             details = ", ".join(f"the weights at --unet / --lora changed (sha256 {saved[key][:12]!r} -> {current[key][:12]!r})"
                                 if key == "weights_sha256" else f"--{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
-            raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --out_dir")
+            raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --output_dir")
     elif write:
         atomic_write_json(config_path, current)
 
@@ -240,9 +240,9 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         raise InputError("--images_per_neutral_prompt and --images_per_identity_prompt must be >= 0")
     validate_generation_settings(settings)
     out_dir = Path(out_dir)
-    check_output_location(out_dir, "--out_dir", folder=True)
+    check_output_location(out_dir, "--output_dir", folder=True)
     if (out_dir / MANIFEST_NAME).is_dir() or (out_dir / CONFIG_FILE).is_dir():
-        raise InputError(f"--out_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
+        raise InputError(f"--output_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
     prompts = read_prompt_table(prompts_csv)
     prompts = prompts[prompts["kind"].isin(kinds)].reset_index(drop=True)
     manifest = plan_images(prompts, images_per_neutral_prompt, images_per_identity_prompt, settings)

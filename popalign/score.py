@@ -1,6 +1,6 @@
 """Score the images of a generated folder with image-quality scorers.
 
-    accelerate launch -m popalign.score --out_dir outputs/eval/base/neutral \
+    accelerate launch -m popalign.score --output_dir outputs/eval/base/neutral \
         --scorers hpsv2,pickscore,clip,aesthetic,imagereward --batch_size 8
 
 Writes <out_dir>/quality_<scorer>.csv (image_path, prompt, score, scorer, scorer_description)
@@ -37,13 +37,18 @@ def parse_scorer_options(assignments: list[str], options_json: str | None) -> di
     return options
 
 
+# --precision as the other stages spell it -> the scorers' dtype names.
+SCORER_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
+    parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--scorers", default="hpsv2,pickscore,clip,aesthetic,imagereward",
                         help=f"comma-separated, from: {', '.join(SCORERS)}")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass, per process")
-    parser.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16")
+    parser.add_argument("--precision", "--dtype", dest="precision", default="auto",
+                        help="auto (each scorer's default: fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16 (float32, float16, bfloat16 also read)")
     parser.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                         help="a scorer option, e.g. hpsv2.checkpoint=/path/HPS_v2.1_compressed.pt (repeatable)")
     parser.add_argument("--options_json", default=None, help="JSON file {scorer: {option: value}}")
@@ -73,7 +78,7 @@ def main(argv=None) -> None:
         from popalign.quality.run import read_manifest_prompts, score_image_folder
 
         read_manifest_prompts(args.out_dir)  # a bad folder fails before any model loads
-        score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=args.dtype,
+        score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=SCORER_DTYPES.get(args.precision, args.precision),
                            accelerator=make_accelerator())
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_the_report_with_a_file_where_its_folder_should_be(tmp_path, capsys):
 
     (tmp_path / "report").write_text("a file")
     assert main(["--base", str(tmp_path), "--report_dir", str(tmp_path / "report")]) == 2
-    assert "--report_dir" in one_error_line(capsys) and (tmp_path / "report").read_text() == "a file"
+    assert "--output_dir" in one_error_line(capsys) and (tmp_path / "report").read_text() == "a file"
 
 
 @pytest.mark.parametrize("content, message", [

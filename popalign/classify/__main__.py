@@ -1,6 +1,6 @@
 """Classify the images of a generated folder: face found?, gender, race (and their scores).
 
-    accelerate launch -m popalign.classify --out_dir outputs/images/neutral --classifier deepface --detector yunet
+    accelerate launch -m popalign.classify --output_dir outputs/images/neutral --classifier deepface --detector yunet
 
 Writes <out_dir>/labels_<classifier>.csv (docs/data_formats.md); a re-run resumes.
 """
@@ -14,7 +14,7 @@ from popalign.io import HelpFormatter, InputError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
+    parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--classifier", default="deepface", choices=list(CLASSIFIERS), help="classification backend")
     parser.add_argument("--detector", default="yunet",
                         help="DeepFace face detector backend (the original used yunet, which downloads its weights; "
