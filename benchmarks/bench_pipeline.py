@@ -61,7 +61,7 @@ def bench_training(model: str, resolution: int, num_pairs: int, num_steps: int, 
         config = config_from_args(["--pairs_file", str(work / "pairs.csv"), "--output_dir", str(work / output), "--pretrained_model", model,
                                    "--vae", "", "--resolution", str(resolution), "--max_train_steps", str(steps), "--lr_warmup_steps", "0",
                                    "--mixed_precision", "no", "--gradient_checkpointing", "off", "--checkpointing_steps", "0",
-                                   "--report_to", "none", "--train_batch_size", "1", "--caption_dropout", "0"])
+                                   "--report_to", "none", "--train_batch_size", "1", "--caption_dropout", "0", "--use_8bit_adam", "off"])
         start = time.perf_counter()
         prepared = prepare_run(config)
         prepared_at = time.perf_counter()
