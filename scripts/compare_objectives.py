@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--validation_split", default="validation", help="occupations the setting is chosen on")
     parser.add_argument("--test_split", default="heldout", help="occupations the chosen settings are scored on")
     parser.add_argument("--output_dir", default="outputs/toy_comparison")
+    parser.add_argument("--objectives", default=",".join(objective.name for objective in comparison.OBJECTIVES),
+                        help="the objectives to run and tabulate (each with its full grid and seeds)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds of each chosen setting; the first also trains the grid")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--num_processes", type=int, default=2, help="data-parallel training processes")
@@ -100,6 +102,12 @@ def main(argv=None) -> int:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
         if not seeds:
             raise InputError("--seeds: give at least one seed")
+        known = {objective.name: objective for objective in comparison.OBJECTIVES}
+        names = [name.strip() for name in args.objectives.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise InputError(f"--objectives: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(known)})")
+        objectives = [known[name] for name in names]
         if not Path(args.pairs_file).is_file():
             raise InputError(f"--pairs_file {args.pairs_file}: not found (run make demo first)")
         if comparison.COMMON_SETTINGS["train_batch_size"] % args.num_processes:
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
             for split in prompts}
 
     validation, chosen, met, held_out = {}, {}, {}, {}
-    for objective in comparison.OBJECTIVES:
+    for objective in objectives:
         runs = {}
         for point in objective.grid:
             name = comparison.run_name(objective, point)

@@ -56,3 +56,14 @@ def test_table_gives_mean_and_interval_over_seeds():
     lines = table.splitlines()
     assert lines[2].startswith("| base | - | - | 0.700 | 0.800 | 98.0% | 0.960 |")
     assert lines[3].startswith("| popalign | popalign_beta0.5_learning_rate0.0002 (no run met the constraints) | 3 | 0.120 [")
+
+
+def test_the_script_refuses_an_unknown_objective(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare_objectives", Path(__file__).resolve().parent.parent / "scripts" / "compare_objectives.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--objectives", "popalign,ppo"]) == 2
+    assert "--objectives: unknown ppo (known: popalign, popalign_per_pair, dpo, sft)" in capsys.readouterr().err
