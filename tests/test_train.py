@@ -266,7 +266,9 @@ def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, 
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
     base = load_file(str(Path(tiny_sdxl_path) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert max_difference(one, base) > 1e-3
-    assert max_difference(one, two) < 1e-6
+    # Equal up to float rounding: two processes average their gradients in another order than one process
+    # averaging over its batch; at lr 0.1 that reaches ~6e-6 on some CPUs, against updates of 1e-3 and more.
+    assert max_difference(one, two) < 2e-5
     assert [line["anchor"] for line in metrics(tmp_path / "one")] == pytest.approx([line["anchor"] for line in metrics(tmp_path / "two")], abs=1e-7)
 
 
