@@ -269,7 +269,10 @@ def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, 
     # Equal up to float rounding: two processes average their gradients in another order than one process
     # averaging over its batch; at lr 0.1 that reaches ~6e-6 on some CPUs, against updates of 1e-3 and more.
     assert max_difference(one, two) < 2e-5
-    assert [line["anchor"] for line in metrics(tmp_path / "one")] == pytest.approx([line["anchor"] for line in metrics(tmp_path / "two")], abs=1e-7)
+    # The anchor is pooled over the global batch on both (a per-process anchor would differ by its whole size);
+    # after the first step the same float rounding moves it by under 1%.
+    assert [line["anchor"] for line in metrics(tmp_path / "one")] == pytest.approx([line["anchor"] for line in metrics(tmp_path / "two")],
+                                                                                 rel=1e-2, abs=1e-7)
 
 
 def test_sft_from_scratch_settings_on_a_v_prediction_sd_model(tiny_sd_path, pairs_data, tmp_path):
