@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, InputError, atomic_write_csv, check_output_location
+from popalign.io import HelpFormatter, atomic_write_csv, check_output_location, exit_2_on_input_error
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restrictions, read_neutral_prompts
 
 
@@ -25,17 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_output_location(args.output, "--output")
-        attributes = load_attributes(args.attributes)
-        axes = [name.strip() for name in args.axes.split(",") if name.strip()]
-        prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,
-                                 parse_restrictions(args.restrict, attributes))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_output_location(args.output, "--output")
+    attributes = load_attributes(args.attributes)
+    axes = [name.strip() for name in args.axes.split(",") if name.strip()]
+    prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,
+                             parse_restrictions(args.restrict, attributes))
     atomic_write_csv(args.output, prompts)
     neutral_count = int((prompts["kind"] == "neutral").sum())
     print(f"wrote {args.output}: {neutral_count} neutral prompts, {len(prompts) - neutral_count} identity-specific prompts")

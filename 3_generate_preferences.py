@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, InputError, check_output_location
+from popalign.io import HelpFormatter, check_output_location, exit_2_on_input_error
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
@@ -34,19 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_output_location(args.output, "--output")
-        check_output_location(summary_path_for(args.output), "--output")
-        summary = generate_preferences(
-            args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),
-            num_iterations=args.num_iterations, population_size=args.population_size, seed=args.seed,
-            keep_no_face=args.keep_no_face, require_attribute_match=args.require_attribute_match,
-            diverse_draw=args.diverse_draw)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_output_location(args.output, "--output")
+    check_output_location(summary_path_for(args.output), "--output")
+    summary = generate_preferences(
+        args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),
+        num_iterations=args.num_iterations, population_size=args.population_size, seed=args.seed,
+        keep_no_face=args.keep_no_face, require_attribute_match=args.require_attribute_match,
+        diverse_draw=args.diverse_draw)
     excluded = summary["images_excluded_no_face"]
     print(f"wrote {args.output}: {summary['num_pairs']} pairs over {summary['neutral_prompts_used']} neutral prompts "
           f"({summary['iterations_won_by_base']} of {summary['num_iterations']} draws won by the base population)")

@@ -7,18 +7,15 @@ Flags: `python train_popalign.py --help` (popalign/training/config.py holds them
 
 import sys
 
-from popalign.io import InputError
+from popalign.io import exit_2_on_input_error
 from popalign.training.config import config_from_args
 from popalign.training.trainer import TrainingDiverged, train
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     try:
-        config = config_from_args(argv)
-        train(config)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        train(config_from_args(argv))
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.io import HelpFormatter, InputError, check_output_location
+from popalign.io import HelpFormatter, InputError, check_output_location, exit_2_on_input_error
 from popalign.prompts import occupation_splits
 from popalign.report import write_report
 
@@ -70,29 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        try:
-            targets = json.loads(args.targets) if args.targets else {}
-        except json.JSONDecodeError as error:
-            raise InputError(f"--targets: invalid JSON ({error})") from None
-        if bool(args.split) != bool(args.occupation_splits):
-            raise InputError("--split and --occupation_splits go together")
-        splits = occupation_splits(args.occupation_splits) if args.occupation_splits else {}
-        settings = EvaluationSettings(classifier=args.classifier, axes=parse_list(args.axes),
-                                      intersectional=parse_list(args.intersectional), targets=targets,
-                                      num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
-                                      correct_for_classifier=args.correct_for_classifier, split=args.split,
-                                      occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
-        check_output_location(args.report_dir, "--output_dir", folder=True)
-        result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
-                          base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
-        written = write_tables(result, args.report_dir)
-        report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        targets = json.loads(args.targets) if args.targets else {}
+    except json.JSONDecodeError as error:
+        raise InputError(f"--targets: invalid JSON ({error})") from None
+    if bool(args.split) != bool(args.occupation_splits):
+        raise InputError("--split and --occupation_splits go together")
+    splits = occupation_splits(args.occupation_splits) if args.occupation_splits else {}
+    settings = EvaluationSettings(classifier=args.classifier, axes=parse_list(args.axes),
+                                  intersectional=parse_list(args.intersectional), targets=targets,
+                                  num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
+                                  correct_for_classifier=args.correct_for_classifier, split=args.split,
+                                  occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
+    check_output_location(args.report_dir, "--output_dir", folder=True)
+    result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
+                      base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
+    written = write_tables(result, args.report_dir)
+    report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images)
     print(f"wrote {report_path}")
     if not settings.split:
         for card in update_model_cards(result, report_path):

@@ -10,7 +10,7 @@ import sys
 from popalign.generation import GenerationSettings, generate_images
 from popalign.image_folder import PROMPT_KINDS
 from popalign.pipelines import SpeedOptions
-from popalign.io import HelpFormatter, InputError
+from popalign.io import HelpFormatter, InputError, exit_2_on_input_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,23 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     settings = GenerationSettings(model=args.model, unet=args.unet, lora=args.lora, scheduler=args.scheduler,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
                                   negative_prompt=args.negative_prompt, precision=args.precision, seed=args.seed)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
-    try:
-        unknown = [kind for kind in kinds if kind not in PROMPT_KINDS]
-        if unknown:
-            raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
-        generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,
-                        args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only,
-                        speed=SpeedOptions(channels_last=args.channels_last, vae_slicing=args.vae_slicing,
-                                           vae_tiling=args.vae_tiling, compile_unet=args.compile_unet))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    unknown = [kind for kind in kinds if kind not in PROMPT_KINDS]
+    if unknown:
+        raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
+    generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,
+                    args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only,
+                    speed=SpeedOptions(channels_last=args.channels_last, vae_slicing=args.vae_slicing,
+                                       vae_tiling=args.vae_tiling, compile_unet=args.compile_unet))
     return 0
 
 

@@ -130,3 +130,20 @@ def check_output_location(path: str | Path, flag: str, folder: bool = False) -> 
         raise InputError(f"{flag} {path}: a file is in the way (give a folder)")
     if not folder and path.is_dir():
         raise InputError(f"{flag} {path}: a folder is in the way (give a file name)")
+
+
+def exit_2_on_input_error(main):
+    """The entry points' one error path: `main(argv)` raising InputError prints `error: <message>` (one line, naming
+    the file and row or the flag) on stderr and returns exit code 2; anything else is returned as it is."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return run

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from popalign.io import InputError, read_csv_checked
+from popalign.io import InputError, exit_2_on_input_error, read_csv_checked
 
 
 def _metric(summary: pd.DataFrame, model: str, kind: str, metric: str) -> pd.Series | None:
@@ -101,16 +101,13 @@ def demo_table(report_dir: str | Path, scorer: str = "toy") -> str:
     return "\n".join(lines)
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print("usage: python -m popalign.toy.report REPORT_DIR [REPORT_DIR ...]", file=sys.stderr)
         return 2
-    try:
-        print("\n\n".join(demo_table(report_dir) for report_dir in argv))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print("\n\n".join(demo_table(report_dir) for report_dir in argv))
     return 0
 
 
