@@ -8,12 +8,12 @@ import argparse
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, atomic_write_csv, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, atomic_write_csv, check_output_location, exit_2_on_input_error
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restrictions, read_neutral_prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--input", default="data/training_prompts.csv", help="neutral prompts: columns occupation, activity")
     parser.add_argument("--split", default="", help="only the input rows whose 'split' column holds this value (e.g. train)")
     parser.add_argument("--output", default="outputs/prompts/training_prompts_diverse.csv")

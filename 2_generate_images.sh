@@ -46,11 +46,14 @@ generate_args=(
   --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --batch_size "$BATCH_SIZE"
 )
-# Checked first in one process: a bad setting or file is one line and exit code 2, and nothing is written.
+classify_args=(--output_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE")
+# Both stages checked first in one process: a bad setting or file is one line and exit code 2, and nothing is written.
 python -m popalign.generate "${generate_args[@]}" --validate_only
+python -m popalign.classify "${classify_args[@]}" --validate_only
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
 accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}"
 
+# The folder now has its manifest: checked again, then classified.
+python -m popalign.classify "${classify_args[@]}" --validate_only
 # shellcheck disable=SC2086
-accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify \
-  --output_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE"
+accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify "${classify_args[@]}"

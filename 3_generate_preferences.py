@@ -6,15 +6,16 @@ writes the pairs CSV (paths relative to its folder) and <output stem>.summary.js
 """
 
 import argparse
+import os
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import HelpFormatter, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, check_output_location, exit_2_on_input_error
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--image_dirs", nargs="+", default=["outputs/images/train"],
                         help="step-2 image folders (each with manifest.csv and labels_<classifier>.csv)")
     parser.add_argument("--classifier", default="deepface", help="which labels_<classifier>.csv decides the diversity statistic")
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_output_location(args.output, "--output")
     check_output_location(summary_path_for(args.output), "--output")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under a multi-process launch the pairing (one seed, one draw) is made once, by the global main process
     summary = generate_preferences(
         args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),
         num_iterations=args.num_iterations, population_size=args.population_size, seed=args.seed,

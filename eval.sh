@@ -35,6 +35,11 @@ fi
 : "${IDENTITY_RESTRICT=race=white,asian,black}"         # empty: all values of every axis
 : "${IMAGES_PER_PROMPT:=100}"                            # per identity-neutral and generic prompt (the original: 100)
 : "${IMAGES_PER_IDENTITY_PROMPT:=${IMAGES_PER_PROMPT}}"  # per identity-specific prompt (the original: 100)
+# Optional: draw identity-specific prompts in rounds and stop a prompt once its identity accuracy's 95% interval is
+# this wide or narrower (e.g. 0.1; popalign.precision, docs/cost.md). Rounds start at MIN_IMAGES_PER_IDENTITY_PROMPT
+# and double up to IMAGES_PER_IDENTITY_PROMPT; every model gets the same counts. Empty: a fixed count.
+: "${TARGET_INTERVAL_WIDTH:=}"
+: "${MIN_IMAGES_PER_IDENTITY_PROMPT:=10}"
 # Sampling (defaults = the original: 50 steps, guidance 5.0, 1024x1024).
 : "${STEPS:=50}"
 : "${GUIDANCE:=5.0}"
@@ -70,22 +75,35 @@ generate_args=(
   --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE"
 )
 
-# generate_classify_score FOLDER [weights flags...]: one model's images, labels and quality scores.
-generate_classify_score() {
+classify_args=(--classifier "$CLASSIFIER" --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE")
+score_args=(--scorers "$SCORERS" --batch_size "$SCORE_BATCH_SIZE")
+[ -n "$SCORER_OPTIONS_JSON" ] && score_args+=(--options_json "$SCORER_OPTIONS_JSON")
+
+# check_classify_score FOLDER: classification and scoring settings and FOLDER checked in one process (exit 2, nothing written).
+check_classify_score() {
+  python -m popalign.classify --output_dir "$1" "${classify_args[@]}" --validate_only
+  if [ -n "$SCORERS" ]; then
+    python -m popalign.score --output_dir "$1" "${score_args[@]}" --validate_only
+  fi
+}
+
+# generate_classify FOLDER [weights and count flags...]: one model's images and labels.
+generate_classify() {
   local folder="$1"
   shift
   # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
   accelerate launch --quiet $LAUNCH_ARGS -m popalign.generate "${generate_args[@]}" "$@" \
     --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$folder"
+  check_classify_score "$folder"
   # shellcheck disable=SC2086
-  accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --output_dir "$folder" --classifier "$CLASSIFIER" \
-    --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE"
+  accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --output_dir "$folder" "${classify_args[@]}"
+}
+
+# score FOLDER: one model's quality scores.
+score() {
   if [ -n "$SCORERS" ]; then
-    local options_args=()
-    [ -n "$SCORER_OPTIONS_JSON" ] && options_args=(--options_json "$SCORER_OPTIONS_JSON")
     # shellcheck disable=SC2086
-    accelerate launch --quiet $LAUNCH_ARGS -m popalign.score --output_dir "$folder" --scorers "$SCORERS" \
-      --batch_size "$SCORE_BATCH_SIZE" "${options_args[@]}"
+    accelerate launch --quiet $LAUNCH_ARGS -m popalign.score --output_dir "$1" "${score_args[@]}"
   fi
 }
 
@@ -133,21 +151,48 @@ if [ -n "$GENERIC_PROMPTS" ]; then
   tail -n +2 "$GENERIC_PROMPTS" >> "$ALL_PROMPTS_CSV"
 fi
 
-# Every model's generation is checked (settings, weights folders, output folders) before any image is made.
+# Every model's generation, classification and scoring is checked (settings, weights folders, output folders)
+# before any image is made.
 python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
+check_classify_score "$OUT_DIR/images/$BASE_NAME"
 for index in "${!tuned_names[@]}"; do
   python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
     --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
+  check_classify_score "$OUT_DIR/images/${tuned_names[$index]}"
 done
 
-# The same prompts, sampling settings and seeds for every model; only the weights differ.
-generate_classify_score "$OUT_DIR/images/$BASE_NAME"
+# The same prompts, sampling settings, seeds and image counts for every model; only the weights differ.
+folders=("$OUT_DIR/images/$BASE_NAME")
 evaluate_args=(--base "$OUT_DIR/images/$BASE_NAME")
 for index in "${!tuned_names[@]}"; do
-  name="${tuned_names[$index]}"
-  generate_classify_score "$OUT_DIR/images/$name" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}"
-  evaluate_args+=(--tuned "$name=$OUT_DIR/images/$name")
+  folders+=("$OUT_DIR/images/${tuned_names[$index]}")
+  evaluate_args+=(--tuned "${tuned_names[$index]}=$OUT_DIR/images/${tuned_names[$index]}")
 done
+# generate_classify_all [count flags...]: every model's images and labels.
+generate_classify_all() {
+  generate_classify "$OUT_DIR/images/$BASE_NAME" "$@"
+  for index in "${!tuned_names[@]}"; do
+    generate_classify "$OUT_DIR/images/${tuned_names[$index]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" "$@"
+  done
+}
+if [ -z "$TARGET_INTERVAL_WIDTH" ]; then
+  generate_classify_all
+else
+  counts="$OUT_DIR/images/identity_image_counts.csv"   # the counts of the last round planned (kept for a re-run)
+  count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT")
+  [ -f "$counts" ] && count_args+=(--images_per_prompt_csv "$counts")
+  precision_args=()
+  for folder in "${folders[@]}"; do precision_args+=(--output_dir "$folder"); done
+  while :; do
+    generate_classify_all "${count_args[@]}"
+    more="$(python -m popalign.precision "${precision_args[@]}" --classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" \
+      --target_interval_width "$TARGET_INTERVAL_WIDTH" --max_images_per_prompt "$IMAGES_PER_IDENTITY_PROMPT" --counts_csv "$counts")"
+    echo "identity-specific prompts needing more images: $more"
+    [ "$more" = 0 ] && break
+    count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT" --images_per_prompt_csv "$counts")
+  done
+fi
+for folder in "${folders[@]}"; do score "$folder"; done
 
 scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")

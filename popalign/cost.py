@@ -143,16 +143,102 @@ def component_flops(model: str, resolution: int | None = None) -> dict[str, floa
     }
 
 
+# The published architectures of the text encoders, quality scorers and classifiers (transformers configurations of
+# the checkpoints eval.sh and step 2 load). width, layers, heads, MLP size.
+CLIP_TEXT_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)      # CLIP ViT-L/14's
+CLIP_TEXT_BIGG = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120)  # OpenCLIP bigG's
+CLIP_TEXT_H = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)     # OpenCLIP ViT-H-14's
+VISION_L14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224)
+VISION_H14 = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14, image_size=224)
+VISION_L16 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16, image_size=224)
+TEXT_ENCODERS = {"sdxl": (CLIP_TEXT_L, CLIP_TEXT_BIGG), "sd15": (CLIP_TEXT_L,)}
+IMAGE_REWARD_TOKENS = 35  # ImageReward's BLIP text encoder reads prompts padded to 35 tokens
+
+
+def _text_flops(config: dict, tokens: int = 77) -> float:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel._from_config(CLIPTextConfig(**config, max_position_embeddings=77), attn_implementation="eager")
+    return count_flops(lambda: model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device="meta")))
+
+
+def _vision_flops(config: dict) -> float:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        model = CLIPVisionModel._from_config(CLIPVisionConfig(**config), attn_implementation="eager")
+    size = config["image_size"]
+    return count_flops(lambda: model(pixel_values=torch.zeros(1, 3, size, size, device="meta")))
+
+
+def _blip_text_flops() -> float:
+    """ImageReward's BERT-base text encoder, cross-attending to BLIP ViT-L/16's 197 image tokens."""
+    import torch
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    config = BlipTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, encoder_hidden_size=1024)
+    with torch.device("meta"):
+        model = BlipTextModel._from_config(config, attn_implementation="eager", add_pooling_layer=False)
+    tokens = (VISION_L16["image_size"] // VISION_L16["patch_size"]) ** 2 + 1
+    return count_flops(lambda: model(input_ids=torch.zeros(1, IMAGE_REWARD_TOKENS, dtype=torch.long, device="meta"),
+                                     encoder_hidden_states=torch.zeros(1, tokens, 1024, device="meta")))
+
+
+def _vgg_face_flops() -> float:
+    """DeepFace's gender and race models are VGG-Face (the VGG-16 layout) at 224x224 with their own heads."""
+    import torch
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.vgg16(num_classes=2622)
+    return count_flops(lambda: model(torch.zeros(1, 3, 224, 224, device="meta")))
+
+
+def text_encoder_flops(model: str) -> float:
+    """One prompt through the model's text encoder(s), 77 tokens."""
+    return sum(_text_flops(config) for config in TEXT_ENCODERS[model])
+
+
+def reader_flops() -> dict[str, float]:
+    """Per image, what reads the generated images: each quality scorer of eval.sh (image tower + the prompt's text
+    tower, which a scorer runs once per image) and each classifier (the face detector is not counted: a small CNN).
+
+        clip, aesthetic:     CLIP ViT-L/14 image (+ text for clip; the aesthetic MLP is negligible)
+        hpsv2, pickscore:    OpenCLIP ViT-H-14 image + text
+        imagereward:         BLIP ViT-L/16 image + BERT-base text with cross-attention
+        deepface:            2 x VGG-Face (gender, race) per face
+        clip (classifier):   CLIP ViT-L/14 image (the label prompts are encoded once)
+    """
+    l14, h14 = _vision_flops(VISION_L14), _vision_flops(VISION_H14)
+    text_l, text_h = _text_flops(CLIP_TEXT_L), _text_flops(CLIP_TEXT_H)
+    return {"scorer clip": l14 + text_l, "scorer aesthetic": l14, "scorer hpsv2": h14 + text_h, "scorer pickscore": h14 + text_h,
+            "scorer imagereward": _vision_flops(VISION_L16) + _blip_text_flops(),
+            "classifier deepface": 2 * _vgg_face_flops(), "classifier clip": l14}
+
+
 def image_flops(unet_forward: float, vae_decode: float, steps: int, guidance: bool) -> float:
     """One generated image: steps x (2 with classifier-free guidance, else 1) U-Net forwards + one VAE decode."""
     return steps * (2 if guidance else 1) * unet_forward + vae_decode
 
 
-def training_step_flops(unet_forward: float, pairs: int, objective: str) -> float:
+def training_step_flops(unet_forward: float, pairs: int, objective: str, with_reference: bool = True,
+                        prior_preservation_target: str = "") -> float:
     """One optimizer step on cached latents. Backward ~ 2 x forward, so the policy costs 3 forwards per sample;
-    the frozen reference 1 forward per sample. Samples per pair: winner and loser (popalign, dpo), winner (sft)."""
+    the frozen reference 1 forward per sample. Samples per pair: winner and loser (popalign, dpo, sudo), winner (sft).
+    Prior preservation adds each winner under its identity-specific prompt: 3 more forwards per pair, and 1 more
+    when its target is the reference's prediction.
+
+        FLOP = (3 s + r) x unet_forward,   s = samples (+ pairs with prior preservation),
+                                            r = reference forwards (0 for sft, and without the reference)"""
     samples = pairs * (1 if objective == "sft" else 2)
-    reference = 0 if objective == "sft" else samples
+    reference = 0 if objective == "sft" or not with_reference else samples
+    if prior_preservation_target:
+        samples += pairs
+        reference += pairs if prior_preservation_target == "reference" else 0
     return (3 * samples + reference) * unet_forward
 
 
@@ -164,13 +250,20 @@ def gpu_hours(flops: float, gpu: str, utilisation: float = UTILISATION) -> float
 def cost_table(model: str, recipe: Recipe) -> str:
     """The markdown of docs/cost.md: components, then the recipe's stages in FLOPs and GPU-hours."""
     parts = component_flops(model)
-    per_image = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps, recipe.guidance)
+    readers = reader_flops()
+    text = text_encoder_flops(model)
+    # the prompt and (with guidance) the negative prompt are encoded for every image
+    per_image = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps, recipe.guidance) + (2 if recipe.guidance else 1) * text
+    scorers = sum(flops for name, flops in readers.items() if name.startswith("scorer "))
     stages = [
         ("2 generation (training populations)", recipe.training_images, recipe.training_images * per_image),
+        ("2 classification (DeepFace)", recipe.training_images, recipe.training_images * readers["classifier deepface"]),
         ("4 VAE encoding of the pairs' images (once, cached)", recipe.training_images, recipe.training_images * parts["vae_encode"]),
         ("4 training, PopAlign (policy + reference)", recipe.train_steps,
          recipe.train_steps * training_step_flops(parts["unet_forward"], recipe.pairs_per_step, "popalign")),
         ("5 generation (evaluation, all models)", recipe.evaluation_images, recipe.evaluation_images * per_image),
+        ("5 classification and the 5 quality scorers", recipe.evaluation_images,
+         recipe.evaluation_images * (readers["classifier deepface"] + scorers)),
     ]
     total = sum(flops for _, _, flops in stages)
     lines = [f"### {model.upper()} at {MODELS[model]['resolution']}x{MODELS[model]['resolution']} (measured FLOPs)", "",
@@ -179,7 +272,10 @@ def cost_table(model: str, recipe: Recipe) -> str:
              f"| U-Net forward | {parts['unet_forward'] / 1e12:.2f} TFLOP |",
              f"| VAE encode | {parts['vae_encode'] / 1e12:.2f} TFLOP |",
              f"| VAE decode | {parts['vae_decode'] / 1e12:.2f} TFLOP |",
-             f"| generated image ({recipe.steps} steps{', guidance' if recipe.guidance else ''}, decode) | {per_image / 1e12:.0f} TFLOP |",
+             f"| text encoder{'s' if len(TEXT_ENCODERS[model]) > 1 else ''}, one prompt | {text / 1e12:.3f} TFLOP |",
+             f"| generated image ({recipe.steps} steps{', guidance' if recipe.guidance else ''}, decode, prompts) | {per_image / 1e12:.0f} TFLOP |",
+             *[f"| {name.replace('scorer ', 'quality scorer ').replace('classifier ', 'classifier ')} | {flops / 1e12:.3f} TFLOP |"
+               for name, flops in readers.items()],
              "", f"### The recipe's stages ({model.upper()}; GPU-hours are estimates at {UTILISATION:.0%} of peak)", "",
              "| stage | images or steps | FLOP | share | " + " | ".join(f"{gpu} GPU-h" for gpu in GPU_PEAK_FLOPS) + " |",
              "|---|---|---|---|" + "---|" * len(GPU_PEAK_FLOPS)]
@@ -187,6 +283,15 @@ def cost_table(model: str, recipe: Recipe) -> str:
         hours = " | ".join(f"{gpu_hours(flops, gpu):,.1f}" for gpu in GPU_PEAK_FLOPS)
         lines.append(f"| {name} | {count:,} | {flops:.2e} | {flops / total:.1%} | {hours} |" if count != ""
                      else f"| **{name}** | | {flops:.2e} | 100% | {hours} |")
+    lines += ["", f"### A training step per objective ({model.upper()}, one pair, cached latents)", "",
+              "| objective | with the reference pass | policy alone |", "|---|---|---|"]
+    for label, objective, target in (("PopAlign, Diffusion-DPO, SUDO", "popalign", ""), ("SFT (no reference)", "sft", ""),
+                                     ("PopAlign + prior preservation (noise target)", "popalign", "noise"),
+                                     ("PopAlign + prior preservation (reference target)", "popalign", "reference")):
+        full = training_step_flops(parts["unet_forward"], 1, objective, True, target)
+        alone = training_step_flops(parts["unet_forward"], 1, objective, False, "" if target == "reference" else target) \
+            + (3 * parts["unet_forward"] if target == "reference" else 0)
+        lines.append(f"| {label} | {full / 1e12:.1f} TFLOP | {alone / 1e12:.1f} TFLOP |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.io import HelpFormatter, InputError, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
 from popalign.prompts import occupation_splits
 from popalign.report import write_report
 
@@ -36,7 +36,7 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--base", action="append", required=True, metavar="FOLDER",
                         help="image folder of the base model (repeatable)")
     parser.add_argument("--base_name", default="base", help="name of the base model in tables and the report")
@@ -80,13 +80,22 @@ def main(argv=None) -> int:
     if bool(args.split) != bool(args.occupation_splits):
         raise InputError("--split and --occupation_splits go together")
     splits = occupation_splits(args.occupation_splits) if args.occupation_splits else {}
+    if not 0.0 < args.confidence < 1.0:
+        raise InputError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.num_resamples < 1:
+        raise InputError(f"--num_resamples must be >= 1, got {args.num_resamples}")
+    attributes = load_attributes(args.attributes)
+    for flag in ("axes", "intersectional"):
+        unknown = [axis for axis in parse_list(getattr(args, flag)) if axis not in attributes.attributes]
+        if unknown:
+            raise InputError(f"--{flag}: attribute(s) {', '.join(unknown)} not in {args.attributes} (known: {', '.join(attributes.names)})")
     settings = EvaluationSettings(classifier=args.classifier, axes=parse_list(args.axes),
                                   intersectional=parse_list(args.intersectional), targets=targets,
                                   num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
                                   correct_for_classifier=args.correct_for_classifier, split=args.split,
                                   occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
     check_output_location(args.report_dir, "--output_dir", folder=True)
-    result = evaluate(args.base, parse_named_folders(args.tuned), load_attributes(args.attributes), settings,
+    result = evaluate(args.base, parse_named_folders(args.tuned), attributes, settings,
                       base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
     written = write_tables(result, args.report_dir)
     report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images)

@@ -588,7 +588,7 @@ def evaluate_model(name: str, folders: Sequence[str | Path], attributes: Attribu
         raise InputError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it names files)")
     for axis in (*settings.axes, *settings.intersectional):
         if axis not in attributes.attributes:
-            raise InputError(f"attribute {axis!r} is not defined (known: {', '.join(attributes.names)})")
+            raise InputError(f"--axes/--intersectional: attribute {axis!r} is not defined (known: {', '.join(attributes.names)})")
     if settings.intersectional and len(settings.intersectional) != 2:
         raise InputError(f"intersectional needs two attributes, got {list(settings.intersectional)}")
     check_targets(settings, attributes)

@@ -10,11 +10,11 @@ import sys
 from popalign.generation import GenerationSettings, generate_images
 from popalign.image_folder import PROMPT_KINDS
 from popalign.pipelines import SpeedOptions
-from popalign.io import HelpFormatter, InputError, exit_2_on_input_error
+from popalign.io import ArgumentParser, InputError, exit_2_on_input_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--pretrained_model_name_or_path", "--model", dest="model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local pipeline folder")
     parser.add_argument("--unet", default="", help="fine-tuned U-Net folder (diffusers format) replacing the model's")
     parser.add_argument("--lora", default="", help="LoRA weights folder loaded with pipeline.load_lora_weights")
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kinds", default=",".join(PROMPT_KINDS), help="prompt kinds to generate (neutral,identity,generic)")
     parser.add_argument("--images_per_neutral_prompt", type=int, default=100, help="also used for generic prompts")
     parser.add_argument("--images_per_identity_prompt", type=int, default=10)
+    parser.add_argument("--images_per_prompt_csv", default="",
+                        help="prompt_id,images: counts of the prompts it lists (popalign.precision's rounds; the others keep the above)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--width", type=int, default=1024)
@@ -52,8 +54,14 @@ def main(argv=None) -> int:
     unknown = [kind for kind in kinds if kind not in PROMPT_KINDS]
     if unknown:
         raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
+    images_per_prompt = None
+    if args.images_per_prompt_csv:
+        from popalign.precision import read_image_counts
+
+        images_per_prompt = read_image_counts(args.images_per_prompt_csv)
     generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,
                     args.images_per_identity_prompt, args.batch_size, kinds, validate_only=args.validate_only,
+                    images_per_prompt=images_per_prompt,
                     speed=SpeedOptions(channels_last=args.channels_last, vae_slicing=args.vae_slicing,
                                        vae_tiling=args.vae_tiling, compile_unet=args.compile_unet))
     return 0

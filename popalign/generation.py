@@ -22,6 +22,7 @@ import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_output_location, csv_row_number,
+                         remove_orphaned_temporary_files,
                          file_sha256, read_csv_checked)
 
 CONFIG_FILE = "generation_config.json"
@@ -102,15 +103,18 @@ def read_prompt_table(path) -> pd.DataFrame:
 
 
 def plan_images(prompts: pd.DataFrame, images_per_neutral_prompt: int, images_per_identity_prompt: int,
-                settings: GenerationSettings) -> pd.DataFrame:
+                settings: GenerationSettings, images_per_prompt: dict[str, int] | None = None) -> pd.DataFrame:
     """The manifest of every image to make: one row per (prompt, image index), in prompt order.
 
     Identity-specific prompts get `images_per_identity_prompt` images; neutral and generic
-    prompts get `images_per_neutral_prompt`.
+    prompts get `images_per_neutral_prompt`; a prompt listed in `images_per_prompt` ({prompt_id: count},
+    popalign.precision's rounds) gets its own count.
     """
+    images_per_prompt = images_per_prompt or {}
     rows = []
     for prompt in prompts.to_dict("records"):
         count = images_per_identity_prompt if prompt["kind"] == "identity" else images_per_neutral_prompt
+        count = images_per_prompt.get(prompt["prompt_id"], count)
         for image_index in range(count):
             rows.append({**prompt, **asdict(settings), "base_seed": settings.seed,
                          "image_path": image_relative_path(prompt["prompt_id"], image_index),
@@ -203,12 +207,9 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings, write: bo
 
 
 def remove_partial_files(out_dir: Path) -> int:
-    """Delete temporary files left by an interrupted run; they never carry a final image name."""
-    removed = 0
-    for partial in (out_dir / "images").glob("*/.*.tmp"):
-        partial.unlink(missing_ok=True)
-        removed += 1
-    return removed
+    """Delete temporary files left by an interrupted run (images and the folder's own files); they never carry a
+    final name."""
+    return remove_orphaned_temporary_files(out_dir, (".*.tmp", "images/*/.*.tmp"))
 
 
 def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: GenerationSettings):
@@ -225,9 +226,15 @@ def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: Gener
 
 def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_per_neutral_prompt: int,
                     images_per_identity_prompt: int, batch_size: int, kinds=PROMPT_KINDS, validate_only: bool = False,
-                    speed=None) -> pd.DataFrame:
+                    speed=None, pipeline=None, images_per_prompt: dict[str, int] | None = None) -> pd.DataFrame:
     """Generate every missing image of the plan over all processes of this accelerate launch; return the manifest.
-    With `validate_only`, check settings, prompts and output folder, write nothing, and return the plan."""
+    With `validate_only`, check settings, prompts and output folder, write nothing, and return the plan.
+    `pipeline`: one already loaded with these settings (the benchmarks time it), instead of loading it here.
+
+    Each batch's PNGs are encoded and written on a background thread while the next batch is drawn, so the
+    accelerator does not wait for the host; at most one batch is being written at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from popalign.distributed import make_accelerator
@@ -245,7 +252,10 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         raise InputError(f"--output_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
     prompts = read_prompt_table(prompts_csv)
     prompts = prompts[prompts["kind"].isin(kinds)].reset_index(drop=True)
-    manifest = plan_images(prompts, images_per_neutral_prompt, images_per_identity_prompt, settings)
+    unknown = sorted(set(images_per_prompt or {}) - set(prompts["prompt_id"]))
+    if unknown:
+        raise InputError(f"--images_per_prompt_csv: prompt_id {unknown[0]} is not a prompt of {prompts_csv} (of the kinds generated)")
+    manifest = plan_images(prompts, images_per_neutral_prompt, images_per_identity_prompt, settings, images_per_prompt)
     if manifest.empty:
         raise InputError(f"{prompts_csv}: no images to generate (no prompt of kind {', '.join(kinds)}, or 0 images per prompt asked)")
     if validate_only:
@@ -255,8 +265,8 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     accelerator = make_accelerator()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        check_or_write_config(out_dir, settings)
         remove_partial_files(out_dir)
+        check_or_write_config(out_dir, settings)
         # An image under its final name that does not decode (a disk fault, a copy cut short) is made again.
         broken = [out_dir / path for path in manifest["image_path"] if (out_dir / path).exists() and not image_decodes(out_dir / path)]
         for path in broken:
@@ -272,17 +282,28 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
         print(f"{len(manifest)} images planned, {len(manifest) - len(missing)} already exist, "
               f"{len(missing)} to generate on {accelerator.num_processes} process(es)")
     if len(my_share):
-        dtype = resolve_dtype(settings.precision, accelerator.device)
-        pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
-                                               settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
-        progress = tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process)
-        for start in range(0, len(my_share), batch_size):
-            batch = my_share.iloc[start : start + batch_size]
-            images = render_batch(pipeline, list(batch["prompt"]), [int(seed) for seed in batch["seed"]], settings)
-            for image, relative_path in zip(images, batch["image_path"]):
+        if pipeline is None:
+            dtype = resolve_dtype(settings.precision, accelerator.device)
+            pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
+                                                   settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
+
+        def write_batch(images, relative_paths) -> None:
+            for image, relative_path in zip(images, relative_paths):
                 atomic_save_image(image, out_dir / relative_path)
-            progress.update(len(batch))
-        progress.close()
+
+        with tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process) as progress, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer") as writer:
+            writing = None
+            for start in range(0, len(my_share), batch_size):
+                batch = my_share.iloc[start : start + batch_size]
+                images = render_batch(pipeline, list(batch["prompt"]), [int(seed) for seed in batch["seed"]], settings)
+                if writing is not None:
+                    writing.result()  # the previous batch is on disk (its error, if any, raised here)
+                    progress.update(written)
+                writing, written = writer.submit(write_batch, images, list(batch["image_path"])), len(batch)
+            if writing is not None:
+                writing.result()
+                progress.update(written)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_csv(out_dir / MANIFEST_NAME, manifest)

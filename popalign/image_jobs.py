@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from popalign.image_folder import read_manifest  # noqa: F401  (re-exported for the runners)
-from popalign.io import InputError, atomic_write_json, csv_row_number, read_csv_checked, read_jsonl
+from popalign.io import InputError, atomic_write_json, csv_row_number, read_csv_checked, read_jsonl, remove_orphaned_temporary_files
 
 
 class SingleProcess:
@@ -89,6 +89,8 @@ def run_image_job(job: ImageJob, image_paths: Sequence[str], settings: dict, pro
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if process.is_main_process:
+        remove_orphaned_temporary_files(job.out_dir)  # a killed run's half-written files; no process writes yet
     finished = job.finished_rows()
     # Every process must see the same finished set before any of them appends to its part file,
     # or they would shard different pending lists and skip or repeat images.
@@ -97,8 +99,9 @@ def run_image_job(job: ImageJob, image_paths: Sequence[str], settings: dict, pro
         atomic_write_json(job.settings_path, settings)
     pending = [image_path for image_path in image_paths if image_path not in finished]
     assigned = pending[process.process_index :: process.num_processes]
-    progress = tqdm(total=len(assigned), desc=progress_label, unit="image", disable=not process.is_main_process)
-    with job.open_part_for_append(process.process_index) as part:
+    # Closed also when a batch fails, so that the bar's line ends before the error is printed.
+    with tqdm(total=len(assigned), desc=progress_label, unit="image", disable=not process.is_main_process) as progress, \
+            job.open_part_for_append(process.process_index) as part:
         for start in range(0, len(assigned), batch_size):
             batch_paths = assigned[start : start + batch_size]
             rows = process_batch(batch_paths)
@@ -109,7 +112,6 @@ def run_image_job(job: ImageJob, image_paths: Sequence[str], settings: dict, pro
             part.flush()
             os.fsync(part.fileno())
             progress.update(len(batch_paths))
-    progress.close()
     process.wait_for_everyone()
     rows = job.finished_rows()
     missing = [image_path for image_path in image_paths if image_path not in rows]

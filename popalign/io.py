@@ -70,6 +70,19 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def remove_orphaned_temporary_files(folder: str | Path, patterns: tuple[str, ...] = (".*.tmp",)) -> int:
+    """Delete the temporary files (`.<name>.<random>.tmp`) that atomic writes of a killed run left in `folder`; they
+    never carry a final name. Call it from the one process that owns the folder, before any process of the run
+    writes there. Returns how many were removed."""
+    removed = 0
+    for pattern in patterns:
+        for orphan in Path(folder).glob(pattern):
+            if orphan.is_file():
+                orphan.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that `path` holds either the old content or all of the new."""
     _atomic_write(Path(path), lambda stream: stream.write(text))
@@ -117,6 +130,19 @@ def read_jsonl(paths: Iterable[str | Path]) -> list[dict]:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of every script: the module docstring as written, and each flag's default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' parser: --help shows the module docstring and every default (HelpFormatter), and a flag
+    argparse rejects (unknown, missing, of the wrong type) is one line, `error: <what>`, and exit code 2, like every
+    other input error, instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
 
 
 def check_output_location(path: str | Path, flag: str, folder: bool = False) -> None:

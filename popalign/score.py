@@ -13,7 +13,10 @@ import argparse
 import json
 import sys
 
-from popalign.io import HelpFormatter, InputError
+from pathlib import Path
+
+from popalign.image_folder import manifest_path, quality_path
+from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
 from popalign.quality import SCORERS
 
 
@@ -42,7 +45,7 @@ SCORER_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--scorers", default="hpsv2,pickscore,clip,aesthetic,imagereward",
                         help=f"comma-separated, from: {', '.join(SCORERS)}")
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                         help="a scorer option, e.g. hpsv2.checkpoint=/path/HPS_v2.1_compressed.pt (repeatable)")
     parser.add_argument("--options_json", default=None, help="JSON file {scorer: {option: value}}")
+    parser.add_argument("--validate_only", action="store_true",
+                        help="check flags, options and the folder (its manifest once generation wrote it), write nothing, exit (2: what is wrong)")
     return parser
 
 
@@ -59,31 +64,46 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        scorer_names = [name.strip() for name in args.scorers.split(",") if name.strip()]
-        unknown = [name for name in scorer_names if name not in SCORERS]
-        if unknown or not scorer_names:
-            raise InputError(f"--scorers: unknown scorer(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(SCORERS)})")
-        if args.batch_size < 1:
-            raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
-        scorer_options = parse_scorer_options(args.option, args.options_json)
-        misnamed = [name for name in scorer_options if name not in SCORERS]
-        if misnamed:
-            raise InputError(f"--option/--options_json: unknown scorer(s) {', '.join(misnamed)} (known: {', '.join(SCORERS)})")
-        # Options for scorers not run this time (a shared options file) are dropped.
-        scorer_options = {name: options for name, options in scorer_options.items() if name in scorer_names}
-        from popalign.distributed import make_accelerator
-        from popalign.quality.run import read_manifest_prompts, score_image_folder
+def validate_scoring(args) -> tuple[list[str], dict[str, dict]]:
+    """The scorers to run and their options, every flag and the folder checked before any model loads (a wrapper
+    runs this before generation). The manifest is read only once it exists."""
+    scorer_names = [name.strip() for name in args.scorers.split(",") if name.strip()]
+    unknown = [name for name in scorer_names if name not in SCORERS]
+    if unknown or not scorer_names:
+        raise InputError(f"--scorers: unknown scorer(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(SCORERS)})")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.precision not in ("auto", *SCORER_DTYPES, *SCORER_DTYPES.values()):
+        raise InputError(f"--precision: unknown {args.precision!r} (auto, fp32, fp16, bf16)")
+    scorer_options = parse_scorer_options(args.option, args.options_json)
+    misnamed = [name for name in scorer_options if name not in SCORERS]
+    if misnamed:
+        raise InputError(f"--option/--options_json: unknown scorer(s) {', '.join(misnamed)} (known: {', '.join(SCORERS)})")
+    check_output_location(args.out_dir, "--output_dir", folder=True)
+    for name in scorer_names:
+        check_output_location(quality_path(args.out_dir, name), "--output_dir (scores file)")
+    if Path(manifest_path(args.out_dir)).exists():
+        from popalign.quality.run import read_manifest_prompts
 
-        read_manifest_prompts(args.out_dir)  # a bad folder fails before any model loads
-        score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=SCORER_DTYPES.get(args.precision, args.precision),
-                           accelerator=make_accelerator())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        read_manifest_prompts(args.out_dir)
+    # Options for scorers not run this time (a shared options file) are dropped.
+    return scorer_names, {name: options for name, options in scorer_options.items() if name in scorer_names}
+
+
+@exit_2_on_input_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    scorer_names, scorer_options = validate_scoring(args)
+    if args.validate_only:
+        return 0
+    from popalign.distributed import make_accelerator
+    from popalign.quality.run import read_manifest_prompts, score_image_folder
+
+    read_manifest_prompts(args.out_dir)  # a bad folder fails before any model loads
+    score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=SCORER_DTYPES.get(args.precision, args.precision),
+                       accelerator=make_accelerator())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

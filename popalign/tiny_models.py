@@ -158,7 +158,54 @@ def build_tiny_clip_model(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl_pipeline, "sd": build_tiny_sd_pipeline}
+def build_random_sd15_pipeline(path: str | Path, seed: int = 0):
+    """Save a StableDiffusionPipeline of the real SD 1.5 architecture (U-Net, VAE and CLIP ViT-L/14 text encoder
+    configurations as published, CLIP's full vocabulary) with random weights to `path`: what the benchmarks time,
+    where the compute is that of the real model. About 4 GB in float32."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from popalign.cost import SD15_UNET, VAE
+
+    path = Path(path)
+    tokenizer = build_tiny_clip_tokenizer(path / "tokenizer", CLIP_FULL_MERGES)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                 max_position_embeddings=77, projection_dim=768, vocab_size=len(tokenizer), hidden_act="quick_gelu",
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE, sample_size=512), text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_random_clip_vit_l14(path: str | Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel + CLIPProcessor of openai/clip-vit-large-patch14's architecture (224x224 images,
+    CLIP's full vocabulary) with random weights, saved to `path`: the CLIP score and the zero-shot classifier at
+    their real cost, for the benchmarks."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    tokenizer = build_tiny_clip_tokenizer(path, CLIP_FULL_MERGES)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=1, hidden_act="quick_gelu")
+    vision_config = dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, hidden_act="quick_gelu")
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=768)).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+BUILDERS = {"sdxl": build_tiny_sdxl_pipeline, "sd": build_tiny_sd_pipeline, "sd15_random": build_random_sd15_pipeline,
+            "clip_vit_l14_random": build_random_clip_vit_l14}
 
 
 def main(argv=None) -> None:

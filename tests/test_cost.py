@@ -39,3 +39,22 @@ def test_the_recipe_is_read_from_the_repository():
     # eval.sh restricts race to white, asian, black (as the original): 2 x 3 identity-specific prompts per occupation
     assert recipe.eval_identities == 6
     assert recipe.evaluation_images == 2 * ((112 + 60) * 100 + 112 * 6 * 100) == 168_800
+
+
+def test_training_step_with_prior_preservation_and_without_the_reference():
+    # 1 pair: winner + loser (3 forwards each) + the winner under its own prompt (3) + reference passes
+    assert cost.training_step_flops(1.0, pairs=1, objective="popalign", prior_preservation_target="noise") == 9 + 2
+    assert cost.training_step_flops(1.0, pairs=1, objective="popalign", prior_preservation_target="reference") == 9 + 3
+    assert cost.training_step_flops(1.0, pairs=1, objective="popalign", with_reference=False) == 6
+
+
+def test_the_readers_have_their_published_costs():
+    readers = cost.reader_flops()
+    # ViT-L/14 at 224x224: about 81 G multiply-adds; VGG-16: 15.5 G multiply-adds (2 FLOP each)
+    assert 1.55e11 < readers["classifier clip"] < 1.70e11
+    assert 2 * 3.0e10 < readers["classifier deepface"] < 2 * 3.2e10
+    assert readers["scorer hpsv2"] == readers["scorer pickscore"] > readers["scorer clip"] > readers["scorer aesthetic"]
+    # every reader together is well under 1% of drawing an SDXL image
+    sdxl = cost.component_flops("sdxl")
+    drawn = cost.image_flops(sdxl["unet_forward"], sdxl["vae_decode"], 50, True)
+    assert sum(readers.values()) < 0.01 * drawn

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]
 # The entry points: the numbered scripts and the trainer at the root, the other stages as `python -m popalign.<stage>`.
 ENTRY_POINTS = ["1_generate_diverse_prompts.py", "popalign.generate", "popalign.classify", "popalign.score",
-                "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate"]
+                "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate", "popalign.precision"]
 # Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
 LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
 FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')

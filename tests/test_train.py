@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from popalign.io import InputError
 from popalign.training.config import TrainConfig
 from popalign.training.trainer import UNetCondition, denoising_prediction, prepare_run, run_training, train
 
@@ -210,8 +211,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_sdxl_pat
     assert json.loads((tmp_path / "straight" / "checkpoint-4" / "train_config.json").read_text())["max_train_steps"] == 4
 
     straight_log, resumed_log = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
-    assert [line["step"] for line in resumed_log] == [1, 2, 3, 3, 4]  # step 3 was lost with the stopped process
-    assert resumed_log[3:] == straight_log[2:]
+    # step 3, logged by the stopped process after its last checkpoint, was trained again: one line per step
+    assert [line["step"] for line in resumed_log] == [1, 2, 3, 4]
+    assert resumed_log == straight_log
     if lora_rank:
         straight = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
         resumed_weights = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
@@ -220,7 +222,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_sdxl_pat
     assert max_difference(straight, resumed_weights) == 0.0
 
 
-def test_a_finished_run_is_not_trained_again_unless_what_it_trains_from_changed(tiny_sdxl_path, pairs_data, tmp_path):
+def test_a_finished_run_is_not_trained_again_unless_its_data_changed_and_other_settings_are_refused(tiny_sdxl_path, pairs_data, tmp_path):
     pairs = pairs_data["pairs"].parent / "pairs_to_change.csv"  # next to the images its paths point at
     shutil.copy(pairs_data["pairs"], pairs)
     run = tmp_path / "run"
@@ -232,15 +234,20 @@ def test_a_finished_run_is_not_trained_again_unless_what_it_trains_from_changed(
     again = train(make_config(tiny_sdxl_path, pairs_data, run, stop_after_steps=1, checkpointing_steps=5, **settings))
     assert again.finished and again.global_step == 2
     assert weights.stat().st_mtime_ns == written and len(metrics(run)) == 2
-    # another learning rate: trained again
-    train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3}))
-    assert len(metrics(run)) == 4 and weights.stat().st_mtime_ns != written
-    # the same settings on a changed pairs file: trained again
+    # another learning rate: refused, naming it, unless the finished model may be replaced
+    with pytest.raises(InputError, match=r"holds a finished run trained with other settings \(--learning_rate 0.001 -> 0.002\)"):
+        train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3}))
+    assert weights.stat().st_mtime_ns == written
+    train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3, "allow_setting_change": True}))
+    assert [line["step"] for line in metrics(run)] == [1, 2] and weights.stat().st_mtime_ns != written  # one line per step
+    # the same settings on a changed pairs file: trained again (the data upstream was remade)
     pairs.write_text("".join(pairs.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    retrained = weights.stat().st_mtime_ns
     train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "learning_rate": 2e-3}))
-    assert len(metrics(run)) == 6
+    assert [line["step"] for line in metrics(run)] == [1, 2] and weights.stat().st_mtime_ns != retrained
     # a run stopped before its end is not a finished one: a later launch resumes or retrains
-    stopped = train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "max_train_steps": 3, "stop_after_steps": 1}))
+    stopped = train(make_config(tiny_sdxl_path, pairs_data, run, **{**settings, "max_train_steps": 3, "stop_after_steps": 1,
+                                                                     "allow_setting_change": True}))
     assert not stopped.finished and not (run / "finished.json").exists()
 
 

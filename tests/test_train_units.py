@@ -97,7 +97,7 @@ def test_winner_prompts_are_read_only_for_prior_preservation(tmp_path):
     pairs.write_text("winner_path,loser_path,caption,winner_prompt\nw.png,w.png,a doctor,a female doctor\nw.png,w.png,a doctor,\n",
                      encoding="utf-8")
     assert [record.winner_prompt for record in read_pairs(pairs, needs_losers=True)] == [None, None]
-    with pytest.raises(InputError, match=r"pairs.csv row 3: empty winner_prompt"):
+    with pytest.raises(InputError, match=r"pairs.csv: row 3: empty winner_prompt"):
         read_pairs(pairs, needs_losers=True, needs_winner_prompts=True)
     no_column = tmp_path / "old.csv"
     no_column.write_text("winner_path,loser_path,caption\nw.png,w.png,a doctor\n", encoding="utf-8")
@@ -119,7 +119,7 @@ def test_missing_image_names_file_and_row(tmp_path):
     _png(tmp_path / "w.png")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("winner_path,loser_path,caption\nw.png,w.png,a\nw.png,gone.png,b\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"pairs.csv row 3: image not found: .*gone.png"):
+    with pytest.raises(InputError, match=r"pairs.csv: row 3: image not found: .*gone.png"):
         read_pairs(pairs, needs_losers=True)
 
 

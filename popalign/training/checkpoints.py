@@ -12,7 +12,9 @@ A checkpoint is written to `checkpoint-<step>.partial` and renamed when complete
 while saving never leaves a checkpoint that `--resume_from_checkpoint latest` would pick. A run
 launched again on a folder whose finished.json records the same training (the same settings, the
 same pairs file content, the same base U-Net files) does nothing: re-running a pipeline script does
-not retrain a model that is already there.
+not retrain a model that is already there. The same settings on a changed pairs file or base U-Net
+train again (the data upstream was remade); other training settings are refused, naming them, unless
+--allow_setting_change says the finished model may be replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from popalign.io import InputError, atomic_write_json, atomic_write_text
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.jsonl"
 LORA_CHECKPOINT_NAME = "unet_lora.safetensors"
 FINISHED_NAME = "finished.json"
 # Settings that say how a run is carried out, not what it trains: they do not enter the fingerprint.
@@ -51,13 +54,16 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume_checkpoint(output_dir: str | Path, resume_from: str) -> Optional[Path]:
-    """'' -> None; 'latest' -> newest complete checkpoint or None; otherwise that folder (must exist)."""
+    """'' -> None; 'latest' -> newest complete checkpoint or None; otherwise that folder, as a path or (as in the
+    diffusers training examples) a name inside `output_dir`: it must exist."""
     if not resume_from:
         return None
     if resume_from == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1][1] if checkpoints else None
     path = Path(resume_from)
+    if not (path / TRAINER_STATE).is_file() and (Path(output_dir) / resume_from / TRAINER_STATE).is_file():
+        path = Path(output_dir) / resume_from
     if not (path / TRAINER_STATE).is_file():
         raise InputError(f"--resume_from_checkpoint {resume_from}: not a complete checkpoint folder (no {TRAINER_STATE})")
     return path
@@ -126,6 +132,42 @@ def finished_weights(output_dir: str | Path, fingerprint: dict) -> Optional[tupl
 def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, global_step: int) -> None:
     atomic_write_json(Path(output_dir) / FINISHED_NAME,
                       {"fingerprint": fingerprint, "weights": str(Path(weights).relative_to(output_dir)), "global_step": global_step})
+
+
+def trim_metrics(output_dir: str | Path, global_step: int) -> int:
+    """Keep in <output_dir>/metrics.jsonl only the lines of steps <= `global_step` (the step a run resumes from, 0 for
+    a new one), so that steps logged after the last checkpoint of a killed run, and a line cut short by the kill, are
+    not there twice once the run goes on: one line per step. Returns the number of lines dropped."""
+    path = Path(output_dir) / METRICS_NAME
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if isinstance(step, int) and step <= global_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+def finished_run_differences(output_dir: str | Path, settings: dict) -> Optional[dict[str, tuple]]:
+    """{setting: (the finished run's value, value now)} for every training setting that differs from those of the
+    finished run `output_dir` holds; None when it holds none."""
+    try:
+        record = json.loads((Path(output_dir) / FINISHED_NAME).read_text(encoding="utf-8"))
+        then = record["fingerprint"]["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(then, dict):
+        return None
+    now = training_settings(json.loads(json.dumps(settings)))
+    return {name: (then.get(name), now.get(name)) for name in sorted(set(now) | set(then)) if then.get(name) != now.get(name)}
 
 
 def clear_finished(output_dir: str | Path) -> None:

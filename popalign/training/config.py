@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from popalign.io import HelpFormatter, InputError
+from popalign.io import ArgumentParser, InputError
 from popalign.losses import ANCHORS
 
 LOSSES = ("popalign", "dpo", "sft", "sudo")
@@ -237,10 +237,7 @@ def parse_bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field, with the field's default, type and help text."""
-    parser = argparse.ArgumentParser(
-        description="Fine-tune a diffusion U-Net on preference pairs (PopAlign, Diffusion-DPO, SFT, SUDO).",
-        formatter_class=HelpFormatter,
-    )
+    parser = ArgumentParser(description="Fine-tune a diffusion U-Net on preference pairs (PopAlign, Diffusion-DPO, SFT, SUDO).")
     defaults = TrainConfig()
     for item in dataclasses.fields(TrainConfig):
         default = getattr(defaults, item.name)

@@ -50,7 +50,7 @@ def read_pairs(pairs_file: str | Path, needs_losers: bool, needs_winner_prompts:
     base = pairs_file.resolve().parent
     records = []
     for index, row in enumerate(frame.to_dict("records")):
-        where = f"{pairs_file} row {csv_row_number(index)}"
+        where = f"{pairs_file}: row {csv_row_number(index)}"
         if not row["winner_path"]:
             raise InputError(f"{where}: empty winner_path")
         winner = _resolve(row["winner_path"], base)

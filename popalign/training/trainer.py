@@ -19,18 +19,20 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from popalign.io import InputError, atomic_write_text, check_output_location
+from popalign.io import InputError, atomic_write_text, check_output_location, remove_orphaned_temporary_files
 from popalign.losses import (derangement, diffusion_dpo_loss, per_sample_denoising_error, popalign_loss, sft_loss, sudo_loss,
                              with_prior_preservation)
 from popalign.training.checkpoints import (
     CONFIG_NAME,
     FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
+    METRICS_NAME,
     clear_finished,
     describe_differences,
     finish_checkpoint,
-    list_checkpoints,
+    finished_run_differences,
     finished_weights,
+    list_checkpoints,
     mark_finished,
     partial_checkpoint_dir,
     prune_checkpoints,
@@ -39,6 +41,7 @@ from popalign.training.checkpoints import (
     resolve_resume_checkpoint,
     settings_differences,
     training_fingerprint,
+    trim_metrics,
 )
 from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
@@ -370,6 +373,11 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     if differences and not config.allow_setting_change:
         raise InputError(f"--resume_from_checkpoint {checkpoint}: it was trained with other settings ({describe_differences(differences)}); "
                          "resume with the checkpoint's settings, start a new --output_dir, or pass --allow_setting_change")
+    finished_differences = finished_run_differences(output_dir, config.to_dict()) if checkpoint is None else None
+    if finished_differences and not config.allow_setting_change:
+        raise InputError(f"--output_dir {output_dir}: holds a finished run trained with other settings "
+                         f"({describe_differences(finished_differences)}); train into another --output_dir, "
+                         "or pass --allow_setting_change to replace it")
     return records, checkpoint, differences
 
 
@@ -432,6 +440,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temporary_files(output_dir)  # a killed run's half-written files
         clear_finished(output_dir)
         atomic_write_text(output_dir / CONFIG_NAME, config.to_json())
     global_step = 0
@@ -459,6 +468,8 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
                 f"recorded in {output_dir / 'settings_changes.jsonl'}")
     elif config.resume_from_checkpoint:
         say(f"no checkpoint in {output_dir}; starting a new run")
+    if accelerator.is_main_process:
+        trim_metrics(output_dir, global_step)
     # Stepped once per optimizer step by the loop (a prepared scheduler would step once per process).
     lr_scheduler = make_lr_scheduler(optimizer, config, global_step)
 
@@ -538,7 +549,7 @@ def run_training(run: PreparedRun) -> TrainResult:
         f"{per_process * processes * accumulation} pairs per optimizer step; {config.max_train_steps} steps; loss {config.loss}")
 
     reduce_mean = lambda tensor: accelerator.reduce(tensor, reduction="mean")  # noqa: E731
-    metrics_path = output_dir / "metrics.jsonl"
+    metrics_path = output_dir / METRICS_NAME
     progress = tqdm(total=config.max_train_steps, initial=run.global_step, desc="training", disable=not accelerator.is_local_main_process)
     steps_this_run = 0
     finished = run.global_step >= config.max_train_steps
@@ -563,6 +574,7 @@ def run_training(run: PreparedRun) -> TrainResult:
             # Before any checkpoint of this step: the last one written is from before the weights went bad.
             written = list_checkpoints(output_dir)
             last = f"the last checkpoint is {written[-1][1]}" if written else "no checkpoint was written"
+            progress.close()  # the bar's line ends before the error is printed
             raise TrainingDiverged(f"the loss is {logged['loss']} at step {run.global_step}; training stopped, {last} "
                                    "(lower --learning_rate or --beta, or clip gradients harder with --max_grad_norm)")
         progress.update(1)
@@ -612,6 +624,8 @@ def train(config: TrainConfig) -> TrainResult:
         check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         print(f"{config.output_dir}: the run can start", flush=True)
         return TrainResult(global_step=0, finished=False, output_dir=Path(config.output_dir))
+    # Flags, pairs, model and output folder checked first, also when the folder holds this run finished.
+    check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if Path(config.pairs_file).is_file():
         done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
         if done is not None:
