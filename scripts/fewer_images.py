@@ -121,6 +121,28 @@ def identity_table(images: pd.DataFrame, attributes, cap: int) -> tuple[list[str
     return lines, fractions
 
 
+def rule_at_accuracy(accuracy: float, target_width: float, start: int = 10, cap: int = 100) -> int:
+    """The images the rule draws for a prompt whose every reading comes out at exactly `accuracy` (all faces found):
+    what a prompt of that accuracy needs, without the sampling noise of a real run."""
+    from popalign.precision import next_image_count
+
+    count = start
+    while True:
+        following = next_image_count(count, round(accuracy * count), count, target_width, cap)
+        if following == count:
+            return count
+        count = following
+
+
+def accuracy_table(cap: int) -> list[str]:
+    accuracies = (1.0, 0.95, 0.9, 0.8, 0.5)
+    lines = ["| TARGET_INTERVAL_WIDTH | " + " | ".join(f"accuracy {accuracy:.0%}" for accuracy in accuracies) + " |",
+             "|---|" + "---|" * len(accuracies)]
+    for width in TARGET_WIDTHS:
+        lines.append(f"| {width} | " + " | ".join(str(rule_at_accuracy(accuracy, width, cap=cap)) for accuracy in accuracies) + " |")
+    return lines
+
+
 def cost_lines(fractions: dict[float, float]) -> list[str]:
     from popalign.cost import Recipe, component_flops, gpu_hours, image_flops, text_encoder_flops
 
@@ -135,6 +157,12 @@ def cost_lines(fractions: dict[float, float]) -> list[str]:
         drawn = total_images - identity + fraction * identity
         lines.append(f"| TARGET_INTERVAL_WIDTH={width} (toy world's share of identity images) | {drawn:,.0f} | {drawn * per_image:.2e} "
                      f"| {gpu_hours(drawn * per_image, 'H100'):.1f} | {drawn / total_images:.0%} |")
+    # With a sampler at half the U-Net passes as well (the VAE decode and the prompts unchanged).
+    half_steps = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps // 2, recipe.guidance) + 2 * text_encoder_flops("sdxl")
+    width = 0.1
+    drawn = total_images - identity + fractions[width] * identity
+    lines.append(f"| TARGET_INTERVAL_WIDTH={width} and a sampler at {recipe.steps // 2} steps (not shown equivalent) | {drawn:,.0f} "
+                 f"| {drawn * half_steps:.2e} | {gpu_hours(drawn * half_steps, 'H100'):.1f} | {drawn * half_steps / (total_images * per_image):.0%} of the FLOPs |")
     return lines
 
 
@@ -155,6 +183,8 @@ def main(argv=None) -> int:
     identity_lines, fractions = identity_table(images, attributes, args.images)
     print("\n".join(["Neutral prompts (12), the toy base:", "", *neutral_table(images, attributes), "",
                      "Identity-specific prompts (72), the toy base:", "", *identity_lines, "",
+                     f"Images the rule draws for a prompt, by its identity accuracy (from 10, doubling, at most {args.images}):", "",
+                     *accuracy_table(args.images), "",
                      "Carried to the SDXL recipe (popalign.cost; neutral, generic and training images unchanged):", "",
                      *cost_lines(fractions)]))
     return 0

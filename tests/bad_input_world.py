@@ -13,7 +13,7 @@ from pathlib import Path
 
 from popalign.toy.small_run import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, stage_arguments, write_inputs
 
-__all__ = ["REPO_ROOT", "TOY_ENVIRONMENT", "TOY_MODEL", "build_world", "reset_accelerate", "root_script", "stage_arguments", "stage_mains"]
+__all__ = ["REPO_ROOT", "TOY_ENVIRONMENT", "TOY_MODEL", "build_world", "build_world_apart", "reset_accelerate", "root_script", "stage_arguments", "stage_mains"]
 
 
 def root_script(name: str):
@@ -60,3 +60,18 @@ def build_world(world: Path, **sizes) -> Path:
     reset_accelerate()
     assert mains["evaluate"](arguments["evaluate"]) == 0
     return world
+
+
+def build_world_apart(world: Path, **sizes) -> Path:
+    """build_world, leaving this process's working directory, environment and accelerate state as they were."""
+    cwd, saved = os.getcwd(), {name: os.environ.get(name) for name in TOY_ENVIRONMENT}
+    try:
+        return build_world(world, **sizes)
+    finally:
+        os.chdir(cwd)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_accelerate()

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, build_world, reset_accelerate, stage_arguments, stage_mains
+from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, build_world_apart, reset_accelerate, stage_arguments, stage_mains
 from popalign.attributes import load_attributes
 from popalign.io import InputError
 
@@ -33,19 +33,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def valid_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad_input") / "world"
-    cwd, saved = os.getcwd(), {name: os.environ.get(name) for name in TOY_ENVIRONMENT}
-    try:
-        build_world(root)
-    finally:
-        os.chdir(cwd)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reset_accelerate()
-    return root
+    return build_world_apart(tmp_path_factory.mktemp("bad_input") / "world")
 
 
 @pytest.fixture

@@ -184,3 +184,21 @@ def test_two_processes_give_the_same_labels_as_one_and_resume_with_one(tmp_path,
     assert len(seen) == len(lost)
     resumed = read_labels(two / "labels_clip.csv")
     assert resumed[label_columns].equals(from_one[label_columns])
+
+
+def test_a_complete_folder_is_not_classified_again_nor_its_model_loaded(tmp_path, monkeypatch):
+    import popalign.classify.run as classify_run
+
+    folder = make_folder(tmp_path)
+    first = classify_run.run_classification(folder, "toy", {}, batch_size=4)
+    written = (folder / "labels_toy.csv").read_bytes()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the classifier was built for a folder whose labels are complete")
+
+    monkeypatch.setattr(classify_run, "build_classifier", no_loading)
+    again = classify_run.run_classification(folder, "toy", {}, batch_size=4)
+    assert again == first and (folder / "labels_toy.csv").read_bytes() == written
+    # other options, or an image more in the manifest: the model is needed again
+    assert classify_run.complete_labels(folder, "toy", {"other": 1}, list(pd.read_csv(folder / "manifest.csv")["image_path"])) is None
+    assert classify_run.complete_labels(folder, "toy", {}, [*pd.read_csv(folder / "manifest.csv")["image_path"], "images/x.png"]) is None

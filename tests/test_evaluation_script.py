@@ -113,3 +113,37 @@ def test_the_tuned_run_model_card_gets_the_headline(eval_run):
     card = (out.parent / "README.md").read_text()
     assert "Not evaluated yet" not in card and "- `tuned`, neutral prompts, `discrepancy_gender`" in card
     assert f"Full report: `{(out / 'report' / 'report.md').resolve()}`" in card and card.endswith("## Intended uses\n\nTests.\n")
+
+
+def test_eval_sh_draws_identity_prompts_in_rounds_until_precise_enough(tmp_path):
+    """TARGET_INTERVAL_WIDTH on the toy base: identity-specific prompts start at MIN images and double until the
+    Wilson interval of their identity accuracy is as narrow as asked (or the cap); both models get the same counts."""
+    from popalign.attributes import load_attributes
+    from popalign.evaluation import load_image_folder
+    from popalign.precision import identity_accuracy_counts, wilson_interval
+
+    (tmp_path / "occupations.csv").write_text("occupation,activity\ndoctor,in a clinic\nnurse,in a ward\n")
+    env = eval_environment(RECIPE="configs/toy_recipe.sh", EVAL_PROMPTS=tmp_path / "occupations.csv", IDENTITY_RESTRICT="race=white,asian,black",
+                           TUNED_MODELS="same=unet:models/toy_base/unet", IMAGES_PER_PROMPT=4, IMAGES_PER_IDENTITY_PROMPT=8,
+                           MIN_IMAGES_PER_IDENTITY_PROMPT=2, TARGET_INTERVAL_WIDTH=0.6, NUM_PROCESSES=1, GUIDANCE=3.0, SEED=1,
+                           NUM_RESAMPLES=200, OUT_DIR=tmp_path / "out", POPALIGN_TOY_OCCUPATIONS=tmp_path / "occupations.csv",
+                           POPALIGN_TOY_ATTRIBUTES="data/toy/attributes.json")
+    completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    assert "identity-specific prompts needing more images: 0" in completed.stdout
+    attributes = load_attributes(REPO_ROOT / "data" / "toy" / "attributes.json")
+    base = load_image_folder(tmp_path / "out/images/base", "toy", attributes, scorers=[])
+    same = load_image_folder(tmp_path / "out/images/same", "toy", attributes, scorers=[])
+    assert sorted(base["image_path"]) == sorted(same["image_path"])  # like with like
+    assert (base[base["kind"] == "neutral"].groupby("prompt_id").size() == 4).all()
+    counts = identity_accuracy_counts(base, attributes)
+    assert len(counts) == 12 and set(counts["drawn"]) <= {2, 4, 8}
+    for row in counts.itertuples():  # stopped early only when precise enough (the same weights: the same readings)
+        low, high = wilson_interval(row.right, row.faces)
+        assert row.drawn == 8 or high - low <= 0.6, row
+        if row.drawn > 2:  # the round before was not precise enough
+            previous = identity_accuracy_counts(base[(base["prompt_id"] == row.prompt_id) & (base["image_index"] < row.drawn // 2)], attributes)
+            [before] = previous.itertuples()
+            low, high = wilson_interval(before.right, before.faces)
+            assert high - low > 0.6
+    assert (tmp_path / "out/report/report.md").is_file()

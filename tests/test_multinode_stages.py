@@ -2,12 +2,11 @@
 process, byte for byte, and each shared file is written once, by the global main process. Generation and training
 are checked the same way in test_generation.py and test_train.py."""
 
-import os
 import shutil
 
 import pytest
 
-from bad_input_world import TOY_ENVIRONMENT, build_world, reset_accelerate
+from bad_input_world import TOY_ENVIRONMENT, build_world_apart
 from multinode import run_two_nodes
 from popalign.toy.small_run import STAGE_ENTRY_POINTS, stage_arguments
 
@@ -16,16 +15,7 @@ pytestmark = pytest.mark.slow  # four two-node launches
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multinode") / "world"
-    cwd, saved = os.getcwd(), {name: os.environ.get(name) for name in TOY_ENVIRONMENT}
-    try:
-        build_world(root)
-    finally:
-        os.chdir(cwd)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-        reset_accelerate()
-    return root
+    return build_world_apart(tmp_path_factory.mktemp("multinode") / "world")
 
 
 @pytest.mark.parametrize("stage, outputs, port", [

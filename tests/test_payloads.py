@@ -5,7 +5,6 @@ refuse the planted file or skip it; they must not execute it."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 from collections import OrderedDict
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_input_world import TOY_ENVIRONMENT, TOY_MODEL, build_world, reset_accelerate, stage_arguments, stage_mains
+from bad_input_world import TOY_ENVIRONMENT, TOY_MODEL, build_world_apart, reset_accelerate, stage_arguments, stage_mains
 
 pytestmark = pytest.mark.slow  # every stage, once per planted file
 
@@ -30,16 +29,8 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("payloads") / "world"
-    cwd, saved = os.getcwd(), {name: os.environ.get(name) for name in TOY_ENVIRONMENT}
-    try:
-        build_world(root, max_train_steps=2, checkpointing_steps=1)
-        shutil.copytree(TOY_MODEL, root / "model")
-    finally:
-        os.chdir(cwd)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-        reset_accelerate()
+    root = build_world_apart(tmp_path_factory.mktemp("payloads") / "world", max_train_steps=2, checkpointing_steps=1)
+    shutil.copytree(TOY_MODEL, root / "model")
     return root
 
 

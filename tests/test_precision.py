@@ -68,20 +68,9 @@ def test_counts_files_are_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    import os
+    from bad_input_world import build_world_apart
 
-    from bad_input_world import TOY_ENVIRONMENT, build_world, reset_accelerate
-
-    root = tmp_path_factory.mktemp("precision") / "world"
-    cwd, saved = os.getcwd(), {name: os.environ.get(name) for name in TOY_ENVIRONMENT}
-    try:
-        build_world(root)
-    finally:
-        os.chdir(cwd)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-        reset_accelerate()
-    return root
+    return build_world_apart(tmp_path_factory.mktemp("precision") / "world")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -49,18 +50,39 @@ def _labels_frame(image_paths: list[str], rows: dict[str, dict]) -> pd.DataFrame
     return pd.DataFrame.from_records(records, columns=LABEL_COLUMNS)
 
 
-def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_size: int = 16, accelerator=None) -> LabellingSummary:
+def recorded_options(options: dict) -> dict:
+    """The options a classifier was built with, as recorded beside its labels (where it runs is not recorded)."""
+    return json.loads(json.dumps({key: value for key, value in options.items() if key != "device"}, sort_keys=True, default=str))
+
+
+def complete_labels(out_dir: str | Path, classifier_name: str, options: dict, image_paths: list[str]) -> Optional[LabellingSummary]:
+    """The summary of labels_<name>.csv when it covers exactly these images and was made with these options, else
+    None: a finished folder is not classified again, and its model is not even loaded."""
+    out_dir = Path(out_dir)
+    saved, final_path = ImageJob(out_dir, f"labels_{classifier_name}").saved_settings(), labels_path(out_dir, classifier_name)
+    if saved is None or not final_path.is_file() or saved.get("options") != recorded_options(options):
+        return None
+    written = pd.read_csv(final_path, dtype=str, keep_default_na=False)
+    if list(written["image_path"]) != image_paths:
+        return None
+    return LabellingSummary(final_path, len(written), int((written["face_detected"] == "1").sum()))
+
+
+def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_size: int = 16, accelerator=None,
+                          options: dict | None = None) -> LabellingSummary:
     """Classify the images of `out_dir` not classified yet, then write labels_<name>.csv.
 
     `accelerator` is an `accelerate.Accelerator` (or anything with process_index,
     num_processes, is_main_process and wait_for_everyone); None runs in this process alone.
-    Every process must call this. Returns the counts of the whole folder.
+    `options`: what the classifier was built with, recorded with its settings. Every process must call this.
+    Returns the counts of the whole folder.
     """
     process = accelerator if accelerator is not None else SingleProcess()
     out_dir = Path(out_dir)
     image_paths = read_manifest_image_paths(out_dir)
     job = ImageJob(out_dir, f"labels_{classifier.name}")
-    settings = json.loads(json.dumps({"classifier": classifier.name, "settings": classifier.settings}))
+    settings = json.loads(json.dumps({"classifier": classifier.name, "settings": classifier.settings,
+                                      "options": recorded_options(options or {})}))
     job.check_settings(settings, lambda saved: (
         f"labels in {out_dir} were started with settings {saved['settings']}, not {settings['settings']}; "
         f"use the same settings or delete {out_dir}/.labels_{classifier.name}.*"))
@@ -95,7 +117,14 @@ def classifier_options(classifier_name: str, detector_backend: str, clip_model: 
 
 
 def run_classification(out_dir: str | Path, classifier_name: str, options: dict, batch_size: int, accelerator=None) -> LabellingSummary:
-    """Check the folder, build the classifier once, classify. Fails on a bad manifest before loading models."""
-    read_manifest_image_paths(out_dir)
+    """Check the folder, build the classifier once, classify. Fails on a bad manifest before loading models; a
+    folder whose labels are complete, with these options, is left as it is without loading the model."""
+    image_paths = read_manifest_image_paths(out_dir)
+    done = complete_labels(out_dir, classifier_name, options, image_paths)
+    if done is not None:
+        process = accelerator if accelerator is not None else SingleProcess()
+        if process.is_main_process:
+            tqdm.write(f"{done.labels_path} is complete ({done.images} images, face detected in {done.faces_detected}), skipping")
+        return done
     classifier = build_classifier(classifier_name, **options)
-    return classify_image_folder(out_dir, classifier, batch_size, accelerator)
+    return classify_image_folder(out_dir, classifier, batch_size, accelerator, options=options)
