@@ -62,10 +62,12 @@ class ImageJob:
     def saved_settings(self) -> dict | None:
         return json.loads(self.settings_path.read_text(encoding="utf-8")) if self.settings_path.is_file() else None
 
-    def check_settings(self, settings: dict, describe_mismatch: Callable[[dict], str]) -> None:
-        """Refuse to mix rows made with other settings; `describe_mismatch(saved)` words the error."""
+    def check_settings(self, settings: dict, describe_mismatch: Callable[[dict], str], ignored: tuple[str, ...] = ()) -> None:
+        """Refuse to mix rows made with other settings (the keys in `ignored` are recorded, not compared);
+        `describe_mismatch(saved)` words the error."""
         saved = self.saved_settings()
-        if saved is not None and saved != settings:
+        if saved is not None and {key: value for key, value in saved.items() if key not in ignored} \
+                != {key: value for key, value in settings.items() if key not in ignored}:
             raise InputError(f"{self.settings_path}: {describe_mismatch(saved)}")
 
     def open_part_for_append(self, rank: int):

@@ -83,9 +83,10 @@ def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_siz
     job = ImageJob(out_dir, f"labels_{classifier.name}")
     settings = json.loads(json.dumps({"classifier": classifier.name, "settings": classifier.settings,
                                       "options": recorded_options(options or {})}))
+    # What the classifier does is compared; the options it was built with are recorded (complete_labels reads them).
     job.check_settings(settings, lambda saved: (
         f"labels in {out_dir} were started with settings {saved['settings']}, not {settings['settings']}; "
-        f"use the same settings or delete {out_dir}/.labels_{classifier.name}.*"))
+        f"use the same settings or delete {out_dir}/.labels_{classifier.name}.*"), ignored=("options",))
 
     def classify_batch(batch_paths: list[str]) -> list[dict]:
         classifications = classifier.classify([load_rgb(out_dir / image_path) for image_path in batch_paths])
