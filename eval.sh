@@ -151,8 +151,23 @@ if [ -n "$GENERIC_PROMPTS" ]; then
   tail -n +2 "$GENERIC_PROMPTS" >> "$ALL_PROMPTS_CSV"
 fi
 
+# Each model's image folder; the same prompts, sampling settings, seeds and image counts for every model: only the
+# weights differ.
+folders=("$OUT_DIR/images/$BASE_NAME")
+evaluate_args=(--base "$OUT_DIR/images/$BASE_NAME")
+for name in "${tuned_names[@]}"; do
+  folders+=("$OUT_DIR/images/$name")
+  evaluate_args+=(--tuned "$name=$OUT_DIR/images/$name")
+done
+counts="$OUT_DIR/images/identity_image_counts.csv"   # with TARGET_INTERVAL_WIDTH: the counts of the last round planned
+precision_args=()
+for folder in "${folders[@]}"; do precision_args+=(--output_dir "$folder"); done
+precision_args+=(--classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" --target_interval_width "$TARGET_INTERVAL_WIDTH"
+                 --max_images_per_prompt "$IMAGES_PER_IDENTITY_PROMPT" --counts_csv "$counts")
+
 # Every model's generation, classification and scoring is checked (settings, weights folders, output folders)
-# before any image is made.
+# before any image is made; so are the rounds' settings.
+[ -n "$TARGET_INTERVAL_WIDTH" ] && python -m popalign.precision "${precision_args[@]}" --validate_only
 python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 check_classify_score "$OUT_DIR/images/$BASE_NAME"
 for index in "${!tuned_names[@]}"; do
@@ -161,13 +176,6 @@ for index in "${!tuned_names[@]}"; do
   check_classify_score "$OUT_DIR/images/${tuned_names[$index]}"
 done
 
-# The same prompts, sampling settings, seeds and image counts for every model; only the weights differ.
-folders=("$OUT_DIR/images/$BASE_NAME")
-evaluate_args=(--base "$OUT_DIR/images/$BASE_NAME")
-for index in "${!tuned_names[@]}"; do
-  folders+=("$OUT_DIR/images/${tuned_names[$index]}")
-  evaluate_args+=(--tuned "${tuned_names[$index]}=$OUT_DIR/images/${tuned_names[$index]}")
-done
 # generate_classify_all [count flags...]: every model's images and labels.
 generate_classify_all() {
   generate_classify "$OUT_DIR/images/$BASE_NAME" "$@"
@@ -178,15 +186,11 @@ generate_classify_all() {
 if [ -z "$TARGET_INTERVAL_WIDTH" ]; then
   generate_classify_all
 else
-  counts="$OUT_DIR/images/identity_image_counts.csv"   # the counts of the last round planned (kept for a re-run)
   count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT")
-  [ -f "$counts" ] && count_args+=(--images_per_prompt_csv "$counts")
-  precision_args=()
-  for folder in "${folders[@]}"; do precision_args+=(--output_dir "$folder"); done
+  [ -f "$counts" ] && count_args+=(--images_per_prompt_csv "$counts")   # a re-run starts from the last round planned
   while :; do
     generate_classify_all "${count_args[@]}"
-    more="$(python -m popalign.precision "${precision_args[@]}" --classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" \
-      --target_interval_width "$TARGET_INTERVAL_WIDTH" --max_images_per_prompt "$IMAGES_PER_IDENTITY_PROMPT" --counts_csv "$counts")"
+    more="$(python -m popalign.precision "${precision_args[@]}")"
     echo "identity-specific prompts needing more images: $more"
     [ "$more" = 0 ] && break
     count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT" --images_per_prompt_csv "$counts")

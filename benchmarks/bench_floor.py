@@ -68,7 +68,6 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
 # ----- generation ------------------------------------------------------------------------------------------------------
 
 def bench_generation(sd15: Path, work: Path, args) -> dict:
-    import numpy as np
     import torch
     from PIL import Image
 
@@ -294,10 +293,9 @@ def bench_processes(sd15: Path, work: Path, args) -> dict[int, float]:
 # ----- the report ------------------------------------------------------------------------------------------------------
 
 def gpu_seconds_per_sdxl_image() -> float:
-    from popalign.cost import GPU_PEAK_FLOPS, UTILISATION, component_flops, image_flops
+    from popalign.cost import GPU_PEAK_FLOPS, UTILISATION, generated_image_flops
 
-    flops = component_flops("sdxl")
-    return image_flops(flops["unet_forward"], flops["vae_decode"], 50, True) / (GPU_PEAK_FLOPS["H100"] * UTILISATION)
+    return generated_image_flops("sdxl", 50, True) / (GPU_PEAK_FLOPS["H100"] * UTILISATION)
 
 
 def main() -> int:

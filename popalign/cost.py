@@ -11,6 +11,7 @@ multiply-add; normalisations and activations are not counted, a few percent at m
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ def unet_and_vae(model: str):
     return unet, vae
 
 
+@functools.lru_cache(maxsize=None)
 def component_flops(model: str, resolution: int | None = None) -> dict[str, float]:
     """Per image at `resolution` (default: the model's native one): one U-Net forward, VAE encode and decode."""
     import torch
@@ -198,11 +200,13 @@ def _vgg_face_flops() -> float:
     return count_flops(lambda: model(torch.zeros(1, 3, 224, 224, device="meta")))
 
 
+@functools.lru_cache(maxsize=None)
 def text_encoder_flops(model: str) -> float:
     """One prompt through the model's text encoder(s), 77 tokens."""
     return sum(_text_flops(config) for config in TEXT_ENCODERS[model])
 
 
+@functools.lru_cache(maxsize=None)
 def reader_flops() -> dict[str, float]:
     """Per image, what reads the generated images: each quality scorer of eval.sh (image tower + the prompt's text
     tower, which a scorer runs once per image) and each classifier (the face detector is not counted: a small CNN).
@@ -225,6 +229,13 @@ def image_flops(unet_forward: float, vae_decode: float, steps: int, guidance: bo
     return steps * (2 if guidance else 1) * unet_forward + vae_decode
 
 
+def generated_image_flops(model: str, steps: int, guidance: bool) -> float:
+    """One generated image of `model` at its resolution, its prompts included: image_flops plus the text encoders
+    for the prompt and, with guidance, the negative prompt (diffusers encodes both for every image)."""
+    parts = component_flops(model)
+    return image_flops(parts["unet_forward"], parts["vae_decode"], steps, guidance) + (2 if guidance else 1) * text_encoder_flops(model)
+
+
 def training_step_flops(unet_forward: float, pairs: int, objective: str, with_reference: bool = True,
                         prior_preservation_target: str = "") -> float:
     """One optimizer step on cached latents. Backward ~ 2 x forward, so the policy costs 3 forwards per sample;
@@ -233,12 +244,12 @@ def training_step_flops(unet_forward: float, pairs: int, objective: str, with_re
     when its target is the reference's prediction.
 
         FLOP = (3 s + r) x unet_forward,   s = samples (+ pairs with prior preservation),
-                                            r = reference forwards (0 for sft, and without the reference)"""
+                                            r = reference forwards (0 for sft, and none without the reference)"""
     samples = pairs * (1 if objective == "sft" else 2)
-    reference = 0 if objective == "sft" or not with_reference else samples
+    reference = samples if with_reference and objective != "sft" else 0
     if prior_preservation_target:
         samples += pairs
-        reference += pairs if prior_preservation_target == "reference" else 0
+        reference += pairs if with_reference and prior_preservation_target == "reference" else 0
     return (3 * samples + reference) * unet_forward
 
 
@@ -252,8 +263,7 @@ def cost_table(model: str, recipe: Recipe) -> str:
     parts = component_flops(model)
     readers = reader_flops()
     text = text_encoder_flops(model)
-    # the prompt and (with guidance) the negative prompt are encoded for every image
-    per_image = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps, recipe.guidance) + (2 if recipe.guidance else 1) * text
+    per_image = generated_image_flops(model, recipe.steps, recipe.guidance)
     scorers = sum(flops for name, flops in readers.items() if name.startswith("scorer "))
     stages = [
         ("2 generation (training populations)", recipe.training_images, recipe.training_images * per_image),
@@ -274,7 +284,7 @@ def cost_table(model: str, recipe: Recipe) -> str:
              f"| VAE decode | {parts['vae_decode'] / 1e12:.2f} TFLOP |",
              f"| text encoder{'s' if len(TEXT_ENCODERS[model]) > 1 else ''}, one prompt | {text / 1e12:.3f} TFLOP |",
              f"| generated image ({recipe.steps} steps{', guidance' if recipe.guidance else ''}, decode, prompts) | {per_image / 1e12:.0f} TFLOP |",
-             *[f"| {name.replace('scorer ', 'quality scorer ').replace('classifier ', 'classifier ')} | {flops / 1e12:.3f} TFLOP |"
+             *[f"| {name.replace('scorer ', 'quality scorer ')} | {flops / 1e12:.3f} TFLOP |"
                for name, flops in readers.items()],
              "", f"### The recipe's stages ({model.upper()}; GPU-hours are estimates at {UTILISATION:.0%} of peak)", "",
              "| stage | images or steps | FLOP | share | " + " | ".join(f"{gpu} GPU-h" for gpu in GPU_PEAK_FLOPS) + " |",
@@ -289,8 +299,7 @@ def cost_table(model: str, recipe: Recipe) -> str:
                                      ("PopAlign + prior preservation (noise target)", "popalign", "noise"),
                                      ("PopAlign + prior preservation (reference target)", "popalign", "reference")):
         full = training_step_flops(parts["unet_forward"], 1, objective, True, target)
-        alone = training_step_flops(parts["unet_forward"], 1, objective, False, "" if target == "reference" else target) \
-            + (3 * parts["unet_forward"] if target == "reference" else 0)
+        alone = training_step_flops(parts["unet_forward"], 1, objective, False, target)
         lines.append(f"| {label} | {full / 1e12:.1f} TFLOP | {alone / 1e12:.1f} TFLOP |")
     return "\n".join(lines)
 

@@ -294,9 +294,14 @@ def _bias_values(images: pd.DataFrame, attributes: AttributeSet, settings: Evalu
     return values
 
 
+def prompted_attributes(images: pd.DataFrame, attributes: AttributeSet) -> list[str]:
+    """The attributes an identity-specific prompt's images were all prompted with (their manifest column is set)."""
+    return [name for name in attributes.word_order if (images[name] != "").all()]
+
+
 def _accuracy_values(images: pd.DataFrame, attributes: AttributeSet) -> dict[str, float]:
     """Attribute accuracy per prompted attribute, and joint accuracy (all prompted attributes right)."""
-    prompted_axes = [name for name in attributes.word_order if (images[name] != "").all()]
+    prompted_axes = prompted_attributes(images, attributes)
     values = {}
     for axis in prompted_axes:
         values[f"accuracy_{axis}"] = metrics.attribute_accuracy(

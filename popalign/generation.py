@@ -22,8 +22,7 @@ import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_output_location, csv_row_number,
-                         remove_orphaned_temporary_files,
-                         file_sha256, read_csv_checked)
+                         file_sha256, read_csv_checked, remove_orphaned_temporary_files)
 
 CONFIG_FILE = "generation_config.json"
 
@@ -293,17 +292,20 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
 
         with tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process) as progress, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer") as writer:
-            writing = None
+            writing = None  # (the previous batch's write, its image count): under way while this batch is drawn
+
+            def wait_for_write() -> None:
+                if writing is not None:
+                    future, count = writing
+                    future.result()  # on disk (the write's error, if any, is raised here)
+                    progress.update(count)
+
             for start in range(0, len(my_share), batch_size):
                 batch = my_share.iloc[start : start + batch_size]
                 images = render_batch(pipeline, list(batch["prompt"]), [int(seed) for seed in batch["seed"]], settings)
-                if writing is not None:
-                    writing.result()  # the previous batch is on disk (its error, if any, raised here)
-                    progress.update(written)
-                writing, written = writer.submit(write_batch, images, list(batch["image_path"])), len(batch)
-            if writing is not None:
-                writing.result()
-                progress.update(written)
+                wait_for_write()
+                writing = (writer.submit(write_batch, images, list(batch["image_path"])), len(batch))
+            wait_for_write()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_csv(out_dir / MANIFEST_NAME, manifest)

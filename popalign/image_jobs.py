@@ -17,8 +17,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from popalign.image_folder import read_manifest  # noqa: F401  (re-exported for the runners)
-from popalign.io import InputError, atomic_write_json, csv_row_number, read_csv_checked, read_jsonl, remove_orphaned_temporary_files
+from popalign.io import InputError, atomic_write_json, read_jsonl, remove_orphaned_temporary_files
 
 
 class SingleProcess:
@@ -61,6 +60,15 @@ class ImageJob:
 
     def saved_settings(self) -> dict | None:
         return json.loads(self.settings_path.read_text(encoding="utf-8")) if self.settings_path.is_file() else None
+
+    def complete_output(self, final_path: Path, options: dict, image_paths: Sequence[str]) -> pd.DataFrame | None:
+        """The job's final CSV when it lists exactly `image_paths`, in order, and the job was made with `options`
+        (the settings' "options"); else None. A finished job is not run again, and its model is not even loaded."""
+        saved = self.saved_settings()
+        if saved is None or not final_path.is_file() or saved.get("options") != options:
+            return None
+        written = pd.read_csv(final_path, dtype=str, keep_default_na=False)
+        return written if list(written["image_path"]) == list(image_paths) else None
 
     def check_settings(self, settings: dict, describe_mismatch: Callable[[dict], str], ignored: tuple[str, ...] = ()) -> None:
         """Refuse to mix rows made with other settings (the keys in `ignored` are recorded, not compared);

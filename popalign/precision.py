@@ -1,7 +1,7 @@
 """Stop drawing for an identity-specific prompt once its identity accuracy is measured as precisely as asked.
 
 eval.sh with TARGET_INTERVAL_WIDTH=w draws every identity-specific prompt in rounds: a first round of
-`--min_images_per_prompt` images, then, after classification, this module plans the next round. A prompt whose
+MIN_IMAGES_PER_IDENTITY_PROMPT images, then, after classification, this module plans the next round. A prompt whose
 identity accuracy (gender and race both read as prompted, among the images with a face) has a 95% Wilson interval
 no wider than w is finished; the others double their images, up to `--max_images_per_prompt` (eval.sh's
 IMAGES_PER_IDENTITY_PROMPT). Every model evaluated is drawn with the same counts (the most any of them needs), so
@@ -72,13 +72,14 @@ def next_image_count(drawn: int, successes: int, trials: int, target_width: floa
 def identity_accuracy_counts(images: pd.DataFrame, attributes) -> pd.DataFrame:
     """Per identity-specific prompt: images drawn, images with a face, and those whose every prompted attribute was
     read as prompted. `images` as popalign.evaluation.load_image_folder returns them."""
+    from popalign.evaluation import prompted_attributes
+
     identity = images[images["kind"] == "identity"]
     rows = []
     for prompt_id, group in identity.groupby("prompt_id", sort=True):
-        axes = [name for name in attributes.word_order if (group[name] != "").all()]
         faces = group[group["face_detected"]]
         right = pd.Series(True, index=faces.index)
-        for axis in axes:
+        for axis in prompted_attributes(group, attributes):
             right &= faces[f"predicted_{axis}"] == faces[axis]
         rows.append({"prompt_id": prompt_id, "drawn": len(group), "faces": len(faces), "right": int(right.sum())})
     return pd.DataFrame(rows, columns=["prompt_id", "drawn", "faces", "right"])
@@ -125,6 +126,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target_interval_width", type=float, required=True, help="width of the 95%% interval to reach, e.g. 0.1")
     parser.add_argument("--max_images_per_prompt", type=int, required=True, help="never more images per identity-specific prompt")
     parser.add_argument("--counts_csv", required=True, help="where the next round's counts go (prompt_id, images)")
+    parser.add_argument("--validate_only", action="store_true",
+                        help="check the flags and where the counts go, read no folder, write nothing, exit (2: what is wrong)")
     return parser
 
 
@@ -139,6 +142,8 @@ def main(argv=None) -> int:
         raise InputError(f"--max_images_per_prompt must be >= 1, got {args.max_images_per_prompt}")
     check_output_location(args.counts_csv, "--counts_csv")
     attributes = load_attributes(args.attributes or DEFAULT_ATTRIBUTES_PATH)
+    if args.validate_only:
+        return 0
     plan = plan_next_round(args.output_dir, args.classifier, attributes, args.target_interval_width, args.max_images_per_prompt)
     if plan.empty:
         raise InputError(f"--output_dir {', '.join(args.output_dir)}: no identity-specific prompt to plan")

@@ -12,7 +12,6 @@ or a JSON file {scorer: {key: value}} given to --options_json.
 import argparse
 import json
 import sys
-
 from pathlib import Path
 
 from popalign.image_folder import manifest_path, quality_path
@@ -65,8 +64,8 @@ def parse_args(argv=None):
 
 
 def validate_scoring(args) -> tuple[list[str], dict[str, dict]]:
-    """The scorers to run and their options, every flag and the folder checked before any model loads (a wrapper
-    runs this before generation). The manifest is read only once it exists."""
+    """The scorers to run and their options, every flag and the output files checked before any model loads (a
+    wrapper runs this before generation)."""
     scorer_names = [name.strip() for name in args.scorers.split(",") if name.strip()]
     unknown = [name for name in scorer_names if name not in SCORERS]
     if unknown or not scorer_names:
@@ -82,10 +81,6 @@ def validate_scoring(args) -> tuple[list[str], dict[str, dict]]:
     check_output_location(args.out_dir, "--output_dir", folder=True)
     for name in scorer_names:
         check_output_location(quality_path(args.out_dir, name), "--output_dir (scores file)")
-    if Path(manifest_path(args.out_dir)).exists():
-        from popalign.quality.run import read_manifest_prompts
-
-        read_manifest_prompts(args.out_dir)
     # Options for scorers not run this time (a shared options file) are dropped.
     return scorer_names, {name: options for name, options in scorer_options.items() if name in scorer_names}
 
@@ -95,11 +90,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     scorer_names, scorer_options = validate_scoring(args)
     if args.validate_only:
+        if Path(manifest_path(args.out_dir)).exists():  # before generation there is none yet
+            from popalign.quality.run import read_manifest_prompts
+
+            read_manifest_prompts(args.out_dir)
         return 0
     from popalign.distributed import make_accelerator
-    from popalign.quality.run import read_manifest_prompts, score_image_folder
+    from popalign.quality.run import score_image_folder
 
-    read_manifest_prompts(args.out_dir)  # a bad folder fails before any model loads
+    # score_image_folder reads (and checks) the manifest before it loads any model.
     score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=SCORER_DTYPES.get(args.precision, args.precision),
                        accelerator=make_accelerator())
     return 0

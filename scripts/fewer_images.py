@@ -144,11 +144,10 @@ def accuracy_table(cap: int) -> list[str]:
 
 
 def cost_lines(fractions: dict[float, float]) -> list[str]:
-    from popalign.cost import Recipe, component_flops, gpu_hours, image_flops, text_encoder_flops
+    from popalign.cost import Recipe, generated_image_flops, gpu_hours
 
     recipe = Recipe.from_repository(processes=8)
-    parts = component_flops("sdxl")
-    per_image = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps, recipe.guidance) + 2 * text_encoder_flops("sdxl")
+    per_image = generated_image_flops("sdxl", recipe.steps, recipe.guidance)
     identity = recipe.eval_models * recipe.eval_neutral_prompts * recipe.eval_identities * recipe.eval_images_per_identity_prompt
     total_images = recipe.training_images + recipe.evaluation_images
     lines = ["| SDXL recipe | images drawn | generation FLOP | H100 GPU-h (40%) | vs the recipe |", "|---|---|---|---|---|",
@@ -158,7 +157,7 @@ def cost_lines(fractions: dict[float, float]) -> list[str]:
         lines.append(f"| TARGET_INTERVAL_WIDTH={width} (toy world's share of identity images) | {drawn:,.0f} | {drawn * per_image:.2e} "
                      f"| {gpu_hours(drawn * per_image, 'H100'):.1f} | {drawn / total_images:.0%} |")
     # With a sampler at half the U-Net passes as well (the VAE decode and the prompts unchanged).
-    half_steps = image_flops(parts["unet_forward"], parts["vae_decode"], recipe.steps // 2, recipe.guidance) + 2 * text_encoder_flops("sdxl")
+    half_steps = generated_image_flops("sdxl", recipe.steps // 2, recipe.guidance)
     width = 0.1
     drawn = total_images - identity + fractions[width] * identity
     lines.append(f"| TARGET_INTERVAL_WIDTH={width} and a sampler at {recipe.steps // 2} steps (not shown equivalent) | {drawn:,.0f} "

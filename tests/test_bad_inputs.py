@@ -340,11 +340,15 @@ def test_2_generate_images_sh_checks_classification_before_generating(world, var
     assert not out_dir.exists()
 
 
-def test_eval_sh_checks_scoring_before_any_image(world):
+@pytest.mark.parametrize("variables, message", [
+    ({"SCORERS": "toy,hps"}, "error: --scorers: unknown scorer(s) hps"),
+    ({"TARGET_INTERVAL_WIDTH": "2"}, "error: --target_interval_width must be in (0, 1), got 2.0"),
+])
+def test_eval_sh_checks_scoring_and_rounds_before_any_image(world, variables, message):
     out_dir = world / "eval"
     completed = subprocess.run(["bash", str(REPO_ROOT / "eval.sh")], cwd=REPO_ROOT, capture_output=True, text=True,
                                env=wrapper_environment(RECIPE="configs/toy_recipe.sh", OUT_DIR=str(out_dir), NUM_PROCESSES="1",
-                                                       SCORERS="toy,hps", TUNED_MODELS=""))
+                                                       TUNED_MODELS="", **variables))
     assert completed.returncode == 2, completed.stderr[-2000:]
-    assert completed.stderr.strip().splitlines()[-1].startswith("error: --scorers: unknown scorer(s) hps")
+    assert completed.stderr.strip().splitlines()[-1].startswith(message)
     assert not (out_dir / "images").exists()

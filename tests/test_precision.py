@@ -1,8 +1,6 @@
 """Rounds of identity-specific images (popalign.precision): the Wilson interval, the stopping rule, the plan over
 several models' folders, and generation of the planned counts."""
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest

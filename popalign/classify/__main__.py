@@ -35,9 +35,8 @@ def parse_args(argv=None):
 
 
 def validate_classification(args) -> None:
-    """Flags and folder checked before any model loads: a wrapper runs this before generation, so a typo fails in
-    seconds rather than after the images. The manifest is read only once it exists."""
-    from popalign.classify.run import read_manifest_image_paths
+    """Flags and output files checked before any model loads: a wrapper runs this before generation, so a typo fails
+    in seconds rather than after the images."""
     from popalign.generation import check_model_location
 
     if args.batch_size < 1:
@@ -54,8 +53,6 @@ def validate_classification(args) -> None:
         check_model_location("clip_model", args.clip_model)
     check_output_location(args.out_dir, "--output_dir", folder=True)
     check_output_location(labels_path(args.out_dir, args.classifier), "--output_dir (labels file)")
-    if Path(manifest_path(args.out_dir)).exists():
-        read_manifest_image_paths(args.out_dir)
 
 
 @exit_2_on_input_error
@@ -63,7 +60,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     validate_classification(args)
     if args.validate_only:
+        if Path(manifest_path(args.out_dir)).exists():  # before generation there is none yet
+            from popalign.classify.run import read_manifest_image_paths
+
+            read_manifest_image_paths(args.out_dir)
         return 0
+    # run_classification reads (and checks) the manifest before it loads any model.
     from popalign.classify.run import classifier_options, run_classification
     from popalign.distributed import make_accelerator
 

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from popalign.classify import build_classifier
 from popalign.classify.base import Classifier
-from popalign.image_folder import LABEL_COLUMNS, labels_path  # noqa: F401
-from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, read_manifest, run_image_job
+from popalign.image_folder import LABEL_COLUMNS, labels_path, read_manifest
+from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, run_image_job
 from popalign.io import atomic_write_csv
 
 
@@ -58,14 +58,9 @@ def recorded_options(options: dict) -> dict:
 def complete_labels(out_dir: str | Path, classifier_name: str, options: dict, image_paths: list[str]) -> Optional[LabellingSummary]:
     """The summary of labels_<name>.csv when it covers exactly these images and was made with these options, else
     None: a finished folder is not classified again, and its model is not even loaded."""
-    out_dir = Path(out_dir)
-    saved, final_path = ImageJob(out_dir, f"labels_{classifier_name}").saved_settings(), labels_path(out_dir, classifier_name)
-    if saved is None or not final_path.is_file() or saved.get("options") != recorded_options(options):
-        return None
-    written = pd.read_csv(final_path, dtype=str, keep_default_na=False)
-    if list(written["image_path"]) != image_paths:
-        return None
-    return LabellingSummary(final_path, len(written), int((written["face_detected"] == "1").sum()))
+    final_path = labels_path(out_dir, classifier_name)
+    written = ImageJob(Path(out_dir), f"labels_{classifier_name}").complete_output(final_path, recorded_options(options), image_paths)
+    return None if written is None else LabellingSummary(final_path, len(written), int((written["face_detected"] == "1").sum()))
 
 
 def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_size: int = 16, accelerator=None,

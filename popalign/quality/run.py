@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from popalign.image_folder import QUALITY_COLUMNS, quality_path  # noqa: F401
-from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, read_manifest, run_image_job
+from popalign.image_folder import QUALITY_COLUMNS, quality_path, read_manifest
+from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, run_image_job
 from popalign.io import atomic_write_csv
 from popalign.quality import build_scorer
 from popalign.quality.base import QualityScorer
@@ -36,11 +36,7 @@ def _jsonable(options: dict) -> dict:
 
 def _already_complete(out_dir: Path, scorer_name: str, options: dict, image_paths: list[str]) -> bool:
     """True when quality_<name>.csv covers exactly the manifest's images, made with these options."""
-    saved, final_path = ImageJob(out_dir, f"quality_{scorer_name}").saved_settings(), quality_path(out_dir, scorer_name)
-    if saved is None or not final_path.is_file() or saved.get("options") != options:
-        return False
-    written = pd.read_csv(final_path, dtype=str, keep_default_na=False)
-    return list(written["image_path"]) == image_paths
+    return ImageJob(out_dir, f"quality_{scorer_name}").complete_output(quality_path(out_dir, scorer_name), options, image_paths) is not None
 
 
 def score_folder_with(out_dir: str | Path, scorer: QualityScorer, options: dict | None = None, accelerator=None) -> Path:

@@ -381,8 +381,10 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     return records, checkpoint, differences
 
 
-def prepare_run(config: TrainConfig) -> PreparedRun:
-    """Accelerator, data encodings, policy and reference U-Nets, optimizer; restore a checkpoint if asked."""
+def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> PreparedRun:
+    """Accelerator, data encodings, policy and reference U-Nets, optimizer; restore a checkpoint if asked.
+    `checked_inputs`: what check_run_inputs already returned for this config (train() checks before it decides
+    whether there is anything to train), so the pairs and their images are not checked twice."""
     from accelerate.utils import DistributedType, set_seed
 
     config.validate()
@@ -392,7 +394,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     say = accelerator.print
     set_seed(config.seed)
     # Everything that can be checked is checked before anything is written in the run folder.
-    records, checkpoint, differences = check_run_inputs(config, accelerator.device)
+    records, checkpoint, differences = checked_inputs if checked_inputs is not None else check_run_inputs(config, accelerator.device)
     unet = load_unet(config.pretrained_model, config.variant)
     kind = model_kind(unet.config)
     noise_scheduler = load_noise_scheduler(config.pretrained_model)
@@ -619,19 +621,16 @@ def train(config: TrainConfig) -> TrainResult:
     When the output folder already holds the final weights of this same training (checkpoints.py:
     same settings, pairs file content and base U-Net files), nothing is trained again.
     """
-    config.validate()
+    # Flags, pairs, model and output folder checked first, also when the folder holds this run finished.
+    checked_inputs = check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if config.validate_only:
-        check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         print(f"{config.output_dir}: the run can start", flush=True)
         return TrainResult(global_step=0, finished=False, output_dir=Path(config.output_dir))
-    # Flags, pairs, model and output folder checked first, also when the folder holds this run finished.
-    check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if Path(config.pairs_file).is_file():
-        done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
-        if done is not None:
-            weights, global_step = done
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{weights} is already trained with these settings and pairs; nothing to do "
-                      f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
-            return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
-    return run_training(prepare_run(config))
+    done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
+    if done is not None:
+        weights, global_step = done
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{weights} is already trained with these settings and pairs; nothing to do "
+                  f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
+        return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
+    return run_training(prepare_run(config, checked_inputs))
