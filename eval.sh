@@ -135,20 +135,25 @@ if [ -n "$OCCUPATION_SPLITS" ]; then
   splits="$(python -m popalign.prompts splits "$OCCUPATION_SPLITS")"
 fi
 
+# The prompt files are built in a scratch folder, checked with everything else below, and only then put in
+# OUT_DIR/prompts: a bad setting leaves OUT_DIR as it was.
 PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_diverse.csv"
 ALL_PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_all.csv"
+staged="$(mktemp -d)"
+trap 'rm -rf "$staged"' EXIT
 restrict_args=()
 [ -n "$IDENTITY_RESTRICT" ] && restrict_args=(--restrict "$IDENTITY_RESTRICT")
-python 1_generate_diverse_prompts.py --input "$EVAL_PROMPTS" --output "$PROMPTS_CSV" --attributes "$ATTRIBUTES" \
+python 1_generate_diverse_prompts.py --input "$EVAL_PROMPTS" --output "$staged/$(basename "$PROMPTS_CSV")" --attributes "$ATTRIBUTES" \
   --axes "$IDENTITY_AXES" "${restrict_args[@]}" --template "$EVAL_TEMPLATE"
-# The generic prompts are already in step 1's output format (kind=generic): append their rows.
-cp "$PROMPTS_CSV" "$ALL_PROMPTS_CSV"
+# The generic prompts are already in step 1's output format (kind=generic): checked on their own, then their rows appended.
+cp "$staged/$(basename "$PROMPTS_CSV")" "$staged/$(basename "$ALL_PROMPTS_CSV")"
 if [ -n "$GENERIC_PROMPTS" ]; then
-  if [ "$(head -n 1 "$GENERIC_PROMPTS" | tr -d '\r')" != "$(head -n 1 "$PROMPTS_CSV")" ]; then
-    echo "error: $GENERIC_PROMPTS: header must be step 1's: $(head -n 1 "$PROMPTS_CSV")" >&2
+  if [ "$(head -n 1 "$GENERIC_PROMPTS" | tr -d '\r')" != "$(head -n 1 "$staged/$(basename "$PROMPTS_CSV")")" ]; then
+    echo "error: $GENERIC_PROMPTS: header must be step 1's: $(head -n 1 "$staged/$(basename "$PROMPTS_CSV")")" >&2
     exit 2
   fi
-  tail -n +2 "$GENERIC_PROMPTS" >> "$ALL_PROMPTS_CSV"
+  python -m popalign.prompts check "$GENERIC_PROMPTS"
+  tail -n +2 "$GENERIC_PROMPTS" >> "$staged/$(basename "$ALL_PROMPTS_CSV")"
 fi
 
 # Each model's image folder; the same prompts, sampling settings, seeds and image counts for every model: only the
@@ -166,14 +171,19 @@ precision_args+=(--classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" --target_
                  --max_images_per_prompt "$IMAGES_PER_IDENTITY_PROMPT" --counts_csv "$counts")
 
 # Every model's generation, classification and scoring is checked (settings, weights folders, output folders)
-# before any image is made; so are the rounds' settings.
+# before any file is written; so are the rounds' settings.
 [ -n "$TARGET_INTERVAL_WIDTH" ] && python -m popalign.precision "${precision_args[@]}" --validate_only
-python -m popalign.generate "${generate_args[@]}" --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
+python -m popalign.generate "${generate_args[@]}" --prompts_csv "$staged/$(basename "$ALL_PROMPTS_CSV")" \
+  --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 check_classify_score "$OUT_DIR/images/$BASE_NAME"
 for index in "${!tuned_names[@]}"; do
   python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
-    --prompts_csv "$ALL_PROMPTS_CSV" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
+    --prompts_csv "$staged/$(basename "$ALL_PROMPTS_CSV")" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
   check_classify_score "$OUT_DIR/images/${tuned_names[$index]}"
+done
+mkdir -p "$(dirname "$PROMPTS_CSV")"
+for file in "$PROMPTS_CSV" "$ALL_PROMPTS_CSV"; do
+  cp "$staged/$(basename "$file")" "$file.tmp" && mv -f "$file.tmp" "$file"
 done
 
 # generate_classify_all [count flags...]: every model's images and labels.

@@ -501,6 +501,25 @@ def bootstrap_mean_ci(values: Sequence[float], num_resamples: int = 10000, confi
     return (mean, float(low), float(high))
 
 
+def changed_readings(first_readings: Sequence[Sequence], second_readings: Sequence[Sequence]) -> tuple[int, int]:
+    """How many paired pictures read differently: (changed, pairs).
+
+    first_readings[i][j] and second_readings[i][j] are what was read from picture j of prompt i drawn from
+    the same seed by two samplers (or models). changed = #{(i, j) : first[i][j] != second[i][j]}. A share of
+    prompt i's pictures (any label, the clean ones, the right ones) can move by at most changed_i / n_i
+    between the two, since an unchanged picture counts the same in both.
+    """
+    if len(first_readings) != len(second_readings):
+        raise ValueError(f"{len(first_readings)} prompts against {len(second_readings)}: the readings must pair up")
+    changed = pairs = 0
+    for index, (first, second) in enumerate(zip(first_readings, second_readings)):
+        if len(first) != len(second):
+            raise ValueError(f"prompt {index}: {len(first)} pictures against {len(second)}: the readings must pair up")
+        changed += sum(list(a) != list(b) for a, b in zip(first, second))
+        pairs += len(first)
+    return changed, pairs
+
+
 # Up to this many pairs the sign-flip test enumerates every sign pattern (2^16 = 65,536).
 MAX_EXACT_PAIRS = 16
 

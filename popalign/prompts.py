@@ -155,15 +155,21 @@ def expand_prompts(
 
 
 def main(argv=None) -> int:
-    """`python -m popalign.prompts splits FILE`: print the split names of a prompt file (for the shell scripts)."""
+    """For the shell scripts: `python -m popalign.prompts splits FILE` prints the split names of a prompt file;
+    `python -m popalign.prompts check FILE` checks a file in step 1's output format (e.g. generic prompts)."""
     import sys
 
+    from popalign.generation import read_prompt_table
+
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "splits":
-        print("usage: python -m popalign.prompts splits FILE", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("splits", "check"):
+        print("usage: python -m popalign.prompts {splits,check} FILE", file=sys.stderr)
         return 2
     try:
-        print(" ".join(sorted(set(occupation_splits(argv[1]).values()))))
+        if argv[0] == "splits":
+            print(" ".join(sorted(set(occupation_splits(argv[1]).values()))))
+        else:
+            read_prompt_table(argv[1])
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ inside the margins declared here before the runs (MARGINS); otherwise the table 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def measure(model: str, scheduler: str, steps: int, prompts, world, images_per_n
 
     pipeline = load_text_to_image_pipeline(model, torch.float32, torch.device("cpu"), scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    return measure_toy_model(pipeline, world, prompts, images_per_identity, images_per_neutral, steps, 3.0, seed)
+    return measure_toy_model(pipeline, world, prompts, images_per_identity, images_per_neutral, steps, 3.0, seed, keep_readings=True)
 
 
 def difference_of_proportions(first: float, second: float, count: int) -> tuple[float, float, float]:
@@ -51,6 +52,36 @@ def difference_of_proportions(first: float, second: float, count: int) -> tuple[
     difference = second - first
     half = 1.96 * math.sqrt(max(first * (1 - first) + second * (1 - second), 1e-12) / count)
     return difference, difference - half, difference + half
+
+
+def same_seed_table(runs: dict, prompts) -> list[str]:
+    """Markdown lines: each candidate's pictures read differently from the reference's on the same seeds, and whether
+    its means lie inside the reference's 95% intervals. Neither is one of the declared margins above."""
+    from popalign.precision import wilson_interval
+
+    reference = runs[REFERENCE]
+    kinds = list(prompts["kind"])
+    intervals = {axis: metrics.bootstrap_mean_ci([row[f"{axis}_discrepancy"] for row in reference["neutral"]]) for axis in ("gender", "race")}
+    accuracy_interval = wilson_interval(round(reference["identity_accuracy"] * reference["identity_images"]), reference["identity_images"])
+    lines = [f"On the same seeds, against the reference's 95% intervals (gender discrepancy {intervals['gender'][0]:.3f} "
+             f"[{intervals['gender'][1]:.3f}, {intervals['gender'][2]:.3f}], race {intervals['race'][0]:.3f} "
+             f"[{intervals['race'][1]:.3f}, {intervals['race'][2]:.3f}] over prompts; identity accuracy "
+             f"{reference['identity_accuracy']:.1%} [{accuracy_interval[0]:.1%}, {accuracy_interval[1]:.1%}], Wilson). "
+             "A picture is read differently when its clean flag, occupation, gender or race differs:", "",
+             "| sampler | steps | neutral pictures read differently [95% CI] | identity-specific pictures read differently [95% CI] "
+             "| mean inside the reference's interval: gender / race discrepancy, identity accuracy |", "|---|---|---|---|---|"]
+    for setting in CANDIDATES:
+        run, cells = runs[setting], []
+        for kind in ("neutral", "identity"):
+            changed, pairs = metrics.changed_readings([r for k, r in zip(kinds, reference["readings"]) if k == kind],
+                                                      [r for k, r in zip(kinds, run["readings"]) if k == kind])
+            low, high = wilson_interval(changed, pairs)
+            cells.append(f"{changed / pairs:.1%} [{low:.1%}, {high:.1%}] ({changed} of {pairs})")
+        inside = [intervals[axis][1] <= run[f"neutral_{axis}_discrepancy"] <= intervals[axis][2] for axis in ("gender", "race")]
+        inside.append(accuracy_interval[0] <= run["identity_accuracy"] <= accuracy_interval[1])
+        cells.append(" / ".join("yes" if value else "no" for value in inside))
+        lines.append(f"| `{setting[0]}` | {setting[1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -62,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images_per_identity_prompt", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default="", help="also write the table to this Markdown file")
+    parser.add_argument("--measurements_output", default="", help="also write every setting's measurements (per neutral prompt) to this JSON file")
     args = parser.parse_args(argv)
     import torch
 
@@ -70,6 +102,8 @@ def main(argv=None) -> int:
     prompts = expand_prompts(read_neutral_prompts(args.occupations), load_attributes(args.attributes), ["gender", "race"], DEFAULT_TEMPLATE)
     runs = {setting: measure(args.model, *setting, prompts, world, args.images_per_neutral_prompt, args.images_per_identity_prompt, args.seed)
             for setting in (REFERENCE, *CANDIDATES)}
+    if args.measurements_output:
+        atomic_write_text(args.measurements_output, json.dumps({f"{name} {steps}": run for (name, steps), run in runs.items()}, indent=1))
     reference = runs[REFERENCE]
     lines = [f"Reference: scheduler `{REFERENCE[0]}` (the toy base's DDIM) at {REFERENCE[1]} steps. Same prompts and seeds; "
              f"{args.images_per_neutral_prompt} images per neutral prompt ({len(reference['neutral'])} prompts), "
@@ -91,6 +125,7 @@ def main(argv=None) -> int:
         cells.append(f"{accuracy[0]:+.1%} [{accuracy[1]:+.1%}, {accuracy[2]:+.1%}]")
         verdict = "equivalent within the margins" if inside else "not shown equivalent"
         lines.append(f"| `{setting[0]}` | {setting[1]} | {setting[1] / REFERENCE[1]:.0%} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", *same_seed_table(runs, prompts)]
     given = argv if argv is not None else sys.argv[1:]
     lines += ["", f"Command: `{' '.join(['python scripts/fewer_steps.py', *given])}`", ""]
     text = "\n".join(lines)

@@ -344,11 +344,31 @@ def test_2_generate_images_sh_checks_classification_before_generating(world, var
     ({"SCORERS": "toy,hps"}, "error: --scorers: unknown scorer(s) hps"),
     ({"TARGET_INTERVAL_WIDTH": "2"}, "error: --target_interval_width must be in (0, 1), got 2.0"),
 ])
-def test_eval_sh_checks_scoring_and_rounds_before_any_image(world, variables, message):
+def test_eval_sh_checks_scoring_and_rounds_before_any_file(world, variables, message):
     out_dir = world / "eval"
     completed = subprocess.run(["bash", str(REPO_ROOT / "eval.sh")], cwd=REPO_ROOT, capture_output=True, text=True,
                                env=wrapper_environment(RECIPE="configs/toy_recipe.sh", OUT_DIR=str(out_dir), NUM_PROCESSES="1",
                                                        TUNED_MODELS="", **variables))
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert completed.stderr.strip().splitlines()[-1].startswith(message)
-    assert not (out_dir / "images").exists()
+    assert not out_dir.exists()  # not even the prompt files
+
+
+def test_eval_sh_names_the_generic_prompts_row_and_keeps_the_prompt_files(world):
+    """A bad row of GENERIC_PROMPTS is named in its own file; prompt files of an earlier evaluation stay as they were."""
+    out_dir = world / "eval"
+    (out_dir / "prompts").mkdir(parents=True)
+    earlier = {name: f"earlier {name}\n" for name in ("eval_prompts_diverse.csv", "eval_prompts_all.csv")}
+    for name, text in earlier.items():
+        (out_dir / "prompts" / name).write_text(text)
+    header = (REPO_ROOT / "data/toy/generic_prompts.csv").read_text().splitlines()[0]
+    generic = world / "generic.csv"
+    generic.write_text(f"{header}\nab12,generic,a quiet street,a quiet street,,,,,\nab13,scenery,a lake,a lake,,,,,\n")
+    completed = subprocess.run(["bash", str(REPO_ROOT / "eval.sh")], cwd=REPO_ROOT, capture_output=True, text=True,
+                               env=wrapper_environment(RECIPE="configs/toy_recipe.sh", OUT_DIR=str(out_dir), NUM_PROCESSES="1",
+                                                       TUNED_MODELS="", GENERIC_PROMPTS=str(generic)))
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    [line] = completed.stderr.strip().splitlines()
+    assert line.startswith(f"error: {generic}: row 3: kind 'scenery' is not one of"), line
+    assert {path.name: path.read_text() for path in (out_dir / "prompts").iterdir()} == earlier
+    assert sorted(path.name for path in out_dir.iterdir()) == ["prompts"]

@@ -423,3 +423,15 @@ def test_adjusted_shares_recover_known_shares_from_a_known_confusion():
     assert np.all(corrected.ci_low >= 0) and np.all(corrected.ci_high <= 1)
     empty = metrics.classifier_corrected_shares([None], classes, confusion_sample)
     assert np.isnan(empty.corrected).all()
+
+
+def test_changed_readings_counts_the_pictures_read_differently():
+    first = [[(True, "doctor", "male", "white"), (True, "doctor", "female", "asian")], [(False, "nurse", None, None)]]
+    second = [[[True, "doctor", "male", "white"], [True, "doctor", "male", "asian"]], [[True, "nurse", "female", "black"]]]
+    assert metrics.changed_readings(first, second) == (2, 3)
+    assert metrics.changed_readings(first, first) == (0, 3)
+    assert metrics.changed_readings([], []) == (0, 0)
+    with pytest.raises(ValueError, match="prompt 1: 1 pictures against 2"):
+        metrics.changed_readings(first, [second[0], second[0]])
+    with pytest.raises(ValueError, match="2 prompts against 1"):
+        metrics.changed_readings(first, first[:1])

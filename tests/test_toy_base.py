@@ -26,7 +26,7 @@ def measurement():
     prompts = expand_prompts(read_neutral_prompts("data/toy/occupations.csv"), load_attributes("data/toy/attributes.json"),
                              ["gender", "race"])
     return measure_toy_model(pipeline, load_world(), prompts, images_per_identity_prompt=2, images_per_neutral_prompt=40,
-                             steps=20, guidance=1.0, seed=123)
+                             steps=20, guidance=1.0, seed=123, keep_readings=True)
 
 
 def test_base_draws_identity_prompts_right(measurement):
@@ -52,3 +52,17 @@ def test_measurement_reports_neutral_discrepancy_and_quality(measurement):
     assert neutral["race_discrepancy"].between(0.2, 0.8165).all()
     assert measurement["neutral_gender_discrepancy"] == pytest.approx(neutral["gender_discrepancy"].mean())
     assert 0.8 <= measurement["neutral_toy_quality"] <= 1.0
+
+
+def test_kept_readings_give_the_same_figures(measurement):
+    """The per-picture readings kept for pairing seeds count up to the measurement's own figures."""
+    prompts = expand_prompts(read_neutral_prompts("data/toy/occupations.csv"), load_attributes("data/toy/attributes.json"),
+                             ["gender", "race"])
+    readings = measurement["readings"]
+    assert [len(pictures) for pictures in readings] == [2 if kind == "identity" else 40 for kind in prompts["kind"]]
+    right = sum(clean and (occupation, gender, race) == (prompt.occupation, prompt.gender, prompt.race)
+                for prompt, pictures in zip(prompts.itertuples(), readings) if prompt.kind == "identity"
+                for clean, occupation, gender, race in pictures)
+    assert right / measurement["identity_images"] == measurement["identity_accuracy"]
+    neutral = [pictures for kind, pictures in zip(prompts["kind"], readings) if kind == "neutral"]
+    assert [sum(clean for clean, *_ in pictures) / 40 for pictures in neutral] == [row["clean_rate"] for row in measurement["neutral"]]

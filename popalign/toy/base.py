@@ -53,21 +53,27 @@ def _draw(pipeline, prompt: str, count: int, steps: int, guidance: float, seed: 
 
 def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_per_identity_prompt: int,
                       images_per_neutral_prompt: int, steps: int = 20, guidance: float = 3.0, seed: int = 0,
-                      batch_size: int = 64, gender_majority: float = 0.85, race_majority: float = 0.8) -> dict:
+                      batch_size: int = 64, gender_majority: float = 0.85, race_majority: float = 0.8,
+                      keep_readings: bool = False) -> dict:
     """Identity-prompt accuracy and neutral-prompt skew of a toy pipeline, read from its pictures.
 
     Identity accuracy = share of identity-prompt pictures that are clean figures with the prompted
     occupation, gender AND race. For each neutral prompt: the clean-figure rate, the shares of the
     data set's majority gender and race among clean figures next to the data set's shares, the
     gender and race discrepancies ||p_hat - uniform||_2 over clean figures, and the mean toy quality
-    (popalign.toy.quality.toy_quality). Also their means over the neutral prompts.
+    (popalign.toy.quality.toy_quality). Also their means over the neutral prompts. With keep_readings, also
+    "readings": for each prompt in order, each picture's [clean, occupation, gender, race] (to pair pictures
+    of the same seeds across models or samplers).
     """
     identity_counts: Counter = Counter()
     neutral_rows = []
+    kept_readings = []
     for index, prompt in enumerate(tqdm(list(prompts.itertuples(index=False)), desc="measuring toy model")):
         identity = prompt.kind == "identity"
         count = images_per_identity_prompt if identity else images_per_neutral_prompt
         readings = [read_figure(world, picture) for picture in _draw(pipeline, prompt.prompt, count, steps, guidance, seed + index, batch_size)]
+        if keep_readings:
+            kept_readings.append([[bool(r.clean), r.occupation, r.gender, r.race] for r in readings])
         if identity:
             identity_counts["images"] += count
             identity_counts["clean"] += sum(reading.clean for reading in readings)
@@ -92,7 +98,7 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
             "model_race_share": float(np.mean([r.race == majority_race for r in clean])) if clean else float("nan"),
         })
     images = max(identity_counts["images"], 1)
-    return {
+    measurement = {
         "identity_accuracy": identity_counts["all"] / images,
         "identity_clean_rate": identity_counts["clean"] / images,
         "identity_occupation_accuracy": identity_counts["occupation"] / images,
@@ -105,6 +111,9 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
         "neutral": neutral_rows,
         "settings": {"steps": steps, "guidance": guidance, "seed": seed},
     }
+    if keep_readings:
+        measurement["readings"] = kept_readings
+    return measurement
 
 
 def format_measurement(measurement: dict) -> str:
