@@ -337,7 +337,9 @@ def main() -> int:
                   f"| step 2 (plan, checks, PNG writes, manifest) | {generation['step_2_seconds']:.1f} | {generation['ratio']:.3f} |", "",
                   f"Host-side time left per image: {generation['host_ms_per_image']:.1f} ms "
                   f"({'below zero: ' if generation['host_ms_per_image'] < 0 else ''}within the run-to-run noise of the two bare passes, "
-                  f"{1000 * abs(generation['bare_first'] - generation['bare_second']) / (generation['images'] / 2):.0f} ms per image). Writing a 1024x1024 photograph as PNG takes {generation['png_1024_ms']:.0f} ms on this CPU; an SDXL "
+                  f"{1000 * abs(generation['bare_first'] - generation['bare_second']) / (generation['images'] / 2):.0f} ms per image); "
+                  f"if none of it overlapped a GPU's work it would be {generation['host_ms_per_image'] / 10 / sdxl_gpu_seconds:.1f}% of "
+                  f"an SDXL image's {sdxl_gpu_seconds:.2f} s of H100 time. Writing a 1024x1024 photograph as PNG takes {generation['png_1024_ms']:.0f} ms on this CPU; an SDXL "
                   f"image costs {sdxl_gpu_seconds:.2f} s of an H100 at 40% of peak (docs/cost.md), so that write, done in line, "
                   f"would add {generation['png_1024_ms'] / 10 / sdxl_gpu_seconds:.1f}% to each image; step 2 writes each batch on a "
                   f"background thread while the next batch is drawn, so it overlaps instead.", ""]
