@@ -141,19 +141,21 @@ PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_diverse.csv"
 ALL_PROMPTS_CSV="$OUT_DIR/prompts/eval_prompts_all.csv"
 staged="$(mktemp -d)"
 trap 'rm -rf "$staged"' EXIT
+staged_prompts="$staged/$(basename "$PROMPTS_CSV")"
+staged_all_prompts="$staged/$(basename "$ALL_PROMPTS_CSV")"
 restrict_args=()
 [ -n "$IDENTITY_RESTRICT" ] && restrict_args=(--restrict "$IDENTITY_RESTRICT")
-python 1_generate_diverse_prompts.py --input "$EVAL_PROMPTS" --output "$staged/$(basename "$PROMPTS_CSV")" --attributes "$ATTRIBUTES" \
+python 1_generate_diverse_prompts.py --input "$EVAL_PROMPTS" --output "$staged_prompts" --attributes "$ATTRIBUTES" \
   --axes "$IDENTITY_AXES" "${restrict_args[@]}" --template "$EVAL_TEMPLATE"
 # The generic prompts are already in step 1's output format (kind=generic): checked on their own, then their rows appended.
-cp "$staged/$(basename "$PROMPTS_CSV")" "$staged/$(basename "$ALL_PROMPTS_CSV")"
+cp "$staged_prompts" "$staged_all_prompts"
 if [ -n "$GENERIC_PROMPTS" ]; then
-  if [ "$(head -n 1 "$GENERIC_PROMPTS" | tr -d '\r')" != "$(head -n 1 "$staged/$(basename "$PROMPTS_CSV")")" ]; then
-    echo "error: $GENERIC_PROMPTS: header must be step 1's: $(head -n 1 "$staged/$(basename "$PROMPTS_CSV")")" >&2
+  if [ "$(head -n 1 "$GENERIC_PROMPTS" | tr -d '\r')" != "$(head -n 1 "$staged_prompts")" ]; then
+    echo "error: $GENERIC_PROMPTS: header must be step 1's: $(head -n 1 "$staged_prompts")" >&2
     exit 2
   fi
   python -m popalign.prompts check "$GENERIC_PROMPTS"
-  tail -n +2 "$GENERIC_PROMPTS" >> "$staged/$(basename "$ALL_PROMPTS_CSV")"
+  tail -n +2 "$GENERIC_PROMPTS" >> "$staged_all_prompts"
 fi
 
 # Each model's image folder; the same prompts, sampling settings, seeds and image counts for every model: only the
@@ -173,12 +175,12 @@ precision_args+=(--classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" --target_
 # Every model's generation, classification and scoring is checked (settings, weights folders, output folders)
 # before any file is written; so are the rounds' settings.
 [ -n "$TARGET_INTERVAL_WIDTH" ] && python -m popalign.precision "${precision_args[@]}" --validate_only
-python -m popalign.generate "${generate_args[@]}" --prompts_csv "$staged/$(basename "$ALL_PROMPTS_CSV")" \
+python -m popalign.generate "${generate_args[@]}" --prompts_csv "$staged_all_prompts" \
   --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 check_classify_score "$OUT_DIR/images/$BASE_NAME"
 for index in "${!tuned_names[@]}"; do
   python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
-    --prompts_csv "$staged/$(basename "$ALL_PROMPTS_CSV")" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
+    --prompts_csv "$staged_all_prompts" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
   check_classify_score "$OUT_DIR/images/${tuned_names[$index]}"
 done
 mkdir -p "$(dirname "$PROMPTS_CSV")"

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images_per_identity_prompt", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default="", help="also write the table to this Markdown file")
-    parser.add_argument("--measurements_output", default="", help="also write every setting's measurements (per neutral prompt) to this JSON file")
+    parser.add_argument("--measurements_output", default="", help="also write every setting's measurements (per neutral prompt, and each picture's reading) to this JSON file")
     args = parser.parse_args(argv)
     import torch
 
