@@ -6,10 +6,10 @@ writes the pairs CSV (paths relative to its folder) and <output stem>.summary.js
 """
 
 import argparse
-import os
 import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
+from popalign.distributed import global_rank
 from popalign.io import ArgumentParser, check_output_location, exit_2_on_input_error
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_output_location(args.output, "--output")
     check_output_location(summary_path_for(args.output), "--output")
-    if int(os.environ.get("RANK", "0")) != 0:
+    if global_rank() != 0:
         return 0  # under a multi-process launch the pairing (one seed, one draw) is made once, by the global main process
     summary = generate_preferences(
         args.image_dirs, args.classifier, args.output, load_attributes(args.attributes),

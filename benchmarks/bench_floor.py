@@ -156,7 +156,7 @@ def training_measurement(sd15: str, work: str, resolution: int, lora_rank: int, 
 
     # The floor: the same encodings, models and optimizer, nothing but the model work.
     batch = assemble_batch(run.pairs, range(0, 1), config.seed, run.timestep_range, 0.0, run.kind, config.resolution, True, None)
-    latents, noise, timesteps, condition = model_inputs(batch, config.loss, torch.Generator().manual_seed(0))
+    latents, noise, timesteps, condition = model_inputs(batch, config.objective.layout, torch.Generator().manual_seed(0))
 
     def floor_step() -> None:
         predict = lambda model: denoising_prediction(model, latents, noise, timesteps, condition, run.kind,  # noqa: E731

@@ -12,96 +12,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHELL_DEFAULT = re.compile(r'^: "\$\{(?P<name>\w+):?=(?P<value>[^}]*)\}"', re.M)
+from popalign.architectures import (CLIP_TEXT_H, CLIP_TEXT_L, IMAGE_REWARD_TOKENS, MODELS, TEXT_ENCODERS, VAE, VISION_H14, VISION_L14,
+                                    VISION_L16)
+from popalign.recipe import Recipe
 
-# The published configurations (diffusers config.json of each checkpoint's unet/ and vae/).
-SDXL_UNET = dict(act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-                 attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4, layers_per_block=2,
-                 mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
-                 sample_size=128, transformer_layers_per_block=[1, 2, 10],
-                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
-SD15_UNET = dict(act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
-                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                 in_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=4, sample_size=64,
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-           up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, in_channels=3, out_channels=3)
-MODELS = {"sdxl": {"unet": SDXL_UNET, "resolution": 1024, "text_tokens": 77, "text_dim": 2048, "pooled_dim": 1280},
-          "sd15": {"unet": SD15_UNET, "resolution": 512, "text_tokens": 77, "text_dim": 768, "pooled_dim": 0}}
 # Dense bf16 tensor-core peak, SXM parts, without sparsity (vendor data sheets).
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 UTILISATION = 0.4  # the share of peak a well-batched diffusion workload reaches: an assumption, stated as such
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The counts a run implies. Recipe.from_repository() reads them from the repository's prompt and attribute
-    files and the shell scripts' defaults (one home for each)."""
-
-    training_neutral_prompts: int
-    identities: int  # gender x race combinations of the attribute file
-    images_per_neutral_prompt: int
-    images_per_identity_prompt: int
-    steps: int
-    guidance: bool  # classifier-free guidance: two U-Net passes per step
-    train_steps: int
-    pairs_per_step: int
-    eval_neutral_prompts: int
-    eval_identities: int  # identity-specific prompts per evaluation neutral prompt (eval.sh's IDENTITY_RESTRICT applied)
-    eval_generic_prompts: int
-    eval_images_per_prompt: int
-    eval_images_per_identity_prompt: int
-    eval_models: int = 2  # the base and one tuned model
-
-    @classmethod
-    def from_repository(cls, root: Path = REPO_ROOT, processes: int = 8) -> "Recipe":
-        """The original recipe: the repository's data files, the shell scripts' defaults, `processes` GPUs."""
-        import pandas as pd
-
-        from popalign.attributes import load_attributes
-        from popalign.prompts import parse_restrictions
-
-        attributes = load_attributes(root / "data" / "attributes.json")
-        generate, train, evaluate = (shell_defaults((root / name).read_text(encoding="utf-8"))
-                                     for name in ("2_generate_images.sh", "4_train.sh", "eval.sh"))
-        rows = lambda name: len(pd.read_csv(root / "data" / name, dtype=str, keep_default_na=False))  # noqa: E731
-        eval_images_per_prompt = int(evaluate["IMAGES_PER_PROMPT"])
-        restricted = parse_restrictions([evaluate["IDENTITY_RESTRICT"]] if evaluate.get("IDENTITY_RESTRICT") else [], attributes)
-        eval_identities = 1
-        for axis in evaluate["IDENTITY_AXES"].split(","):
-            eval_identities *= len(restricted.get(axis, attributes[axis].labels))
-        return cls(training_neutral_prompts=rows("training_prompts.csv"),
-                   identities=len(attributes["gender"].labels) * len(attributes["race"].labels),
-                   images_per_neutral_prompt=int(generate["IMAGES_PER_NEUTRAL_PROMPT"]),
-                   images_per_identity_prompt=int(generate["IMAGES_PER_IDENTITY_PROMPT"]),
-                   steps=int(generate["STEPS"]), guidance=float(generate["GUIDANCE"]) > 1.0,
-                   train_steps=int(train["MAX_TRAIN_STEPS"]),
-                   pairs_per_step=int(train["TRAIN_BATCH_SIZE"]) * int(train["GRADIENT_ACCUMULATION_STEPS"]) * processes,
-                   eval_neutral_prompts=rows("eval_prompts.csv"), eval_identities=eval_identities, eval_generic_prompts=rows("eval_generic_prompts.csv"),
-                   eval_images_per_prompt=eval_images_per_prompt,
-                   eval_images_per_identity_prompt=int(evaluate.get("IMAGES_PER_IDENTITY_PROMPT") or eval_images_per_prompt))
-
-    @property
-    def training_images(self) -> int:
-        identity_prompts = self.training_neutral_prompts * self.identities
-        return self.training_neutral_prompts * self.images_per_neutral_prompt + identity_prompts * self.images_per_identity_prompt
-
-    @property
-    def evaluation_images(self) -> int:
-        per_model = ((self.eval_neutral_prompts + self.eval_generic_prompts) * self.eval_images_per_prompt
-                     + self.eval_neutral_prompts * self.eval_identities * self.eval_images_per_identity_prompt)
-        return self.eval_models * per_model
-
-
-def shell_defaults(text: str) -> dict[str, str]:
-    """`: "${X:=value}"` lines of a shell script -> {X: value}, for literal values (no variable, no command)."""
-    return {match["name"]: match["value"] for match in SHELL_DEFAULT.finditer(text) if "$" not in match["value"]}
 
 
 def count_flops(run) -> float:
@@ -143,18 +61,6 @@ def component_flops(model: str, resolution: int | None = None) -> dict[str, floa
         "vae_encode": count_flops(lambda: vae.encode(torch.zeros(1, 3, resolution, resolution, **meta))),
         "vae_decode": count_flops(lambda: vae.decode(sample)),
     }
-
-
-# The published architectures of the text encoders, quality scorers and classifiers (transformers configurations of
-# the checkpoints eval.sh and step 2 load). width, layers, heads, MLP size.
-CLIP_TEXT_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)      # CLIP ViT-L/14's
-CLIP_TEXT_BIGG = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120)  # OpenCLIP bigG's
-CLIP_TEXT_H = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)     # OpenCLIP ViT-H-14's
-VISION_L14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224)
-VISION_H14 = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14, image_size=224)
-VISION_L16 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16, image_size=224)
-TEXT_ENCODERS = {"sdxl": (CLIP_TEXT_L, CLIP_TEXT_BIGG), "sd15": (CLIP_TEXT_L,)}
-IMAGE_REWARD_TOKENS = 35  # ImageReward's BLIP text encoder reads prompts padded to 35 tokens
 
 
 def _text_flops(config: dict, tokens: int = 77) -> float:
@@ -239,14 +145,18 @@ def generated_image_flops(model: str, steps: int, guidance: bool) -> float:
 def training_step_flops(unet_forward: float, pairs: int, objective: str, with_reference: bool = True,
                         prior_preservation_target: str = "") -> float:
     """One optimizer step on cached latents. Backward ~ 2 x forward, so the policy costs 3 forwards per sample;
-    the frozen reference 1 forward per sample. Samples per pair: winner and loser (popalign, dpo, sudo), winner (sft).
+    the frozen reference 1 forward per sample when the objective uses it. Samples per pair: the objectives table's
+    (popalign.training.objectives: 2 for winner and loser, 1 for the winners alone).
     Prior preservation adds each winner under its identity-specific prompt: 3 more forwards per pair, and 1 more
     when its target is the reference's prediction.
 
         FLOP = (3 s + r) x unet_forward,   s = samples (+ pairs with prior preservation),
-                                            r = reference forwards (0 for sft, and none without the reference)"""
-    samples = pairs * (1 if objective == "sft" else 2)
-    reference = samples if with_reference and objective != "sft" else 0
+                                            r = reference forwards (0 without the reference)"""
+    from popalign.training.objectives import objective_named
+
+    entry = objective_named(objective)
+    samples = pairs * entry.samples_per_pair
+    reference = samples if with_reference and entry.uses_reference else 0
     if prior_preservation_target:
         samples += pairs
         reference += pairs if with_reference and prior_preservation_target == "reference" else 0
@@ -256,6 +166,21 @@ def training_step_flops(unet_forward: float, pairs: int, objective: str, with_re
 def gpu_hours(flops: float, gpu: str, utilisation: float = UTILISATION) -> float:
     """hours = FLOPs / (peak FLOP/s x utilisation) / 3600."""
     return flops / (GPU_PEAK_FLOPS[gpu] * utilisation) / 3600.0
+
+
+def training_step_rows() -> list[tuple[str, str, str]]:
+    """(label, objective, prior-preservation target) rows of the per-step table: the objectives of the table that cost the
+    same share one row (named after their members), then the first objective with each prior-preservation target."""
+    from popalign.training.objectives import OBJECTIVES
+
+    groups: dict[tuple[int, bool], list[str]] = {}
+    for entry in OBJECTIVES.values():
+        groups.setdefault((entry.samples_per_pair, entry.uses_reference), []).append(entry.name)
+    rows = [(", ".join(names) + ("" if uses_reference else " (no reference)"), names[0], "")
+            for (_, uses_reference), names in groups.items()]
+    first = next(iter(OBJECTIVES))
+    rows += [(f"{first} + prior preservation ({target} target)", first, target) for target in ("noise", "reference")]
+    return rows
 
 
 def cost_table(model: str, recipe: Recipe) -> str:
@@ -295,9 +220,7 @@ def cost_table(model: str, recipe: Recipe) -> str:
                      else f"| **{name}** | | {flops:.2e} | 100% | {hours} |")
     lines += ["", f"### A training step per objective ({model.upper()}, one pair, cached latents)", "",
               "| objective | with the reference pass | policy alone |", "|---|---|---|"]
-    for label, objective, target in (("PopAlign, Diffusion-DPO, SUDO", "popalign", ""), ("SFT (no reference)", "sft", ""),
-                                     ("PopAlign + prior preservation (noise target)", "popalign", "noise"),
-                                     ("PopAlign + prior preservation (reference target)", "popalign", "reference")):
+    for label, objective, target in training_step_rows():
         full = training_step_flops(parts["unet_forward"], 1, objective, True, target)
         alone = training_step_flops(parts["unet_forward"], 1, objective, False, target)
         lines.append(f"| {label} | {full / 1e12:.1f} TFLOP | {alone / 1e12:.1f} TFLOP |")

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+def global_rank() -> int:
+    """This process's rank among all launched processes (the launcher's RANK; 0 when not launched), known before any
+    Accelerator is made: for work done once per launch, by rank 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def make_accelerator(**accelerator_options):
     """An Accelerator that shards over every launched process, with or without a GPU.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
-from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_output_location, csv_row_number,
+from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
                          file_sha256, read_csv_checked, remove_orphaned_temporary_files)
 
 CONFIG_FILE = "generation_config.json"
@@ -128,17 +128,6 @@ def generation_record(settings: GenerationSettings) -> dict:
     record = json.loads(json.dumps(asdict(settings)))
     record["weights_sha256"] = fine_tuned_weights_sha256(settings.unet, settings.lora)
     return record
-
-
-def check_model_location(flag: str, value: str, hub_allowed: bool = True) -> None:
-    """A model named by a path must exist; a hub id ('org/name') is left to the loader. Catches a local typo
-    before anything is loaded or written, instead of a hub connection error."""
-    if not value or Path(value).exists():
-        return
-    looks_local = (not hub_allowed or value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
-                   or value.endswith(("/", ".safetensors")))
-    if looks_local:
-        raise InputError(f"--{flag} {value}: no such file or folder")
 
 
 def validate_generation_settings(settings: GenerationSettings) -> None:

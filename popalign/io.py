@@ -145,6 +145,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (--help lists the flags)\n")
 
 
+def check_model_location(flag: str, value: str, hub_allowed: bool = True) -> None:
+    """A model named by a path must exist; a hub id ('org/name') is left to the loader. Catches a local typo
+    before anything is loaded or written, instead of a hub connection error."""
+    if not value or Path(value).exists():
+        return
+    looks_local = (not hub_allowed or value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
+                   or value.endswith(("/", ".safetensors")))
+    if looks_local:
+        raise InputError(f"--{flag} {value}: no such file or folder")
+
+
 def check_output_location(path: str | Path, flag: str, folder: bool = False) -> None:
     """Before any work: the output (a file, or with `folder` a folder) can be written at `path`: no file stands where
     one of its parent folders must be, and nothing of the other kind sits at its name. InputError naming the flag."""

@@ -165,7 +165,7 @@ def build_random_sd15_pipeline(path: str | Path, seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from popalign.cost import SD15_UNET, VAE
+    from popalign.architectures import SD15_UNET, VAE
 
     path = Path(path)
     tokenizer = build_tiny_clip_tokenizer(path / "tokenizer", CLIP_FULL_MERGES)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from popalign.cost import shell_defaults
+from popalign.recipe import shell_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]

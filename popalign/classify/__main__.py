@@ -11,7 +11,7 @@ from pathlib import Path
 
 from popalign.classify import CLASSIFIERS
 from popalign.image_folder import labels_path, manifest_path
-from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, InputError, check_model_location, check_output_location, exit_2_on_input_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,6 @@ def parse_args(argv=None):
 def validate_classification(args) -> None:
     """Flags and output files checked before any model loads: a wrapper runs this before generation, so a typo fails
     in seconds rather than after the images."""
-    from popalign.generation import check_model_location
 
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")

@@ -19,8 +19,7 @@ from typing import Optional, Sequence
 
 from popalign.io import ArgumentParser, InputError
 from popalign.losses import ANCHORS
-
-LOSSES = ("popalign", "dpo", "sft", "sudo")
+from popalign.training.objectives import objective_named, objective_names
 TIMESTEP_SHARING = ("pair", "batch")
 PRIOR_PRESERVATION_TARGETS = ("noise", "reference")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -64,7 +63,7 @@ class TrainConfig:
     lora_alpha: int = field(default=0, metadata=_help("LoRA scaling alpha; 0 = equal to the rank"))
 
     # objective
-    loss: str = field(default="popalign", metadata=_help("objective", choices=LOSSES))
+    loss: str = field(default="popalign", metadata=_help("objective (popalign/training/objectives.py)", choices=objective_names))
     beta: float = field(default=5000.0, metadata=_help("inverse temperature of the preference losses"))
     popalign_alpha: float = field(default=0.5, metadata=_help("weight of the winners' mean in the pooled PopAlign anchor"))
     popalign_anchor: str = field(default="pooled",
@@ -161,7 +160,8 @@ class TrainConfig:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
             raise InputError(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        choices = {"loss": LOSSES, "popalign_anchor": ANCHORS, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
+        objective_named(self.loss)  # an unknown --loss is an error naming the known ones
+        choices = {"popalign_anchor": ANCHORS, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -171,14 +171,9 @@ class TrainConfig:
                 raise InputError(f"--{name} must be a finite number (got {getattr(self, name)})")
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0 (got {self.learning_rate})")
-        if self.loss != "sft" and self.beta <= 0:
-            raise InputError(f"--beta must be > 0 for --loss {self.loss} (got {self.beta}): it scales the preference margin, "
-                             "and at 0 the loss has no gradient")
         for name in ("lambda_winner", "lambda_loser", "max_grad_norm", "adam_weight_decay", "max_memory_cache_gb"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
-        if self.loss == "popalign" and self.lambda_winner == 0 and self.lambda_loser == 0:
-            raise InputError("--lambda_winner and --lambda_loser are both 0: the PopAlign loss would be constant")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InputError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
@@ -190,13 +185,18 @@ class TrainConfig:
             raise InputError("--use_ema averages the full U-Net's weights: it does not combine with --rank (LoRA)")
         if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
             raise InputError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set")
-        if self.loss == "sudo" and self.train_batch_size < 2:
-            raise InputError("--loss sudo draws each loser from the other winners of the batch: --train_batch_size must be >= 2")
+        if self.objective.check is not None:
+            self.objective.check(self)
+
+    @property
+    def objective(self):
+        """The objectives table's entry for --loss (popalign.training.objectives)."""
+        return objective_named(self.loss)
 
     @property
     def needs_losers(self) -> bool:
         """Only the pairwise objectives read the loser images of the pairs file."""
-        return self.loss in ("popalign", "dpo")
+        return self.objective.reads_losers
 
     @property
     def needs_winner_prompts(self) -> bool:
@@ -211,7 +211,7 @@ class TrainConfig:
     @property
     def needs_reference(self) -> bool:
         """The preference objectives compare with the reference; prior preservation towards it reads it too."""
-        return self.loss != "sft" or self.preserves_towards_reference
+        return self.objective.uses_reference or self.preserves_towards_reference
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     for item in dataclasses.fields(TrainConfig):
         default = getattr(defaults, item.name)
         kwargs = {"default": default, "help": item.metadata["help"]}
-        if "choices" in item.metadata:
-            kwargs["choices"] = item.metadata["choices"]
+        if "choices" in item.metadata:  # a tuple, or a function giving it when the parser is built (the objectives table)
+            choices = item.metadata["choices"]
+            kwargs["choices"] = choices() if callable(choices) else choices
         if isinstance(default, bool):
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="on|off")
         else:

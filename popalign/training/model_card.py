@@ -13,12 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.training.checkpoints import training_settings
+from popalign.training.objectives import OBJECTIVES
 
 MODEL_CARD_NAME = "README.md"
 EVALUATION_HEADING = "## Evaluation"
 NOT_EVALUATED = "Not evaluated yet: run eval.sh with TUNED_MODELS pointing at these weights; the headline appears here."
-OBJECTIVE_NAMES = {"popalign": "PopAlign (population-level Diffusion-DPO)", "dpo": "Diffusion-DPO", "sft": "supervised fine-tuning on the winners",
-                   "sudo": "SUDO"}
 
 
 def pairs_statistics(pairs_file: str | Path) -> dict[str, object]:
@@ -49,7 +48,7 @@ def model_card_text(settings: dict, pairs: dict[str, object], weights: Path, glo
                 f"pipeline = {pipeline_class}.from_pretrained(\"{base}\", unet=unet, torch_dtype=torch.float16)")
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in sorted(training_settings(settings).items()))
     pair_rows = "\n".join(f"| {name} | {value} |" for name, value in pairs.items())
-    return f"""# {OBJECTIVE_NAMES.get(settings['loss'], settings['loss'])} fine-tune of {base}
+    return f"""# {OBJECTIVES[settings['loss']].description if settings['loss'] in OBJECTIVES else settings['loss']} fine-tune of {base}
 
 The U-Net of `{base}` fine-tuned with the **{settings['loss']}** objective for {global_step} optimizer steps
 ({'LoRA of rank ' + str(settings['lora_rank']) if lora else 'full U-Net'}), on population preference pairs: for each

@@ -19,9 +19,9 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from popalign.io import InputError, atomic_write_text, check_output_location, remove_orphaned_temporary_files
-from popalign.losses import (derangement, diffusion_dpo_loss, per_sample_denoising_error, popalign_loss, sft_loss, sudo_loss,
-                             with_prior_preservation)
+from popalign.distributed import global_rank
+from popalign.io import InputError, atomic_write_text, check_model_location, check_output_location, remove_orphaned_temporary_files
+from popalign.losses import per_sample_denoising_error, with_prior_preservation
 from popalign.training.checkpoints import (
     CONFIG_NAME,
     FINISHED_NAME,
@@ -46,6 +46,7 @@ from popalign.training.checkpoints import (
 from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs
+from popalign.training.objectives import Layout
 from popalign.training.models import SD, SDXL, add_lora_adapter, add_noise, denoising_target, load_noise_scheduler, load_unet, model_kind
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,44 +95,16 @@ def denoising_prediction(predict: Callable, latents, noise, timesteps, condition
     return predict(noisy, timesteps, **condition.unet_kwargs(kind)).sample
 
 
-def objective(loss_name: str, policy_errors: torch.Tensor, reference_errors: Optional[torch.Tensor], config: TrainConfig,
-              reduce_mean: Optional[Callable]) -> tuple[torch.Tensor, dict]:
-    """The configured loss on errors laid out as [winners; losers] (2B,) (winners only, (B,), for SFT)."""
-    if loss_name == "sft":
-        return sft_loss(policy_errors)
-    model_err_w, model_err_l = policy_errors.chunk(2)
-    ref_err_w, ref_err_l = reference_errors.chunk(2)
-    if loss_name == "popalign":
-        return popalign_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=config.beta, alpha=config.popalign_alpha,
-                             lambda_w=config.lambda_winner, lambda_l=config.lambda_loser, reduce_mean=reduce_mean,
-                             anchor=config.popalign_anchor)
-    if loss_name == "dpo":
-        return diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=config.beta)
-    if loss_name == "sudo":
-        return sudo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=config.beta)
-    raise ValueError(f"unknown loss {loss_name!r}")
+def model_inputs(batch: TrainingBatch, layout: Layout, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, UNetCondition]:
+    """Lay a batch out as the U-Net sees it: the objective's samples (its layout: winners, or winners then a second
+    sample per pair), every one under its pair's caption, noise and t.
 
-
-def model_inputs(batch: TrainingBatch, loss_name: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, UNetCondition]:
-    """Lay a batch out as the U-Net sees it: winners then losers, both under the pair's caption, noise and t.
-
-    SUDO's loser of pair b is the winner of pair perm[b] (a derangement), with its own time ids.
     Returns latents (N, C, h, w), noise (N, C, h, w), timesteps (N,), condition; N = B or 2B.
     """
-    if loss_name == "sft":
-        return batch.winner_latents, batch.noise, batch.timesteps, UNetCondition(batch.prompt_embeds, batch.pooled_prompt_embeds, batch.winner_time_ids)
-    if loss_name == "sudo":
-        permutation = derangement(batch.winner_latents.shape[0], generator)
-        loser_latents = batch.winner_latents[permutation]
-        loser_time_ids = batch.winner_time_ids[permutation] if batch.winner_time_ids is not None else None
-    elif loss_name in ("popalign", "dpo"):
-        loser_latents, loser_time_ids = batch.loser_latents, batch.loser_time_ids
-    else:
-        raise ValueError(f"unknown loss {loss_name!r}")
-    twice = lambda tensor: None if tensor is None else torch.cat([tensor, tensor])  # noqa: E731
-    time_ids = None if batch.winner_time_ids is None else torch.cat([batch.winner_time_ids, loser_time_ids])
-    condition = UNetCondition(twice(batch.prompt_embeds), twice(batch.pooled_prompt_embeds), time_ids)
-    return torch.cat([batch.winner_latents, loser_latents]), twice(batch.noise), twice(batch.timesteps), condition
+    latents, time_ids = layout(batch, generator)
+    repeats = latents.shape[0] // batch.winner_latents.shape[0]
+    repeat = lambda tensor: None if tensor is None else torch.cat([tensor] * repeats)  # noqa: E731
+    return latents, repeat(batch.noise), repeat(batch.timesteps), UNetCondition(repeat(batch.prompt_embeds), repeat(batch.pooled_prompt_embeds), time_ids)
 
 
 def with_winners_under_their_prompts(latents, noise, timesteps, condition: UNetCondition, batch: TrainingBatch):
@@ -359,7 +332,6 @@ class PreparedRun:
 def check_run_inputs(config: TrainConfig, device: torch.device):
     """(pairs, checkpoint to resume or None, its settings that differ) after every check that needs no model:
     flags, output location, optimizer, pairs file and images, model folder, checkpoint. Raises InputError."""
-    from popalign.generation import check_model_location
 
     config.validate()
     output_dir = Path(config.output_dir)
@@ -497,7 +469,7 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
                            config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range),
                            with_winner_prompts=config.needs_winner_prompts)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
-    latents, noise, timesteps, condition = model_inputs(batch, config.loss, generator)
+    latents, noise, timesteps, condition = model_inputs(batch, config.objective.layout, generator)
     objective_samples = latents.shape[0]
     if config.needs_winner_prompts:
         latents, noise, timesteps, condition = with_winners_under_their_prompts(latents, noise, timesteps, condition, batch)
@@ -515,12 +487,12 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
         if run.reference is not None:
             with torch.no_grad(), accelerator.autocast():
                 reference_predictions = predictions(run.reference, reference_rows)
-            if config.loss != "sft":
+            if config.objective.uses_reference:
                 reference_errors = per_sample_denoising_error(reference_predictions[:objective_samples], targets[:objective_samples])
         with accelerator.autocast():
             policy_predictions = predictions(unet, latents.shape[0])  # one pass, the prior-preservation samples included
         policy_errors = per_sample_denoising_error(policy_predictions[:objective_samples], targets[:objective_samples])
-        loss, statistics = objective(config.loss, policy_errors, reference_errors, config, reduce_mean)
+        loss, statistics = config.objective.compute(policy_errors, reference_errors, config, reduce_mean)
         if config.needs_winner_prompts:
             preservation_targets = reference_predictions[objective_samples:] if config.preserves_towards_reference \
                 else targets[objective_samples:]
@@ -629,7 +601,7 @@ def train(config: TrainConfig) -> TrainResult:
     done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
     if done is not None:
         weights, global_step = done
-        if int(os.environ.get("RANK", "0")) == 0:
+        if global_rank() == 0:
             print(f"{weights} is already trained with these settings and pairs; nothing to do "
                   f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
         return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
