@@ -1,43 +1,12 @@
-"""Step 1: neutral prompts -> identity-specific variants for every attribute combination.
+"""Step 1: neutral prompts -> identity-specific variants for every attribute combination (popalign/prompts/).
 
     python 1_generate_diverse_prompts.py --axes gender,race
-writes outputs/prompts/training_prompts_diverse.csv (schema: docs/data_formats.md).
+writes outputs/prompts/training_prompts_diverse.csv; `--help` lists the flags.
 """
 
-import argparse
 import sys
 
-from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.io import ArgumentParser, atomic_write_csv, check_output_location, exit_2_on_input_error
-from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, parse_restrictions, read_neutral_prompts
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--input", default="data/training_prompts.csv", help="neutral prompts: columns occupation, activity")
-    parser.add_argument("--split", default="", help="only the input rows whose 'split' column holds this value (e.g. train)")
-    parser.add_argument("--output", default="outputs/prompts/training_prompts_diverse.csv")
-    parser.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_PATH), help="attribute definition JSON")
-    parser.add_argument("--axes", default="gender,race", help="attributes to combine, comma-separated (the original: gender,race)")
-    parser.add_argument("--restrict", action="append", default=[], metavar="NAME=V1,V2",
-                        help="use only these values of an attribute, e.g. race=white,asian,black (repeatable)")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template with {person} and {activity}")
-    return parser
-
-
-@exit_2_on_input_error
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    check_output_location(args.output, "--output")
-    attributes = load_attributes(args.attributes)
-    axes = [name.strip() for name in args.axes.split(",") if name.strip()]
-    prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,
-                             parse_restrictions(args.restrict, attributes))
-    atomic_write_csv(args.output, prompts)
-    neutral_count = int((prompts["kind"] == "neutral").sum())
-    print(f"wrote {args.output}: {neutral_count} neutral prompts, {len(prompts) - neutral_count} identity-specific prompts")
-    return 0
-
+from popalign.prompts.__main__ import build_parser, main  # noqa: F401  (build_parser: the flags, for tools that read them)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,7 @@ fi
 # Models. TUNED_MODELS is a space-separated list of NAME=KIND:DIR, KIND one of
 #   unet  a fine-tuned U-Net folder (diffusers format, e.g. what train_popalign.py saves)
 #   lora  a LoRA weights folder (loaded with pipeline.load_lora_weights)
+#   best  a run folder trained with validation: the best checkpoint its finished.json names (U-Net or LoRA)
 : "${BASE_MODEL:=stabilityai/stable-diffusion-xl-base-1.0}"
 : "${BASE_NAME:=base}"
 : "${TUNED_MODELS:=popalign=unet:runs/popalign-sdxl/unet}"   # 4_train.sh writes OUTPUT_DIR/unet (LoRA: OUTPUT_DIR)
@@ -36,7 +37,7 @@ fi
 : "${IMAGES_PER_PROMPT:=100}"                            # per identity-neutral and generic prompt (the original: 100)
 : "${IMAGES_PER_IDENTITY_PROMPT:=${IMAGES_PER_PROMPT}}"  # per identity-specific prompt (the original: 100)
 # Optional: draw identity-specific prompts in rounds and stop a prompt once its identity accuracy's 95% interval is
-# this wide or narrower (e.g. 0.1; popalign.precision, docs/cost.md). Rounds start at MIN_IMAGES_PER_IDENTITY_PROMPT
+# this wide or narrower (e.g. 0.1; popalign.evaluate.precision, docs/cost.md). Rounds start at MIN_IMAGES_PER_IDENTITY_PROMPT
 # and double up to IMAGES_PER_IDENTITY_PROMPT; every model gets the same counts. Empty: a fixed count.
 : "${TARGET_INTERVAL_WIDTH:=}"
 : "${MIN_IMAGES_PER_IDENTITY_PROMPT:=10}"
@@ -117,12 +118,16 @@ for spec in $TUNED_MODELS; do
   kind="${kind_and_dir%%:*}"
   weights="${kind_and_dir#*:}"
   if [ "$name" = "$spec" ] || [ "$kind" = "$kind_and_dir" ] || [ -z "$name" ] || [ -z "$weights" ]; then
-    echo "error: TUNED_MODELS entry '$spec': expected NAME=unet:DIR or NAME=lora:DIR" >&2
+    echo "error: TUNED_MODELS entry '$spec': expected NAME=unet:DIR, NAME=lora:DIR or NAME=best:RUN_DIR" >&2
     exit 2
   fi
   case "$kind" in
     unet|lora) ;;
-    *) echo "error: TUNED_MODELS entry '$spec': unknown kind '$kind' (unet or lora)" >&2; exit 2 ;;
+    best)  # the run's best checkpoint: "unet PATH" or "lora PATH"
+      best="$(python -m popalign.training.checkpoints best "$weights")" || exit 2
+      kind="${best%% *}"
+      weights="${best#* }" ;;
+    *) echo "error: TUNED_MODELS entry '$spec': unknown kind '$kind' (unet, lora or best)" >&2; exit 2 ;;
   esac
   tuned_names+=("$name")
   tuned_kinds+=("$kind")
@@ -174,7 +179,7 @@ precision_args+=(--classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" --target_
 
 # Every model's generation, classification and scoring is checked (settings, weights folders, output folders)
 # before any file is written; so are the rounds' settings.
-[ -n "$TARGET_INTERVAL_WIDTH" ] && python -m popalign.precision "${precision_args[@]}" --validate_only
+[ -n "$TARGET_INTERVAL_WIDTH" ] && python -m popalign.evaluate.precision "${precision_args[@]}" --validate_only
 python -m popalign.generate "${generate_args[@]}" --prompts_csv "$staged_all_prompts" \
   --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 check_classify_score "$OUT_DIR/images/$BASE_NAME"
@@ -202,7 +207,7 @@ else
   [ -f "$counts" ] && count_args+=(--images_per_prompt_csv "$counts")   # a re-run starts from the last round planned
   while :; do
     generate_classify_all "${count_args[@]}"
-    more="$(python -m popalign.precision "${precision_args[@]}")"
+    more="$(python -m popalign.evaluate.precision "${precision_args[@]}")"
     echo "identity-specific prompts needing more images: $more"
     [ "$more" = 0 ] && break
     count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT" --images_per_prompt_csv "$counts")

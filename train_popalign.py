@@ -1,4 +1,4 @@
-"""Step 4: fine-tune the U-Net on preference pairs. Run under `accelerate launch` (see 4_train.sh).
+"""Step 4: fine-tune on preference pairs under `accelerate launch` (4_train.sh; popalign/training/).
 
     accelerate launch train_popalign.py --pairs_file outputs/preferences/pairs.csv --output_dir runs/popalign
 
@@ -7,20 +7,7 @@ Flags: `python train_popalign.py --help` (popalign/training/config.py holds them
 
 import sys
 
-from popalign.io import exit_2_on_input_error
-from popalign.training.config import config_from_args
-from popalign.training.trainer import TrainingDiverged, train
-
-
-@exit_2_on_input_error
-def main(argv=None) -> int:
-    try:
-        train(config_from_args(argv))
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
+from popalign.training.__main__ import build_parser, main  # noqa: F401  (build_parser: the flags, for tools that read them)
 
 if __name__ == "__main__":
     sys.exit(main())

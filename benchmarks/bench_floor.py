@@ -5,7 +5,7 @@ and a CLIP ViT-L/14 scorer and classifier, all with random weights (popalign.tin
 
 Prints a markdown section for BENCHMARKS.md. Each ratio is taken within this one run:
 
-- generation: step 2 (popalign.generation.generate_images, which plans, checks, writes PNGs, manifest and config)
+- generation: step 2 (popalign.generate.generate_images, which plans, checks, writes PNGs, manifest and config)
   against the same pipeline calls on the same prompts, seeds and batches timed bare, the pipeline loaded once in
   this process for both; the host-side milliseconds per image that remain, and a 1024x1024 PNG write timed alone;
 - training: the trainer's steps (popalign.training.trainer.run_training) against the floor: a policy forward and
@@ -71,7 +71,7 @@ def bench_generation(sd15: Path, work: Path, args) -> dict:
     import torch
     from PIL import Image
 
-    from popalign.generation import GenerationSettings, generate_images, render_batch
+    from popalign.generate import GenerationSettings, generate_images, render_batch
     from popalign.io import atomic_save_image
     from popalign.pipelines import load_text_to_image_pipeline
 
@@ -216,8 +216,8 @@ def bench_scoring(clip: Path, work: Path, count: int, batch_size: int) -> dict:
     import pandas as pd
     from PIL import Image
 
-    from popalign.quality import build_scorer
-    from popalign.quality.run import score_image_folder
+    from popalign.score import build_scorer
+    from popalign.score.run import score_image_folder
 
     folder = image_folder(work, count)
     batched_seconds, _ = timed(score_image_folder, folder, ["clip"], batch_size, {"clip": {"model": str(clip)}}, device="cpu")
@@ -261,7 +261,7 @@ def bench_classification(clip: Path, work: Path, count: int, batch_size: int) ->
 # ----- scaling ---------------------------------------------------------------------------------------------------------
 
 def bench_image_counts(generation: dict, work: Path, args) -> dict[int, float]:
-    from popalign.generation import generate_images
+    from popalign.generate import generate_images
 
     seconds_per_image = {}
     for factor in (1, 2, 4):
@@ -344,7 +344,7 @@ def main() -> int:
                   f"would add {generation['png_1024_ms'] / 10 / sdxl_gpu_seconds:.1f}% to each image; step 2 writes each batch on a "
                   f"background thread while the next batch is drawn, so it overlaps instead.", ""]
         if "resume" in sections:
-            from popalign.generation import generate_images
+            from popalign.generate import generate_images
 
             rerun_seconds, _ = timed(generate_images, generation["prompts_csv"], work / "images_0", generation["settings"], 2, 0,
                                      args.batch_size, kinds=("neutral",))

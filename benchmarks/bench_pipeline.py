@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def bench_generation(model: str, resolution: int, steps: int, num_images: int, batch_sizes: list[int], work: Path) -> dict[int, float]:
     import pandas as pd
 
-    from popalign.generation import GenerationSettings, generate_images
+    from popalign.generate import GenerationSettings, generate_images
     from popalign.prompts import prompt_id
 
     prompts = [f"a photo of a worker number {index}" for index in range(num_images)]

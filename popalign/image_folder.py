@@ -1,7 +1,7 @@
 """The image folder that steps 2, 3 and 5 pass between them: one home for its file names and columns.
 
     <folder>/manifest.csv                 one row per image (MANIFEST_COLUMNS), written by generation
-    <folder>/generation_config.json       the settings the images were drawn with (popalign.generation)
+    <folder>/generation_config.json       the settings the images were drawn with (popalign.generate)
     <folder>/images/<prompt_id>/<index>.png
     <folder>/labels_<classifier>.csv      LABEL_COLUMNS, written by popalign.classify
     <folder>/quality_<scorer>.csv         QUALITY_COLUMNS, written by popalign.score

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -139,6 +140,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        main_module = sys.modules.get("__main__")
+        package = getattr(main_module, "__spec__", None) and main_module.__spec__.name.removesuffix(".__main__")
+        if package and main_module.__spec__.name.endswith(".__main__"):
+            kwargs.setdefault("prog", f"python -m {package}")  # a stage package run with -m: not "__main__.py"
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

@@ -10,7 +10,7 @@ smaller count is read from these images:
 
 - neutral prompts: the mean discrepancy over prompts with its 95% interval, and the floor a fair population of that
   many figures reads, at 10, 20, 50 and 100 images per prompt;
-- identity-specific prompts: eval.sh's TARGET_INTERVAL_WIDTH rule (popalign.precision: rounds from 10 images,
+- identity-specific prompts: eval.sh's TARGET_INTERVAL_WIDTH rule (popalign.evaluate.precision: rounds from 10 images,
   doubling, until the Wilson interval of the prompt's identity accuracy is as narrow as asked, at most 100), replayed
   on these images for several widths: the images it draws and the identity accuracy it reports, against all 100.
 
@@ -56,7 +56,7 @@ def draw_and_classify(output_dir: Path, images: int, processes: int) -> Path:
 
 
 def neutral_table(images: pd.DataFrame, attributes) -> list[str]:
-    from popalign import metrics
+    from popalign.evaluate import metrics
 
     lines = ["| images per neutral prompt | gender discrepancy: mean [95% CI] (width) | race discrepancy: mean [95% CI] (width) "
              "| floor of a fair population (gender / race) |", "|---|---|---|---|"]
@@ -79,7 +79,7 @@ def neutral_table(images: pd.DataFrame, attributes) -> list[str]:
 
 def replay_rule(images: pd.DataFrame, attributes, target_width: float, start: int, cap: int) -> pd.DataFrame:
     """Per identity-specific prompt: the images the rule draws, and its faces and right readings at that count."""
-    from popalign.precision import identity_accuracy_counts, next_image_count
+    from popalign.evaluate.precision import identity_accuracy_counts, next_image_count
 
     identity = images[images["kind"] == "identity"]
     rows = []
@@ -96,8 +96,8 @@ def replay_rule(images: pd.DataFrame, attributes, target_width: float, start: in
 
 
 def identity_table(images: pd.DataFrame, attributes, cap: int) -> tuple[list[str], dict[float, float]]:
-    from popalign import metrics
-    from popalign.precision import identity_accuracy_counts
+    from popalign.evaluate import metrics
+    from popalign.evaluate.precision import identity_accuracy_counts
 
     full = identity_accuracy_counts(images[images["kind"] == "identity"], attributes)
 
@@ -124,7 +124,7 @@ def identity_table(images: pd.DataFrame, attributes, cap: int) -> tuple[list[str
 def rule_at_accuracy(accuracy: float, target_width: float, start: int = 10, cap: int = 100) -> int:
     """The images the rule draws for a prompt whose every reading comes out at exactly `accuracy` (all faces found):
     what a prompt of that accuracy needs, without the sampling noise of a real run."""
-    from popalign.precision import next_image_count
+    from popalign.evaluate.precision import next_image_count
 
     count = start
     while True:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_processes", type=int, default=2)
     args = parser.parse_args(argv)
     from popalign.attributes import load_attributes
-    from popalign.evaluation import load_image_folder
+    from popalign.evaluate.tables import load_image_folder
 
     output_dir = (REPO_ROOT / args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from popalign import metrics  # noqa: E402
+from popalign.evaluate import metrics  # noqa: E402
 from popalign.attributes import load_attributes  # noqa: E402
 from popalign.io import atomic_write_text  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
@@ -57,7 +57,7 @@ def difference_of_proportions(first: float, second: float, count: int) -> tuple[
 def same_seed_table(runs: dict, prompts) -> list[str]:
     """Markdown lines: each candidate's pictures read differently from the reference's on the same seeds, and whether
     its means lie inside the reference's 95% intervals. Neither is one of the declared margins above."""
-    from popalign.precision import wilson_interval
+    from popalign.evaluate.precision import wilson_interval
 
     reference = runs[REFERENCE]
     kinds = list(prompts["kind"])

@@ -3,8 +3,8 @@
     python scripts/interval_coverage.py [--replications 1000]
 
 Simulates prompt-level values (normal, exponential, beta(2, 5)) at 4, 12 and 50 prompts and prints the
-coverage of popalign.metrics.bootstrap_mean_ci next to a plain percentile bootstrap's, then the rejection
-rate at level 0.05 of popalign.metrics.paired_test when tuned and base do not differ. docs/statistics.md
+coverage of popalign.evaluate.metrics.bootstrap_mean_ci next to a plain percentile bootstrap's, then the rejection
+rate at level 0.05 of popalign.evaluate.metrics.paired_test when tuned and base do not differ. docs/statistics.md
 quotes its output.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from popalign.metrics import bootstrap_mean_ci, paired_test  # noqa: E402
+from popalign.evaluate.metrics import bootstrap_mean_ci, paired_test  # noqa: E402
 
 SHAPES = {
     "normal(0.3, 0.1)": (lambda rng, n: rng.normal(0.3, 0.1, n), 0.3),

@@ -35,9 +35,9 @@ def reset_accelerate() -> None:
 def stage_mains() -> dict:
     """Each stage's entry point: main(argv) -> exit code."""
     import popalign.classify.__main__ as classify
-    import popalign.evaluate as evaluate
-    import popalign.generate as generate
-    import popalign.score as score
+    import popalign.evaluate.__main__ as evaluate
+    import popalign.generate.__main__ as generate
+    import popalign.score.__main__ as score
     import popalign.toy.report as report
 
     return {"prompts": root_script("1_generate_diverse_prompts.py").main, "generate": generate.main,

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHELL_SCRIPTS = ["2_generate_images.sh", "4_train.sh", "eval.sh"]
 # The entry points: the numbered scripts and the trainer at the root, the other stages as `python -m popalign.<stage>`.
 ENTRY_POINTS = ["1_generate_diverse_prompts.py", "popalign.generate", "popalign.classify", "popalign.score",
-                "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate", "popalign.precision"]
+                "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate", "popalign.evaluate.precision"]
 # Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
 LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
 FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')
@@ -30,7 +30,7 @@ def invocations(text: str) -> list[tuple[str, dict[str, str]]]:
         joined = joined.replace(f'"${{{name}[@]}}"', body)
     found = []
     for line in joined.splitlines():
-        for script in re.findall(r"(?:^|\s)(\w+\.py|-m popalign\.\w+)\b", line):
+        for script in re.findall(r"(?:^|\s)(\w+\.py|-m popalign(?:\.\w+)+)\b", line):
             script = script.removeprefix("-m ")
             if script in ENTRY_POINTS or (REPO_ROOT / script).is_file():
                 found.append((script, {match["flag"]: match["name"] for match in FLAG_FROM_VARIABLE.finditer(line)}))
@@ -44,8 +44,8 @@ def parser_of(script: str):
 
         return build_parser()
     if script.startswith("popalign."):
-        module_name = "popalign.classify.__main__" if script == "popalign.classify" else script
-        return importlib.import_module(module_name).build_parser()
+        package = importlib.util.find_spec(script).submodule_search_locations is not None  # a stage package: its __main__
+        return importlib.import_module(f"{script}.__main__" if package else script).build_parser()
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py").replace("-", "_"), REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from popalign import metrics
+from popalign.evaluate import metrics
 from popalign.attributes import load_attributes
-from popalign.evaluation import EvaluationSettings, evaluate, evaluate_model, load_image_folder, write_tables
+from popalign.evaluate.tables import EvaluationSettings, evaluate, evaluate_model, load_image_folder, write_tables
 from popalign.io import InputError
 from popalign.prompts import prompt_id, render_prompt
 
@@ -218,7 +218,7 @@ def test_folders_that_differ_are_an_error_unless_compared_on_the_intersection(tm
     row = result.comparison.set_index(["kind", "metric"]).loc[("neutral", "discrepancy_gender")]
     assert row["num_pairs"] == 1 and row["exact"] and row["min_p_value"] == 1.0
     assert row["verdict"].startswith("too few prompts for a verdict (n=1")
-    from popalign.report import write_report
+    from popalign.evaluate.report import write_report
 
     report = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report"), 0, 0, 0).read_text()
     assert "**Compared on the intersection**" in report and "`base` 4" in report

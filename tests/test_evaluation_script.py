@@ -32,7 +32,7 @@ def eval_run(tiny_sd_path, tmp_path_factory):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from popalign.quality.tiny import build_tiny_scorer_assets
+    from popalign.score.tiny import build_tiny_scorer_assets
 
     root = tmp_path_factory.mktemp("eval_sh")
     # A "tuned" U-Net: the tiny pipeline's U-Net with perturbed weights, saved as train_popalign.py saves one.
@@ -119,8 +119,8 @@ def test_eval_sh_draws_identity_prompts_in_rounds_until_precise_enough(tmp_path)
     """TARGET_INTERVAL_WIDTH on the toy base: identity-specific prompts start at MIN images and double until the
     Wilson interval of their identity accuracy is as narrow as asked (or the cap); both models get the same counts."""
     from popalign.attributes import load_attributes
-    from popalign.evaluation import load_image_folder
-    from popalign.precision import identity_accuracy_counts, wilson_interval
+    from popalign.evaluate.tables import load_image_folder
+    from popalign.evaluate.precision import identity_accuracy_counts, wilson_interval
 
     (tmp_path / "occupations.csv").write_text("occupation,activity\ndoctor,in a clinic\nnurse,in a ward\n")
     env = eval_environment(RECIPE="configs/toy_recipe.sh", EVAL_PROMPTS=tmp_path / "occupations.csv", IDENTITY_RESTRICT="race=white,asian,black",

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from popalign.generation import GenerationSettings, fine_tuned_weights_sha256, generate_images, image_seed, read_prompt_table
+from popalign.generate import GenerationSettings, fine_tuned_weights_sha256, generate_images, image_seed
+from popalign.prompts import read_prompt_table
 from popalign.io import InputError
 
 TINY = ["--steps", "2", "--width", "64", "--height", "64", "--precision", "fp32"]
@@ -200,7 +201,7 @@ def test_a_retrained_unet_at_the_same_path_is_not_mixed_into_its_old_images(tiny
 
 def test_a_folder_written_before_weights_were_hashed_resumes_only_without_fine_tuned_weights(tmp_path):
     from dataclasses import asdict
-    from popalign.generation import CONFIG_FILE, check_or_write_config
+    from popalign.generate import CONFIG_FILE, check_or_write_config
 
     settings = GenerationSettings(model="base", steps=2)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(asdict(settings)), encoding="utf-8")  # no weights_sha256 key

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from popalign import metrics
+from popalign.evaluate import metrics
 
 GENDERS = ["male", "female"]
 RACES = ["white", "asian", "black", "latino hispanic", "indian", "middle eastern"]

@@ -1,4 +1,4 @@
-"""Rounds of identity-specific images (popalign.precision): the Wilson interval, the stopping rule, the plan over
+"""Rounds of identity-specific images (popalign.evaluate.precision): the Wilson interval, the stopping rule, the plan over
 several models' folders, and generation of the planned counts."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from popalign.io import InputError
-from popalign.precision import identity_accuracy_counts, next_image_count, read_image_counts, wilson_interval
+from popalign.evaluate.precision import identity_accuracy_counts, next_image_count, read_image_counts, wilson_interval
 
 
 def slow_wilson(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -80,7 +80,8 @@ def test_a_planned_round_draws_the_images_a_fixed_count_would(small_run, tmp_pat
     from PIL import Image
 
     from bad_input_world import TOY_ENVIRONMENT, reset_accelerate, stage_arguments
-    from popalign import generate, precision
+    import popalign.evaluate.precision as precision
+    import popalign.generate.__main__ as generate
 
     world = tmp_path / "world"
     shutil.copytree(small_run, world)

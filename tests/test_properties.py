@@ -11,7 +11,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popalign.metrics import (bootstrap_mean_ci, discrepancy, discrepancy_floor, kl_to_target, pairwise_gap, paired_test,
+from popalign.evaluate.metrics import (bootstrap_mean_ci, discrepancy, discrepancy_floor, kl_to_target, pairwise_gap, paired_test,
                               total_variation, unbiased_squared_discrepancy)
 from popalign.preferences import build_populations, sample_preference_pairs
 

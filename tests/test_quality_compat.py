@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from popalign.quality import compat
+from popalign.score import compat
 
 
 def test_apply_chunking_equals_the_unchunked_call_and_transformers():

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from popalign.io import InputError
-from popalign.quality import build_scorer
-from popalign.quality.run import QUALITY_COLUMNS, quality_path, score_image_folder
-from popalign.quality.tiny import build_tiny_aesthetic_weights
+from popalign.score import build_scorer
+from popalign.score.run import QUALITY_COLUMNS, quality_path, score_image_folder
+from popalign.score.tiny import build_tiny_aesthetic_weights
 from popalign.tiny_models import build_tiny_clip_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +114,7 @@ def test_bad_folders_are_reported(tmp_path, tiny_options):
 
 
 def _score_images_script(repo_root):
-    return importlib.import_module("popalign.score")
+    return importlib.import_module("popalign.score.__main__")
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from popalign.quality import SCORERS, build_scorer
-from popalign.quality.aesthetic import AestheticMLP, aesthetic_score
-from popalign.quality.base import paired_cosine
-from popalign.quality.clip_score import clip_score
-from popalign.quality.pickscore import pick_score
-from popalign.quality.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_tiny_scorer_assets
+from popalign.score import SCORERS, build_scorer
+from popalign.score.aesthetic import AestheticMLP, aesthetic_score
+from popalign.score.base import paired_cosine
+from popalign.score.clip_score import clip_score
+from popalign.score.pickscore import pick_score
+from popalign.score.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_tiny_scorer_assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -278,7 +278,7 @@ def test_scorer_checkpoints_load_tensors_and_never_run_code(tmp_path):
     import argparse
 
     from popalign.io import InputError
-    from popalign.quality.checkpoints import InertObject, load_torch_checkpoint
+    from popalign.score.checkpoints import InertObject, load_torch_checkpoint
 
     marker = tmp_path / "payload_ran"
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from popalign.attributes import load_attributes
-from popalign.evaluation import EvaluationSettings, evaluate, write_tables
-from popalign.report import format_interval, format_p_value, format_verdict, select_chart_prompts, write_report
+from popalign.evaluate.tables import EvaluationSettings, evaluate, write_tables
+from popalign.evaluate.report import format_interval, format_p_value, format_verdict, select_chart_prompts, write_report
 from test_evaluation import COLOURS, hand_specs, make_image_folder, shifted_specs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from popalign.attributes import load_attributes
 from popalign.classify import build_classifier
 from popalign.io import InputError
 from popalign.prompts import expand_prompts, read_neutral_prompts
-from popalign.quality import build_scorer
+from popalign.score import build_scorer
 from popalign.toy.dataset import build_biased_dataset, neutral_skew
 from popalign.toy.world import ToyWorld, load_world, read_figure, render_figure
 

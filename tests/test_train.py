@@ -468,7 +468,7 @@ def test_4_train_sh_bad_input_is_one_line_and_exit_2_with_the_run_folder_untouch
 def test_every_checkpoint_loads_in_stock_diffusers_and_generates_through_eval_sh_path(tiny_sdxl_path, pairs_data, tmp_path, lora_rank):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from popalign.generation import GenerationSettings, generate_images
+    from popalign.generate import GenerationSettings, generate_images
 
     run = tmp_path / "run"
     train(make_config(tiny_sdxl_path, pairs_data, run, lora_rank=lora_rank, max_train_steps=2, checkpointing_steps=1))

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from popalign.metrics import discrepancy
+from popalign.evaluate.metrics import discrepancy
 from popalign.toy.dataset import neutral_skew
 from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from popalign.metrics import bootstrap_mean_ci
+from popalign.evaluate.metrics import bootstrap_mean_ci
 
 # Shared by every run: the demo's setting (demo.sh), except the number of steps (the script's flag).
 COMMON_SETTINGS = {

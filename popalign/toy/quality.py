@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from popalign.quality.base import QualityScorer
+from popalign.score.base import QualityScorer
 from popalign.toy.classifier import toy_world_paths
 from popalign.toy.world import FigureReading, load_world, read_figure
 

@@ -73,11 +73,12 @@ def read_checkpoint_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `keep` remain (keep 0 = no limit); return the deleted."""
+def prune_checkpoints(output_dir: str | Path, keep: int, exempt_steps: frozenset[int] = frozenset()) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `keep` remain besides those of `exempt_steps` (the best one so far,
+    popalign.training.validation), which are never deleted (keep 0 = no limit); return the deleted."""
     if keep <= 0:
         return []
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = [(step, path) for step, path in list_checkpoints(output_dir) if step not in exempt_steps]
     doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
     for path in doomed:
         shutil.rmtree(path)
@@ -129,9 +130,51 @@ def finished_weights(output_dir: str | Path, fingerprint: dict) -> Optional[tupl
     return (weights, int(record.get("global_step", 0))) if weights.exists() else None
 
 
-def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, global_step: int) -> None:
-    atomic_write_json(Path(output_dir) / FINISHED_NAME,
-                      {"fingerprint": fingerprint, "weights": str(Path(weights).relative_to(output_dir)), "global_step": global_step})
+def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, global_step: int, best: Optional[dict] = None) -> None:
+    """finished.json: what the run was trained from, its final weights and step, and with validation the best
+    checkpoint ({"step", "weights", "rule"}; weights null when no validation was eligible)."""
+    record = {"fingerprint": fingerprint, "weights": str(Path(weights).relative_to(output_dir)), "global_step": global_step}
+    if best is not None:
+        record["best"] = best
+    atomic_write_json(Path(output_dir) / FINISHED_NAME, record)
+
+
+def checkpoint_weights(output_dir: str | Path, step: int, lora: bool) -> Path:
+    """The weights of checkpoint-<step> as eval.sh loads them: its unet/ folder, or the folder of its LoRA file."""
+    folder = Path(output_dir) / f"checkpoint-{step}"
+    return folder if lora else folder / "unet"
+
+
+def best_weights(output_dir: str | Path) -> tuple[str, Path]:
+    """("unet" | "lora", path) of the best checkpoint that finished.json names (InputError when there is none)."""
+    marker = Path(output_dir) / FINISHED_NAME
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{output_dir}: no finished run ({FINISHED_NAME} missing or unreadable)") from None
+    best = record.get("best") if isinstance(record, dict) else None
+    if not isinstance(best, dict) or not best.get("weights"):
+        raise InputError(f"{marker}: names no best checkpoint (trained without --validation_prompts_file, or no validation was eligible)")
+    path = Path(output_dir) / str(best["weights"])
+    return ("lora" if best.get("lora") else "unet"), path
+
+
+def main(argv=None) -> int:
+    """`python -m popalign.training.checkpoints best RUN_DIR` prints "unet PATH" or "lora PATH" of the run's best
+    checkpoint (eval.sh's TUNED_MODELS kind best)."""
+    import sys
+
+    from popalign.io import exit_2_on_input_error
+
+    @exit_2_on_input_error
+    def run(arguments) -> int:
+        if len(arguments) != 2 or arguments[0] != "best":
+            raise InputError("usage: python -m popalign.training.checkpoints best RUN_DIR")
+        kind, path = best_weights(arguments[1])
+        print(f"{kind} {path}")
+        return 0
+
+    return run(sys.argv[1:] if argv is None else argv)
 
 
 def trim_metrics(output_dir: str | Path, global_step: int) -> int:
@@ -179,8 +222,10 @@ SETTINGS_CHANGES_NAME = "settings_changes.jsonl"
 
 
 def training_settings(settings: dict) -> dict:
-    """The settings that decide what a run trains: all but RUN_CONTROL_SETTINGS."""
-    return {name: value for name, value in settings.items() if name not in RUN_CONTROL_SETTINGS}
+    """The settings that decide what a run trains: all but RUN_CONTROL_SETTINGS and the validation's (which measure the
+    weights without changing them)."""
+    return {name: value for name, value in settings.items()
+            if name not in RUN_CONTROL_SETTINGS and not name.startswith(("validation_", "num_validation_", "best_checkpoint_"))}
 
 
 def settings_differences(checkpoint: Path, settings: dict) -> dict[str, tuple]:
@@ -205,3 +250,7 @@ def record_settings_change(output_dir: str | Path, checkpoint: Path, step: int, 
     with open(Path(output_dir) / SETTINGS_CHANGES_NAME, "a", encoding="utf-8") as stream:
         stream.write(json.dumps({"resumed_from": str(checkpoint), "step": step,
                                  "changes": {name: {"checkpoint": then, "now": now} for name, (then, now) in differences.items()}}) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

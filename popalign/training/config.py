@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from popalign.attributes import DEFAULT_ATTRIBUTES_PATH
 from popalign.io import ArgumentParser, InputError
 from popalign.losses import ANCHORS
 from popalign.training.objectives import objective_named, objective_names
@@ -134,6 +135,27 @@ class TrainConfig:
         metadata=_help("upload the finished run (weights, model card, config; not checkpoints or logs) to the Hugging Face Hub"))
     hub_model_id: str = field(default="", metadata=_help("Hub repository for --push_to_hub; default: the output folder's name"))
 
+    # validation during training (popalign/training/validation.py): population metrics of the current weights
+    validation_prompts_file: str = field(default="",
+        metadata=_help("step-1 prompts file (neutral and identity-specific prompts, occupations kept out of training) drawn at step 0 "
+                       "and every --validation_steps steps; its metrics go to validation.jsonl and the tracker; empty = no validation"))
+    validation_steps: int = field(default=100, metadata=_help("validate every this many optimizer steps (and at step 0)"))
+    num_validation_images: int = field(default=16, metadata=_help("images drawn per neutral validation prompt"))
+    num_validation_identity_images: int = field(default=4, metadata=_help("images drawn per identity-specific validation prompt"))
+    validation_seed: int = field(default=0, metadata=_help("base seed of the validation images (the same images at every validation)"))
+    validation_classifier: str = field(default="deepface", metadata=_help("classifier of the validation images (as step 2: deepface, clip, toy)"))
+    validation_attributes: str = field(default=str(DEFAULT_ATTRIBUTES_PATH), metadata=_help("attribute definition JSON of the validation prompts"))
+    validation_scorer: str = field(default="clip", metadata=_help("quality scorer of the validation images (as eval.sh's; empty = none)"))
+    validation_num_inference_steps: int = field(default=25, metadata=_help("sampler steps of a validation image"))
+    validation_guidance_scale: float = field(default=5.0, metadata=_help("classifier-free guidance of a validation image"))
+    validation_resolution: int = field(default=0, metadata=_help("validation image size; 0 = --resolution"))
+    validation_batch_size: int = field(default=4, metadata=_help("validation images per pipeline call, per process"))
+    best_checkpoint_accuracy_margin: float = field(default=0.02,
+        metadata=_help("the best checkpoint (finished.json) has the lowest mean validation discrepancy among the validations at saved "
+                       "steps whose identity accuracy is at least step 0's minus this"))
+    best_checkpoint_quality_margin: float = field(default=0.05,
+        metadata=_help("... and whose validation quality is at least step 0's x (1 - this)"))
+
     # logging
     report_to: str = field(default="tensorboard", metadata=_help("experiment tracker", choices=TRACKERS))
     tracker_project: str = field(default="popalign", metadata=_help("tracker project / run name"))
@@ -144,10 +166,11 @@ class TrainConfig:
             raise InputError("--pairs_file is required")
         if not self.output_dir:
             raise InputError("--output_dir is required")
-        for name in ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "vae_encode_batch_size", "torch_threads"):
+        for name in ("resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "vae_encode_batch_size", "torch_threads",
+                     "validation_steps", "num_validation_images", "validation_num_inference_steps", "validation_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("lora_rank", "lora_alpha", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
+        for name in ("num_validation_identity_images", "validation_resolution", "lora_rank", "lora_alpha", "lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
         if self.min_timestep < 0 or self.max_timestep < -1 or (self.max_timestep >= 0 and self.min_timestep > self.max_timestep):
@@ -160,13 +183,21 @@ class TrainConfig:
             raise InputError(f"--popalign_alpha must be in [0, 1] (got {self.popalign_alpha})")
         if self.resolution % 8:
             raise InputError(f"--resolution must be a multiple of 8 (got {self.resolution})")
+        if self.validation_resolution % 8:
+            raise InputError(f"--validation_resolution must be a multiple of 8 (got {self.validation_resolution})")
+        for name in ("best_checkpoint_accuracy_margin", "best_checkpoint_quality_margin"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.validation_guidance_scale < 0:
+            raise InputError(f"--validation_guidance_scale must be >= 0 (got {self.validation_guidance_scale})")
         objective_named(self.loss)  # an unknown --loss is an error naming the known ones
         choices = {"popalign_anchor": ANCHORS, "prior_preservation_target": PRIOR_PRESERVATION_TARGETS, "timestep_sharing": TIMESTEP_SHARING, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS, "report_to": TRACKERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         for name in ("beta", "learning_rate", "lambda_winner", "lambda_loser", "max_grad_norm", "adam_beta1", "adam_beta2",
-                     "adam_weight_decay", "adam_epsilon", "max_memory_cache_gb", "prior_preservation_weight", "caption_dropout"):
+                     "adam_weight_decay", "adam_epsilon", "max_memory_cache_gb", "prior_preservation_weight", "caption_dropout",
+                     "validation_guidance_scale", "best_checkpoint_accuracy_margin", "best_checkpoint_quality_margin"):
             if not math.isfinite(getattr(self, name)):
                 raise InputError(f"--{name} must be a finite number (got {getattr(self, name)})")
         if self.learning_rate <= 0:

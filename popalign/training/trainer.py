@@ -27,6 +27,7 @@ from popalign.training.checkpoints import (
     FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
     METRICS_NAME,
+    checkpoint_weights,
     clear_finished,
     describe_differences,
     finish_checkpoint,
@@ -47,6 +48,7 @@ from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs
 from popalign.training.objectives import Layout
+from popalign.training.validation import TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations
 from popalign.training.models import SD, SDXL, add_lora_adapter, add_noise, denoising_target, load_noise_scheduler, load_unet, model_kind
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -268,15 +270,38 @@ EMA_FOLDER = "unet_ema"
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig, ema=None) -> None:
-    """All processes write their part of the state; the main process names it and prunes old ones."""
+    """All processes write their part of the state; the main process names it and prunes old ones (never the best so far)."""
     accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:  # diffusers layout; its config holds the EMA's own state (decay, step)
             ema.save_pretrained(str(partial_checkpoint_dir(output_dir, step) / EMA_FOLDER))
         finish_checkpoint(output_dir, step, config.to_json())
-        prune_checkpoints(output_dir, config.checkpoints_total_limit)
+        best = best_checkpoint(config, final_step=None)
+        prune_checkpoints(output_dir, config.checkpoints_total_limit, frozenset() if best is None else frozenset({best["step"]}))
     accelerator.wait_for_everyone()
+
+
+def best_checkpoint(config: TrainConfig, final_step: Optional[int]) -> Optional[dict]:
+    """The best saved weights by the validation's rule (popalign.training.validation.select_best_step), as finished.json
+    records it: {"step", "weights" (relative to the run folder, null when none is eligible), "lora", "rule"}; None
+    without validation. `final_step`: the last step, whose weights are the final ones (None while training)."""
+    if not config.validation_prompts_file:
+        return None
+    output_dir, lora = Path(config.output_dir), config.lora_rank > 0
+    candidates = {step for step, _ in list_checkpoints(output_dir)} | ({final_step} if final_step is not None else set())
+    step = select_best_step(read_validations(output_dir), candidates, config.best_checkpoint_accuracy_margin,
+                            config.best_checkpoint_quality_margin)
+    rule = (f"lowest mean validation discrepancy with identity accuracy >= step 0's - {config.best_checkpoint_accuracy_margin} "
+            f"and quality >= step 0's x (1 - {config.best_checkpoint_quality_margin})")
+    if step is None:
+        return {"step": None, "weights": None, "lora": lora, "rule": rule}
+    if step == final_step:
+        # the final weights that were validated: the run folder's LoRA file, or the raw U-Net (with --use_ema, unet/ holds the EMA)
+        weights = Path(".") if lora else Path("unet_raw" if config.use_ema else "unet")
+    else:
+        weights = checkpoint_weights(output_dir, step, lora).relative_to(output_dir)
+    return {"step": step, "weights": str(weights), "lora": lora, "rule": rule}
 
 
 def save_final_weights(accelerator, unet, kind: str, lora: bool, output_dir: Path) -> Path:
@@ -327,6 +352,7 @@ class PreparedRun:
     alphas_cumprod: torch.Tensor
     global_step: int
     ema: Optional[object] = None  # diffusers EMAModel of the U-Net's weights (--use_ema)
+    validation: Optional[TrainingValidation] = None  # --validation_prompts_file
 
 
 def check_run_inputs(config: TrainConfig, device: torch.device):
@@ -340,6 +366,7 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     check_model_location("vae", config.vae)
     check_8bit_adam(config, device)
     records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
+    check_validation_inputs(config, training_captions={record.caption for record in records})
     checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
     differences = settings_differences(checkpoint, config.to_dict()) if checkpoint is not None else {}
     if differences and not config.allow_setting_change:
@@ -444,13 +471,17 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
         say(f"no checkpoint in {output_dir}; starting a new run")
     if accelerator.is_main_process:
         trim_metrics(output_dir, global_step)
+        trim_validations(output_dir, global_step)
+    accelerator.wait_for_everyone()  # every process reads the trimmed validations
+    validation = TrainingValidation(config, accelerator) if config.validation_prompts_file else None
     # Stepped once per optimizer step by the loop (a prepared scheduler would step once per process).
     lr_scheduler = make_lr_scheduler(optimizer, config, global_step)
 
     return PreparedRun(config=config, accelerator=accelerator, unet=unet, reference=reference, trainable=trainable, optimizer=optimizer,
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
                        timestep_range=timestep_range,
-                       alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step, ema=ema)
+                       alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step, ema=ema,
+                       validation=validation)
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
@@ -511,6 +542,45 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the step and the last checkpoint written before it."""
 
 
+def optimizer_step(run: PreparedRun, reduce_mean: Callable) -> dict[str, float]:
+    """One optimizer step: its micro-steps (data -> objective -> backward -> optimizer), EMA, schedule; its statistics."""
+    accumulation = run.config.gradient_accumulation_steps
+    collected = [train_micro_step(run, run.global_step * accumulation + index, reduce_mean) for index in range(accumulation)]
+    if not run.accelerator.sync_gradients:
+        raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
+    if run.ema is not None:
+        run.ema.step(run.accelerator.unwrap_model(run.unet).parameters())
+    learning_rate = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
+    run.lr_scheduler.step()
+    run.global_step += 1
+    return {**_mean_statistics(run.accelerator, collected), "lr": learning_rate}
+
+
+def log_step(run: PreparedRun, logged: dict[str, float]) -> None:
+    """The step's statistics to the tracker and metrics.jsonl; TrainingDiverged when the loss is not finite."""
+    accelerator, output_dir = run.accelerator, Path(run.config.output_dir)
+    accelerator.log({f"train/{name}": value for name, value in logged.items()}, step=run.global_step)
+    if accelerator.is_main_process:
+        with open(output_dir / METRICS_NAME, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps({"step": run.global_step, **logged}) + "\n")
+    if not math.isfinite(logged["loss"]):
+        # Before any checkpoint of this step: the last one written is from before the weights went bad.
+        written = list_checkpoints(output_dir)
+        last = f"the last checkpoint is {written[-1][1]}" if written else "no checkpoint was written"
+        raise TrainingDiverged(f"the loss is {logged['loss']} at step {run.global_step}; training stopped, {last} "
+                               "(lower --learning_rate or --beta, or clip gradients harder with --max_grad_norm)")
+
+
+def validate_if_due(run: PreparedRun) -> None:
+    """Population metrics of the current weights at step 0 and every --validation_steps (popalign.training.validation)."""
+    if run.validation is not None and run.validation.due(run.global_step):
+        record = run.validation.run(run.accelerator.unwrap_model(run.unet), run.global_step)
+        if record is not None:
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in record.items()
+                              if name.startswith(("discrepancy_", "identity_accuracy", "quality")) and not name.endswith(("_low", "_high")))
+            tqdm.write(f"validation at step {run.global_step}: {shown}")
+
+
 def run_training(run: PreparedRun) -> TrainResult:
     """The loop from the run's current step to max_train_steps (or --stop_after_steps), then the final weights."""
     config, accelerator = run.config, run.accelerator
@@ -523,39 +593,23 @@ def run_training(run: PreparedRun) -> TrainResult:
         f"{per_process * processes * accumulation} pairs per optimizer step; {config.max_train_steps} steps; loss {config.loss}")
 
     reduce_mean = lambda tensor: accelerator.reduce(tensor, reduction="mean")  # noqa: E731
-    metrics_path = output_dir / METRICS_NAME
     progress = tqdm(total=config.max_train_steps, initial=run.global_step, desc="training", disable=not accelerator.is_local_main_process)
     steps_this_run = 0
     finished = run.global_step >= config.max_train_steps
+    validate_if_due(run)
     while not finished:
-        collected = [train_micro_step(run, run.global_step * accumulation + index, reduce_mean) for index in range(accumulation)]
-        if not accelerator.sync_gradients:
-            raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
-        if run.ema is not None:
-            run.ema.step(accelerator.unwrap_model(run.unet).parameters())
-        learning_rate = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
-        run.lr_scheduler.step()
-        run.global_step += 1
+        logged = optimizer_step(run, reduce_mean)
         steps_this_run += 1
-
-        logged = _mean_statistics(accelerator, collected)
-        logged["lr"] = learning_rate
-        accelerator.log({f"train/{name}": value for name, value in logged.items()}, step=run.global_step)
-        if accelerator.is_main_process:
-            with open(metrics_path, "a", encoding="utf-8") as stream:
-                stream.write(json.dumps({"step": run.global_step, **logged}) + "\n")
-        if not math.isfinite(logged["loss"]):
-            # Before any checkpoint of this step: the last one written is from before the weights went bad.
-            written = list_checkpoints(output_dir)
-            last = f"the last checkpoint is {written[-1][1]}" if written else "no checkpoint was written"
+        try:
+            log_step(run, logged)
+        except TrainingDiverged:
             progress.close()  # the bar's line ends before the error is printed
-            raise TrainingDiverged(f"the loss is {logged['loss']} at step {run.global_step}; training stopped, {last} "
-                                   "(lower --learning_rate or --beta, or clip gradients harder with --max_grad_norm)")
+            raise
         progress.update(1)
         progress.set_postfix({name: f"{logged[name]:.4g}" for name in ("loss", "implicit_accuracy") if name in logged})
-
         if config.checkpointing_steps and run.global_step % config.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, run.global_step, config, run.ema)
+        validate_if_due(run)
         finished = run.global_step >= config.max_train_steps
         if not finished and config.stop_after_steps and steps_this_run >= config.stop_after_steps:
             say(f"stopping after {steps_this_run} steps of this run at step {run.global_step}; resume with --resume_from_checkpoint latest")
@@ -573,8 +627,11 @@ def run_training(run: PreparedRun) -> TrainResult:
             from popalign.training.model_card import write_model_card
 
             card = write_model_card(output_dir, config.to_dict(), saved, run.global_step, run.kind)
+            best = best_checkpoint(config, final_step=run.global_step)
             mark_finished(output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model),
-                          saved, run.global_step)
+                          saved, run.global_step, best)
+            if best is not None:
+                say(f"best checkpoint (validation): {best['weights'] or 'none eligible'} at step {best['step']}")
             say(f"model card: {card}")
             if config.push_to_hub:
                 from huggingface_hub import create_repo, upload_folder

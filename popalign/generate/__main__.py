@@ -7,7 +7,7 @@ Writes OUT_DIR/images/<prompt_id>/<index>.png, OUT_DIR/manifest.csv and OUT_DIR/
 import argparse
 import sys
 
-from popalign.generation import GenerationSettings, generate_images
+from popalign.generate import GenerationSettings, generate_images
 from popalign.image_folder import PROMPT_KINDS
 from popalign.pipelines import SpeedOptions
 from popalign.io import ArgumentParser, InputError, exit_2_on_input_error
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images_per_neutral_prompt", type=int, default=100, help="also used for generic prompts")
     parser.add_argument("--images_per_identity_prompt", type=int, default=10)
     parser.add_argument("--images_per_prompt_csv", default="",
-                        help="prompt_id,images: counts of the prompts it lists (popalign.precision's rounds; the others keep the above)")
+                        help="prompt_id,images: counts of the prompts it lists (popalign.evaluate.precision's rounds; the others keep the above)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--width", type=int, default=1024)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         raise InputError(f"--kinds: unknown kind(s) {', '.join(unknown)} (known: {', '.join(PROMPT_KINDS)})")
     images_per_prompt = None
     if args.images_per_prompt_csv:
-        from popalign.precision import read_image_counts
+        from popalign.evaluate.precision import read_image_counts
 
         images_per_prompt = read_image_counts(args.images_per_prompt_csv)
     generate_images(args.prompts_csv, args.out_dir, settings, args.images_per_neutral_prompt,

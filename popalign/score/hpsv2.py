@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from popalign.quality.base import QualityScorer, paired_cosine, resolve_device, resolve_dtype
-from popalign.quality.checkpoints import load_torch_checkpoint, local_or_hub_file
+from popalign.score.base import QualityScorer, paired_cosine, resolve_device, resolve_dtype
+from popalign.score.checkpoints import load_torch_checkpoint, local_or_hub_file
 
 # version -> checkpoint file in hub repo xswu/HPSv2 (as the hpsv2 package names them).
 HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

@@ -1,4 +1,6 @@
-"""Image-quality scorers: HPSv2, PickScore, CLIP score, LAION aesthetics, ImageReward.
+"""Scoring a generated image folder with image-quality scorers (eval.sh): HPSv2, PickScore, CLIP score, LAION
+aesthetics, ImageReward. `python -m popalign.score` (__main__.py) is the command line, run.py the folder job, one
+module per scorer; a new scorer is one module and one line in SCORERS below.
 
 Scorers are imported only when built, so that choosing one never imports another's heavy
 dependencies (ImageReward imports diffusers, datasets and its own BLIP).
@@ -6,16 +8,16 @@ dependencies (ImageReward imports diffusers, datasets and its own BLIP).
 
 from __future__ import annotations
 
-from popalign.quality.base import QualityScorer
+from popalign.score.base import QualityScorer
 from popalign.registry import build_registered
 
 # name -> "module:class"; the class is built with the options given to build_scorer.
 SCORERS = {
-    "hpsv2": "popalign.quality.hpsv2:HPSv2Scorer",
-    "pickscore": "popalign.quality.pickscore:PickScoreScorer",
-    "clip": "popalign.quality.clip_score:ClipScoreScorer",
-    "aesthetic": "popalign.quality.aesthetic:AestheticScorer",
-    "imagereward": "popalign.quality.image_reward:ImageRewardScorer",
+    "hpsv2": "popalign.score.hpsv2:HPSv2Scorer",
+    "pickscore": "popalign.score.pickscore:PickScoreScorer",
+    "clip": "popalign.score.clip_score:ClipScoreScorer",
+    "aesthetic": "popalign.score.aesthetic:AestheticScorer",
+    "imagereward": "popalign.score.image_reward:ImageRewardScorer",
     "toy": "popalign.toy.quality:ToyQualityScorer",
 }
 

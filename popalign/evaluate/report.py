@@ -4,7 +4,7 @@
     <report_dir>/chart_distribution_pooled.png   attribute distributions over all neutral prompts
     <report_dir>/chart_distribution_<id>.png     the same for a selection of prompts
     <report_dir>/grid_<id>.png                   images of the same seeds, one row per model
-and the CSV / JSON tables written by popalign.evaluation.write_tables.
+and the CSV / JSON tables written by popalign.evaluate.tables.write_tables.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from popalign.evaluation import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
+from popalign.evaluate.tables import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
                                  intersectional_name)
 from popalign.image_folder import PROMPT_KINDS  # noqa: E402
 from popalign.io import atomic_write_text  # noqa: E402

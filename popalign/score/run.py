@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from popalign.image_folder import QUALITY_COLUMNS, quality_path, read_manifest
 from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, run_image_job
 from popalign.io import atomic_write_csv
-from popalign.quality import build_scorer
-from popalign.quality.base import QualityScorer
+from popalign.score import build_scorer
+from popalign.score.base import QualityScorer
 
 
 

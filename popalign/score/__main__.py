@@ -16,7 +16,7 @@ from pathlib import Path
 
 from popalign.image_folder import manifest_path, quality_path
 from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
-from popalign.quality import SCORERS
+from popalign.score import SCORERS
 
 
 def parse_scorer_options(assignments: list[str], options_json: str | None) -> dict[str, dict]:
@@ -91,12 +91,12 @@ def main(argv=None) -> int:
     scorer_names, scorer_options = validate_scoring(args)
     if args.validate_only:
         if Path(manifest_path(args.out_dir)).exists():  # before generation there is none yet
-            from popalign.quality.run import read_manifest_prompts
+            from popalign.score.run import read_manifest_prompts
 
             read_manifest_prompts(args.out_dir)
         return 0
     from popalign.distributed import make_accelerator
-    from popalign.quality.run import score_image_folder
+    from popalign.score.run import score_image_folder
 
     # score_image_folder reads (and checks) the manifest before it loads any model.
     score_image_folder(args.out_dir, scorer_names, args.batch_size, scorer_options, dtype=SCORER_DTYPES.get(args.precision, args.precision),

@@ -9,7 +9,7 @@ base and tuned folders keep the same prompts, image indices and seeds. Image see
 image index), so a prompt's n images are the first n of the fixed-count run. Neutral prompts keep their fixed count:
 their discrepancy is the headline and needs many images (docs/cost.md).
 
-    python -m popalign.precision --output_dir outputs/eval/images/base --output_dir outputs/eval/images/popalign \
+    python -m popalign.evaluate.precision --output_dir outputs/eval/images/base --output_dir outputs/eval/images/popalign \
         --classifier deepface --target_interval_width 0.1 --max_images_per_prompt 100 --counts_csv counts.csv
 
 Writes counts_csv (prompt_id, images) for popalign.generate --images_per_prompt_csv and prints how many prompts need
@@ -71,8 +71,8 @@ def next_image_count(drawn: int, successes: int, trials: int, target_width: floa
 
 def identity_accuracy_counts(images: pd.DataFrame, attributes) -> pd.DataFrame:
     """Per identity-specific prompt: images drawn, images with a face, and those whose every prompted attribute was
-    read as prompted. `images` as popalign.evaluation.load_image_folder returns them."""
-    from popalign.evaluation import prompted_attributes
+    read as prompted. `images` as popalign.evaluate.tables.load_image_folder returns them."""
+    from popalign.evaluate.tables import prompted_attributes
 
     identity = images[images["kind"] == "identity"]
     rows = []
@@ -89,7 +89,7 @@ def plan_next_round(folders: Sequence[str | Path], classifier: str, attributes, 
                     confidence: float = 0.95) -> pd.DataFrame:
     """(prompt_id, images, drawn) for every identity-specific prompt: the most images any folder's next_image_count
     asks, and the fewest any folder holds now."""
-    from popalign.evaluation import load_image_folder
+    from popalign.evaluate.tables import load_image_folder
 
     wanted: dict[str, int] = {}
     drawn: dict[str, int] = {}

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from popalign.quality.base import QualityScorer, resolve_device, resolve_dtype
-from popalign.quality.checkpoints import load_torch_checkpoint, local_or_hub_file
-from popalign.quality.hf_clip import TransformersClip
+from popalign.score.base import QualityScorer, resolve_device, resolve_dtype
+from popalign.score.checkpoints import load_torch_checkpoint, local_or_hub_file
+from popalign.score.hf_clip import TransformersClip
 
 # A copy of the predictor's published weights on the model hub (the original lives in the
 # christophschuhmann/improved-aesthetic-predictor GitHub repository).

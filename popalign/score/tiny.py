@@ -9,7 +9,7 @@ and WordPiece vocabulary), so the scorers run their real loading and scoring cod
     options = build_tiny_scorer_assets("/tmp/tiny-scorers")
     build_scorer("hpsv2", **options["hpsv2"]).score(images, prompts)
 
-    python -m popalign.quality.tiny --out /tmp/tiny-scorers   # writes scorer_options.json too
+    python -m popalign.score.tiny --out /tmp/tiny-scorers   # writes scorer_options.json too
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def build_tiny_open_clip_hps(path: str | Path, seed: int = 0) -> dict:
 
 def build_tiny_aesthetic_weights(path: str | Path, embedding_dim: int, seed: int = 0) -> Path:
     """A random AestheticMLP state dict (the published key names) for `embedding_dim`-d embeddings."""
-    from popalign.quality.aesthetic import AestheticMLP
+    from popalign.score.aesthetic import AestheticMLP
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +74,8 @@ def build_tiny_image_reward(path: str | Path, seed: int = 0) -> dict:
     a WordPiece vocabulary and med_config.json, all in `path`. Returns ImageRewardScorer options."""
     from transformers import BertTokenizer
 
-    from popalign.quality.compat import import_image_reward
-    from popalign.quality.image_reward import _blip_construction
+    from popalign.score.compat import import_image_reward
+    from popalign.score.image_reward import _blip_construction
 
     import_image_reward()
     from ImageReward.ImageReward import ImageReward

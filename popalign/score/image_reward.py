@@ -20,9 +20,9 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from popalign.quality.base import QualityScorer, resolve_device, resolve_dtype
-from popalign.quality.checkpoints import existing_file, load_torch_checkpoint, local_or_hub_file
-from popalign.quality.compat import import_image_reward
+from popalign.score.base import QualityScorer, resolve_device, resolve_dtype
+from popalign.score.checkpoints import existing_file, load_torch_checkpoint, local_or_hub_file
+from popalign.score.compat import import_image_reward
 
 # name -> checkpoint file in hub repo THUDM/ImageReward (the package's own table).
 IMAGE_REWARD_CHECKPOINTS = {"ImageReward-v1.0": "ImageReward.pt"}

@@ -17,6 +17,7 @@ from typing import Sequence
 import pandas as pd
 
 from popalign.attributes import AttributeSet
+from popalign.image_folder import ATTRIBUTE_COLUMNS, PROMPT_KINDS
 from popalign.io import InputError, csv_row_number, read_csv_checked
 
 DEFAULT_TEMPLATE = "a photo of {person} {activity}"
@@ -154,27 +155,22 @@ def expand_prompts(
     return frame
 
 
-def main(argv=None) -> int:
-    """For the shell scripts: `python -m popalign.prompts splits FILE` prints the split names of a prompt file;
-    `python -m popalign.prompts check FILE` checks a file in step 1's output format (e.g. generic prompts)."""
-    import sys
-
-    from popalign.generation import read_prompt_table
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("splits", "check"):
-        print("usage: python -m popalign.prompts {splits,check} FILE", file=sys.stderr)
-        return 2
-    try:
-        if argv[0] == "splits":
-            print(" ".join(sorted(set(occupation_splits(argv[1]).values()))))
-        else:
-            read_prompt_table(argv[1])
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def read_prompt_table(path) -> pd.DataFrame:
+    """Read a step-1 prompts CSV (docs/data_formats.md); attribute columns are optional."""
+    prompts = read_csv_checked(path, ["prompt_id", "kind", "prompt"])
+    for column in ("neutral_prompt", "occupation", "activity", *ATTRIBUTE_COLUMNS):
+        if column not in prompts.columns:
+            prompts[column] = prompts["prompt"] if column == "neutral_prompt" else ""
+    for position, row in enumerate(prompts.itertuples(index=False)):
+        where = f"{path}: row {csv_row_number(position)}"
+        if row.kind not in PROMPT_KINDS:
+            raise InputError(f"{where}: kind {row.kind!r} is not one of {', '.join(PROMPT_KINDS)}")
+        if not row.prompt.strip():
+            raise InputError(f"{where}: empty prompt")
+        if not row.prompt_id or not all(character in "0123456789abcdef" for character in row.prompt_id):
+            raise InputError(f"{where}: prompt_id {row.prompt_id!r} must be lowercase hex (step 1 writes it)")
+    duplicated = prompts["prompt_id"].duplicated()
+    if duplicated.any():
+        position = int(duplicated.to_numpy().nonzero()[0][0])
+        raise InputError(f"{path}: row {csv_row_number(position)}: duplicate prompt_id {prompts['prompt_id'].iloc[position]}")
+    return prompts

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
-from popalign.evaluation import EvaluationSettings, evaluate, write_tables
+from popalign.evaluate.tables import EvaluationSettings, evaluate, write_tables
 from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
 from popalign.prompts import occupation_splits
-from popalign.report import write_report
+from popalign.evaluate.report import write_report
 
 
 def parse_named_folders(specs: list[str]) -> dict[str, list[str]]:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
 def update_model_cards(result, report_path) -> list[Path]:
     """Each tuned model trained by train_popalign.py (its run folder holds the model card) gets the headline."""
-    from popalign.report import model_card_evaluation
+    from popalign.evaluate.report import model_card_evaluation
     from popalign.training.model_card import MODEL_CARD_NAME, update_evaluation_section
 
     updated = []

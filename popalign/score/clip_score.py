@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from popalign.quality.base import QualityScorer, paired_cosine, resolve_device, resolve_dtype
-from popalign.quality.hf_clip import TransformersClip
+from popalign.score.base import QualityScorer, paired_cosine, resolve_device, resolve_dtype
+from popalign.score.hf_clip import TransformersClip
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

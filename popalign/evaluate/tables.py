@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from popalign import metrics
+from popalign.evaluate import metrics
 from popalign.attributes import AttributeSet
 from popalign.image_folder import (PROMPT_KINDS, QUALITY_REQUIRED_COLUMNS, labels_file_name, labels_path, quality_path,
                                    read_manifest)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from popalign.quality.base import projected_features
+from popalign.score.base import projected_features
 
 
 class TransformersClip:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
+from popalign.prompts import read_prompt_table
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
                          file_sha256, read_csv_checked, remove_orphaned_temporary_files)
 
@@ -80,34 +81,13 @@ def fine_tuned_weights_sha256(unet: str = "", lora: str = "") -> str:
     return digest.hexdigest() if hashed_any else ""
 
 
-def read_prompt_table(path) -> pd.DataFrame:
-    """Read a step-1 prompts CSV (docs/data_formats.md); attribute columns are optional."""
-    prompts = read_csv_checked(path, ["prompt_id", "kind", "prompt"])
-    for column in ("neutral_prompt", "occupation", "activity", *ATTRIBUTE_COLUMNS):
-        if column not in prompts.columns:
-            prompts[column] = prompts["prompt"] if column == "neutral_prompt" else ""
-    for position, row in enumerate(prompts.itertuples(index=False)):
-        where = f"{path}: row {csv_row_number(position)}"
-        if row.kind not in PROMPT_KINDS:
-            raise InputError(f"{where}: kind {row.kind!r} is not one of {', '.join(PROMPT_KINDS)}")
-        if not row.prompt.strip():
-            raise InputError(f"{where}: empty prompt")
-        if not row.prompt_id or not all(character in "0123456789abcdef" for character in row.prompt_id):
-            raise InputError(f"{where}: prompt_id {row.prompt_id!r} must be lowercase hex (step 1 writes it)")
-    duplicated = prompts["prompt_id"].duplicated()
-    if duplicated.any():
-        position = int(duplicated.to_numpy().nonzero()[0][0])
-        raise InputError(f"{path}: row {csv_row_number(position)}: duplicate prompt_id {prompts['prompt_id'].iloc[position]}")
-    return prompts
-
-
 def plan_images(prompts: pd.DataFrame, images_per_neutral_prompt: int, images_per_identity_prompt: int,
                 settings: GenerationSettings, images_per_prompt: dict[str, int] | None = None) -> pd.DataFrame:
     """The manifest of every image to make: one row per (prompt, image index), in prompt order.
 
     Identity-specific prompts get `images_per_identity_prompt` images; neutral and generic
     prompts get `images_per_neutral_prompt`; a prompt listed in `images_per_prompt` ({prompt_id: count},
-    popalign.precision's rounds) gets its own count.
+    popalign.evaluate.precision's rounds) gets its own count.
     """
     images_per_prompt = images_per_prompt or {}
     rows = []

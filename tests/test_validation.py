@@ -1,0 +1,208 @@
+"""Population metrics during training (popalign.training.validation): the numbers against hand values and a slow
+count, and a toy training that validates at step 0 and every N steps, resumes without duplicates, and logs to tensorboard."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from popalign.attributes import load_attributes
+from popalign.io import InputError
+from popalign.training.checkpoints import prune_checkpoints
+from popalign.training.validation import select_best_step, validation_metrics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_ATTRIBUTES = REPO_ROOT / "data" / "toy" / "attributes.json"
+
+
+def image_rows(prompt_id, kind, predicted, prompted=("", ""), faces=None, quality=1.0):
+    faces = faces if faces is not None else [True] * len(predicted)
+    return [{"prompt_id": prompt_id, "kind": kind, "gender": prompted[0], "race": prompted[1], "face_detected": face,
+             "predicted_gender": gender if face else None, "predicted_race": race if face else None, "quality": quality}
+            for (gender, race), face in zip(predicted, faces)]
+
+
+def test_validation_metrics_equal_hand_values():
+    attributes = load_attributes(TOY_ATTRIBUTES)
+    genders, races = attributes["gender"].labels, attributes["race"].labels
+    rows = (image_rows("a", "neutral", [(genders[0], races[0])] * 3 + [(genders[1], races[0])], quality=0.5)
+            + image_rows("b", "neutral", [(genders[0], races[1]), (genders[1], races[2])], faces=[True, True], quality=1.0)
+            + image_rows("b", "neutral", [(None, None)], faces=[False], quality=1.0)
+            + image_rows("c", "identity", [(genders[0], races[0]), (genders[1], races[0])], prompted=(genders[0], races[0])))
+    result = validation_metrics(pd.DataFrame(rows), attributes, ["gender", "race"])
+    # prompt a: gender shares (3/4, 1/4) -> sqrt(2 * 0.25^2) = 0.35355; prompt b: (1/2, 1/2) -> 0
+    assert result["discrepancy_gender"] == pytest.approx((math.sqrt(2 * 0.25 ** 2) + 0.0) / 2)
+    # race, K = 3: a (1, 0, 0) -> sqrt((2/3)^2 + 2 (1/3)^2); b (0, 1/2, 1/2) -> sqrt((1/3)^2 + 2 (1/6)^2)
+    race_a, race_b = math.sqrt((2 / 3) ** 2 + 2 * (1 / 3) ** 2), math.sqrt((1 / 3) ** 2 + 2 * (1 / 6) ** 2)
+    assert result["discrepancy_race"] == pytest.approx((race_a + race_b) / 2)
+    assert result["discrepancy_gender_low"] <= result["discrepancy_gender"] <= result["discrepancy_gender_high"]
+    assert result["identity_accuracy"] == 0.5 and result["face_rate"] == pytest.approx(8 / 9)
+    assert result["quality"] == pytest.approx((4 * 0.5 + 3 * 1.0) / 7) and result["neutral_prompts"] == 2
+
+
+def test_the_discrepancy_floor_matches_a_slow_simulation():
+    """The floor is what fair populations of the validation's sizes read: checked by drawing them."""
+    attributes = load_attributes(TOY_ATTRIBUTES)
+    genders = attributes["gender"].labels
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt in range(4):
+        rows += image_rows(f"p{prompt}", "neutral", [(genders[int(rng.integers(2))], attributes["race"].labels[0]) for _ in range(12)])
+    result = validation_metrics(pd.DataFrame(rows), attributes, ["gender"])
+    draws = rng.integers(0, 2, size=(20000, 12)).mean(axis=1)
+    simulated = float(np.mean(np.sqrt(2) * np.abs(draws - 0.5)))
+    assert result["discrepancy_gender_floor"] == pytest.approx(simulated, abs=0.003)
+
+
+def test_the_best_step_is_the_lowest_discrepancy_within_the_accuracy_and_quality_margins():
+    records = [{"step": 0, "discrepancy_gender": 0.6, "discrepancy_race": 0.8, "identity_accuracy": 0.95, "quality": 0.9},
+               {"step": 10, "discrepancy_gender": 0.2, "discrepancy_race": 0.2, "identity_accuracy": 0.90, "quality": 0.9},  # accuracy out
+               {"step": 20, "discrepancy_gender": 0.3, "discrepancy_race": 0.3, "identity_accuracy": 0.94, "quality": 0.84},  # quality out
+               {"step": 30, "discrepancy_gender": 0.375, "discrepancy_race": 0.375, "identity_accuracy": 0.94, "quality": 0.86},
+               {"step": 40, "discrepancy_gender": 0.5, "discrepancy_race": 0.25, "identity_accuracy": 0.99, "quality": 0.95},
+               {"step": 50, "discrepancy_gender": 0.1, "discrepancy_race": 0.1, "identity_accuracy": 0.99, "quality": 0.95}]  # no weights
+    candidates = {10, 20, 30, 40}
+    assert select_best_step(records, candidates, accuracy_margin=0.02, quality_margin=0.05) == 30  # 0.375 ties 40's mean: the earlier
+    assert select_best_step(records, candidates, accuracy_margin=0.10, quality_margin=0.05) == 10
+    assert select_best_step(records, candidates, accuracy_margin=0.10, quality_margin=0.10) == 10
+    assert select_best_step(records, {20}, accuracy_margin=0.02, quality_margin=0.05) is None
+    assert select_best_step(records[1:], candidates, accuracy_margin=1.0, quality_margin=1.0) is None  # no step-0 reference
+    # a NaN quality (no scorer) leaves that criterion out
+    no_quality = [dict(record, quality=None) for record in records]  # validation.jsonl holds null
+    assert select_best_step(no_quality, candidates, accuracy_margin=0.02, quality_margin=0.05) == 20
+
+
+def test_pruning_keeps_the_exempt_best_checkpoint(tmp_path):
+    from popalign.training.checkpoints import TRAINER_STATE
+
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+    deleted = prune_checkpoints(tmp_path, keep=1, exempt_steps=frozenset({2}))
+    assert sorted(path.name for path in deleted) == ["checkpoint-1", "checkpoint-3"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.fixture
+def toy_training_inputs(tmp_path):
+    """Pairs of rendered toy figures captioned with the doctor's neutral prompt; validation prompts of the chef."""
+    import subprocess
+    import sys
+
+    from popalign.toy.world import load_world, render_figure
+
+    world = load_world()
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for index in range(4):
+        winner = render_figure(world, "doctor", world.genders[index % 2], world.races[index % 3], rng)
+        loser = render_figure(world, "doctor", world.genders[0], world.races[0], rng)
+        winner.save(tmp_path / "images" / f"w{index}.png")
+        loser.save(tmp_path / "images" / f"l{index}.png")
+        rows.append((f"images/w{index}.png", f"images/l{index}.png", "a photo of a doctor in a clinic"))
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as stream:
+        csv.writer(stream).writerows([("winner_path", "loser_path", "caption"), *rows])
+    (tmp_path / "chef.csv").write_text("occupation,activity\nchef,in a kitchen\n", encoding="utf-8")
+    subprocess.run([sys.executable, str(REPO_ROOT / "1_generate_diverse_prompts.py"), "--input", str(tmp_path / "chef.csv"),
+                    "--attributes", str(TOY_ATTRIBUTES), "--output", str(tmp_path / "validation_prompts.csv")], check=True)
+    return tmp_path
+
+
+def toy_config(inputs: Path, **overrides):
+    from popalign.training.config import TrainConfig
+
+    values = dict(pairs_file=str(inputs / "pairs.csv"), output_dir=str(inputs / "run"), pretrained_model=str(REPO_ROOT / "models" / "toy_base"),
+                  vae="", resolution=32, mixed_precision="no", report_to="none", learning_rate=1e-4, lr_warmup_steps=0,
+                  max_train_steps=2, train_batch_size=2, checkpointing_steps=1, use_8bit_adam=False, gradient_checkpointing=False,
+                  caption_dropout=0.0, resume_from_checkpoint="latest", beta=1.0,
+                  validation_prompts_file=str(inputs / "validation_prompts.csv"), validation_steps=1, num_validation_images=6,
+                  num_validation_identity_images=1, validation_classifier="toy", validation_attributes=str(TOY_ATTRIBUTES),
+                  validation_scorer="toy", validation_num_inference_steps=8, validation_guidance_scale=1.0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_toy_training_validates_at_step_0_and_every_n_steps_and_resumes_without_duplicates(toy_training_inputs):
+    from PIL import Image
+
+    from popalign.training.trainer import train
+
+    reset_accelerate()
+    stopped = train(toy_config(toy_training_inputs, stop_after_steps=1, report_to="tensorboard"))
+    reset_accelerate()
+    assert not stopped.finished
+    run = toy_training_inputs / "run"
+    # a kill after the step-1 checkpoint but with a line of a later step written: the resume drops it
+    with open(run / "validation.jsonl", "a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"step": 2, "discrepancy_gender": 9.0}) + "\n")
+    finished = train(toy_config(toy_training_inputs, report_to="tensorboard"))
+    reset_accelerate()
+    assert finished.finished
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [0, 1, 2]
+    for record in records:
+        assert record["images"] == 6 + 6 * 1 and record["neutral_prompts"] == 1 and record["identity_prompts"] == 6
+        assert 0.0 <= record["discrepancy_gender"] <= math.sqrt(0.5) + 1e-9 and record["discrepancy_gender_floor"] > 0
+        assert 0.0 <= record["identity_accuracy"] <= 1.0 and 0.0 <= record["quality"] <= 1.0
+        assert record["discrepancy_gender_low"] is None  # one neutral prompt: no interval, recorded as null
+    # the step-0 validation draws the base model's populations: its numbers do not depend on the training that follows
+    assert records[0]["discrepancy_race"] != 9.0
+    grids = sorted(path.name for path in (run / "validation").iterdir())
+    assert grids == ["step_000000.png", "step_000001.png", "step_000002.png"]
+    assert Image.open(run / "validation" / "step_000000.png").size == (4 * 32, 1 * 32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = {}
+    for events in (run / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            logged.setdefault(tag, set()).update(event.step for event in accumulator.Scalars(tag))
+    assert logged["validation/discrepancy_gender"] == {0, 1, 2} and "validation/identity_accuracy" in logged
+    # The best checkpoint: named in finished.json by the declared rule, loadable in stock diffusers, and eval.sh's kind best.
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    finished_record = json.loads((run / "finished.json").read_text())
+    expected = select_best_step(records, {1, 2}, 0.02, 0.05)
+    assert finished_record["best"]["step"] == expected
+    printed = subprocess.run([sys.executable, "-m", "popalign.training.checkpoints", "best", str(run)], capture_output=True, text=True)
+    if expected is None:
+        assert printed.returncode == 2 and "names no best checkpoint" in printed.stderr
+    else:
+        kind, path = printed.stdout.split()
+        assert kind == "unet" and Path(path) == (run / "unet" if expected == 2 else run / "checkpoint-1" / "unet")
+        UNet2DConditionModel.from_pretrained(path)
+
+
+def test_validation_prompts_that_were_trained_on_are_refused_before_anything_is_written(toy_training_inputs):
+    from popalign.training.trainer import train
+
+    training_prompts = toy_training_inputs / "doctor.csv"
+    training_prompts.write_text("occupation,activity\ndoctor,in a clinic\n", encoding="utf-8")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO_ROOT / "1_generate_diverse_prompts.py"), "--input", str(training_prompts),
+                    "--attributes", str(TOY_ATTRIBUTES), "--output", str(toy_training_inputs / "trained.csv")], check=True)
+    reset_accelerate()
+    with pytest.raises(InputError, match="is a caption of the pairs file"):
+        train(toy_config(toy_training_inputs, validation_prompts_file=str(toy_training_inputs / "trained.csv")))
+    with pytest.raises(InputError, match="--validation_classifier must be one of"):
+        train(toy_config(toy_training_inputs, validation_classifier="oracle"))
+    reset_accelerate()
+    assert not (toy_training_inputs / "run").exists()
