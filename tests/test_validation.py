@@ -206,3 +206,34 @@ def test_validation_prompts_that_were_trained_on_are_refused_before_anything_is_
         train(toy_config(toy_training_inputs, validation_classifier="oracle"))
     reset_accelerate()
     assert not (toy_training_inputs / "run").exists()
+
+
+def test_a_validation_draws_with_the_text_encoder_it_is_given(toy_training_inputs):
+    """With --train_text_encoder the validation draws with the encoders being trained: other pictures than the base's,
+    and the pipeline keeps its own encoder afterwards."""
+    import copy
+
+    import torch
+    from PIL import Image
+
+    from popalign.distributed import make_accelerator
+    from popalign.training.models import load_unet
+    from popalign.training.validation import TrainingValidation
+
+    reset_accelerate()
+    config = toy_config(toy_training_inputs, num_validation_images=4, num_validation_identity_images=0)
+    (toy_training_inputs / "run").mkdir()
+    validation = TrainingValidation(config, make_accelerator())
+    unet = load_unet(config.pretrained_model)
+    first = validation.run(unet, 0)
+    pipeline = validation._components()[0]
+    base_encoder = pipeline.text_encoder
+    changed = copy.deepcopy(base_encoder)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    second = validation.run(unet, 1, [changed])
+    reset_accelerate()
+    assert pipeline.text_encoder is base_encoder and first["images"] == second["images"] == 4
+    grids = [Image.open(toy_training_inputs / "run" / "validation" / f"step_00000{step}.png").tobytes() for step in (0, 1)]
+    assert grids[0] != grids[1]

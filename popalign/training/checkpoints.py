@@ -107,13 +107,13 @@ def _file_stamp(path: Path) -> dict:
 
 
 def training_fingerprint(settings: dict, pairs_file: str | Path, pretrained_model: str) -> dict:
-    """What a finished run was trained from: its settings (less RUN_CONTROL_SETTINGS), the pairs file's
+    """What a finished run was trained from: its training settings (training_settings), the pairs file's
     sha256, and the size and modification time of the base U-Net's files when it is a local folder."""
     from popalign.training.cache import file_sha256
 
     unet_dir = Path(pretrained_model) / "unet"
     unet_files = {path.name: _file_stamp(path) for path in sorted(unet_dir.iterdir()) if path.is_file()} if unet_dir.is_dir() else {}
-    return {"settings": {name: value for name, value in sorted(settings.items()) if name not in RUN_CONTROL_SETTINGS},
+    return {"settings": dict(sorted(training_settings(settings).items())),
             "pairs_sha256": file_sha256(Path(pairs_file)), "pretrained_unet_files": unet_files}
 
 

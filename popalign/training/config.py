@@ -62,6 +62,14 @@ class TrainConfig:
     lora_rank: int = field(default=0,
         metadata=_help("0 = full U-Net fine-tuning; R > 0 = LoRA of rank R on the attention projections"))
     lora_alpha: int = field(default=0, metadata=_help("LoRA scaling alpha; 0 = equal to the rank"))
+    train_text_encoder: bool = field(default=False,
+        metadata=_help("also train the text encoder(s) (both for SDXL) with LoRA of rank --rank, at --text_encoder_lr; captions are then "
+                       "embedded at every step instead of cached. The output's pytorch_lora_weights.safetensors holds their layers "
+                       "(pipeline.load_lora_weights). Needs --rank R > 0"))
+    text_encoder_lr: float = field(default=5e-6, metadata=_help("peak learning rate of the text encoders' LoRA (--train_text_encoder)"))
+    train_unet: bool = field(default=True,
+        metadata=_help("train the U-Net; off (--no_train_unet) with --train_text_encoder trains the text encoder(s) alone, the U-Net "
+                       "frozen and its own reference"))
 
     # objective
     loss: str = field(default="popalign", metadata=_help("objective (popalign/training/objectives.py)", choices=objective_names))
@@ -212,6 +220,13 @@ class TrainConfig:
             raise InputError(f"--adam_epsilon must be > 0 (got {self.adam_epsilon})")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay <= 1.0):
             raise InputError(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
+        if self.train_text_encoder and self.lora_rank <= 0:
+            raise InputError("--train_text_encoder trains LoRA adapters of rank --rank on the text encoder(s): pass --rank R > 0 "
+                             "(with --no_train_unet for the text encoder alone)")
+        if not self.train_unet and not self.train_text_encoder:
+            raise InputError("--no_train_unet leaves nothing to train: add --train_text_encoder")
+        if not (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0):
+            raise InputError(f"--text_encoder_lr must be a finite number > 0 (got {self.text_encoder_lr})")
         if self.use_ema and self.lora_rank > 0:
             raise InputError("--use_ema averages the full U-Net's weights: it does not combine with --rank (LoRA)")
         if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
@@ -223,6 +238,11 @@ class TrainConfig:
     def objective(self):
         """The objectives table's entry for --loss (popalign.training.objectives)."""
         return objective_named(self.loss)
+
+    @property
+    def unet_lora(self) -> bool:
+        """The U-Net trains through LoRA adapters (--rank R with the U-Net trained)."""
+        return self.lora_rank > 0 and self.train_unet
 
     @property
     def needs_losers(self) -> bool:

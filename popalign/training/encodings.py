@@ -33,14 +33,17 @@ TEXT = "text"
 
 @dataclass
 class EncodedPairs:
-    """Cache keys of every pair, and read access to the cached tensors."""
+    """Cache keys of every pair, and read access to the cached tensors. With --train_text_encoder the captions are not
+    cached (the encoders being trained embed them at every step): caption_keys is None and the texts are kept."""
 
     winner_keys: list[str]
     loser_keys: Optional[list[str]]
-    caption_keys: list[str]
+    caption_keys: Optional[list[str]]
     empty_caption_key: Optional[str]  # set when caption dropout can replace a caption by ""
     encodings: CachedEncodings
     winner_prompt_keys: Optional[list[str]] = None  # each winner's own prompt, for prior preservation
+    captions: Optional[list[str]] = None  # the texts, when they are embedded live
+    winner_prompts: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.winner_keys)
@@ -55,6 +58,8 @@ class TrainingBatch:
     winner_time_ids, loser_time_ids: (B, 6) (SDXL only). loser_* are None for SFT.
     winner_prompt_embeds (B, L, D) and winner_pooled_prompt_embeds (B, P) (SDXL only): each winner's
     own prompt, never dropped; set only for prior preservation.
+    With the text encoders trained, the embeddings are None and `captions` (after dropout) and `winner_prompts`
+    hold the texts the trainer embeds (with_embedded_captions).
     """
 
     winner_latents: torch.Tensor
@@ -67,6 +72,19 @@ class TrainingBatch:
     loser_time_ids: Optional[torch.Tensor]
     winner_prompt_embeds: Optional[torch.Tensor] = None
     winner_pooled_prompt_embeds: Optional[torch.Tensor] = None
+    captions: Optional[list[str]] = None
+    winner_prompts: Optional[list[str]] = None
+
+
+def with_embedded_captions(batch: TrainingBatch, text, device) -> TrainingBatch:
+    """The batch with its captions (and winner prompts) embedded by `text` (a TextEncoderStack, on `device`, with the
+    gradient when its encoders train): what the cache holds for frozen encoders, computed live."""
+    import dataclasses
+
+    captions = text.embed(batch.captions, device)
+    winner = text.embed(batch.winner_prompts, device) if batch.winner_prompts is not None else {}
+    return dataclasses.replace(batch, prompt_embeds=captions["prompt_embeds"], pooled_prompt_embeds=captions.get("pooled_prompt_embeds"),
+                               winner_prompt_embeds=winner.get("prompt_embeds"), winner_pooled_prompt_embeds=winner.get("pooled_prompt_embeds"))
 
 
 def _hash_images(paths: Sequence[Path], memo_root: Path, process_index: int, num_processes: int) -> dict[Path, str]:
@@ -92,11 +110,13 @@ def build_encoded_pairs(
     caption_dropout: float,
     vae_encode_batch_size: int,
     max_memory_cache_gb: float,
+    cache_captions: bool = True,
 ) -> EncodedPairs:
     """Encode every image and caption the pairs need that the cache lacks; return the keyed view.
 
     Every process encodes a disjoint share; all wait for each other before reading. The VAE and
-    text encoders are released afterwards: training never runs them again.
+    text encoders are released afterwards: training never runs them again. `cache_captions` False (the text
+    encoders are trained): only the images are encoded, and the captions are kept as text.
     """
     cache = EncodingCache(cache_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -127,8 +147,18 @@ def build_encoded_pairs(
     fill_missing(cache, LATENTS, {key: path for path, key in image_keys.items()}, encode_images, vae_encode_batch_size, rank, world, progress("encoding images"))
     vae = None  # released: training never encodes images again
 
-    text = load_text_encoders(pretrained_model, kind, variant, device)
     uses_winner_prompts = records[0].winner_prompt is not None
+    if not cache_captions:
+        accelerator.wait_for_everyone()
+        keys_by_kind = {LATENTS: sorted(set(image_keys.values()))}
+        in_memory = total_entry_bytes(cache, keys_by_kind) <= max_memory_cache_gb * 2**30
+        return EncodedPairs(
+            winner_keys=[image_keys[record.winner_path] for record in records],
+            loser_keys=[image_keys[record.loser_path] for record in records] if uses_losers else None,
+            caption_keys=None, empty_caption_key=None, encodings=CachedEncodings(cache, keys_by_kind, in_memory),
+            captions=[record.caption for record in records],
+            winner_prompts=[record.winner_prompt for record in records] if uses_winner_prompts else None)
+    text = load_text_encoders(pretrained_model, kind, variant, device)
     captions = sorted({record.caption for record in records} | ({""} if caption_dropout > 0 else set())
                       | ({record.winner_prompt for record in records} if uses_winner_prompts else set()))
     caption_keys = {caption: caption_cache_key(caption, text.fingerprint) for caption in captions}
@@ -184,6 +214,11 @@ def assemble_batch(
             losers.append(pairs.encodings.get(LATENTS, pairs.loser_keys[pair_index]))
         noises.append(drawn.noise)
         timesteps.append(drawn.timestep if shared_timestep is None else shared_timestep)
+        if pairs.caption_keys is None:  # embedded live by the trained text encoders
+            texts.append("" if drawn.drop_caption else pairs.captions[pair_index])
+            if with_winner_prompts:
+                winner_texts.append(pairs.winner_prompts[pair_index])
+            continue
         caption_key = pairs.empty_caption_key if drawn.drop_caption else pairs.caption_keys[pair_index]
         texts.append(pairs.encodings.get(TEXT, caption_key))
         if with_winner_prompts:
@@ -194,16 +229,22 @@ def assemble_batch(
                              torch.stack([entry["crop_top_left"] for entry in entries]), resolution)
 
     is_sdxl = kind == SDXL
+    cached = pairs.caption_keys is not None  # else `texts` holds the captions, embedded by the trainer
+
+    def stacked(entries, name):
+        return torch.stack([entry[name] for entry in entries]) if cached and entries else None
+
     return TrainingBatch(
         winner_latents=torch.stack([entry["latents"] for entry in winners]),
         loser_latents=torch.stack([entry["latents"] for entry in losers]) if with_losers else None,
         noise=torch.stack(noises),
         timesteps=torch.tensor(timesteps, dtype=torch.int64),
-        prompt_embeds=torch.stack([entry["prompt_embeds"] for entry in texts]),
-        pooled_prompt_embeds=torch.stack([entry["pooled_prompt_embeds"] for entry in texts]) if is_sdxl else None,
+        prompt_embeds=stacked(texts, "prompt_embeds"),
+        pooled_prompt_embeds=stacked(texts, "pooled_prompt_embeds") if is_sdxl else None,
         winner_time_ids=time_ids(winners) if is_sdxl else None,
         loser_time_ids=time_ids(losers) if is_sdxl and with_losers else None,
-        winner_prompt_embeds=torch.stack([entry["prompt_embeds"] for entry in winner_texts]) if with_winner_prompts else None,
-        winner_pooled_prompt_embeds=(torch.stack([entry["pooled_prompt_embeds"] for entry in winner_texts])
-                                     if with_winner_prompts and is_sdxl else None),
+        winner_prompt_embeds=stacked(winner_texts, "prompt_embeds") if with_winner_prompts else None,
+        winner_pooled_prompt_embeds=stacked(winner_texts, "pooled_prompt_embeds") if with_winner_prompts and is_sdxl else None,
+        captions=None if cached else texts,
+        winner_prompts=None if cached or not with_winner_prompts else winner_texts,
     )

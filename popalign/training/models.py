@@ -7,6 +7,7 @@ take nothing extra), never from the model's name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ SDXL = "sdxl"
 SD = "sd"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def model_kind(unet_config) -> str:
@@ -122,7 +124,11 @@ class TextEncoderStack:
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Captions -> {'prompt_embeds': (B, L, D)} (+ 'pooled_prompt_embeds': (B, P) for SDXL), float32 on CPU.
+        """Captions -> {'prompt_embeds': (B, L, D)} (+ 'pooled_prompt_embeds': (B, P) for SDXL), float32 on CPU."""
+        return {name: tensor.float().cpu() for name, tensor in self.embed(captions, device).items()}
+
+    def embed(self, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """encode() on the device, in the encoders' dtype, and with the gradient of trained encoders (--train_text_encoder).
 
         SD: the last hidden state of the encoder. SDXL: both encoders' penultimate hidden states
         concatenated on the feature axis, and the second encoder's projected pooled output.
@@ -139,10 +145,24 @@ class TextEncoderStack:
                 hidden_states.append(output[0])
             else:
                 raise ValueError(f"unknown model kind {self.kind!r}")
-        result = {"prompt_embeds": torch.cat(hidden_states, dim=-1).float().cpu()}
+        result = {"prompt_embeds": torch.cat(hidden_states, dim=-1)}
         if self.kind == SDXL:
-            result["pooled_prompt_embeds"] = pooled.float().cpu()
+            result["pooled_prompt_embeds"] = pooled
         return result
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The base encoders for the duration (the reference's text side with --train_text_encoder)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [module for encoder in self.encoders for module in encoder.modules() if isinstance(module, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 def load_text_encoders(pretrained_model: str, kind: str, variant: str, device: torch.device) -> TextEncoderStack:
@@ -190,6 +210,22 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     if shift is not None:
         latents = latents - shift
     return (latents * vae.config.scaling_factor).float().cpu()
+
+
+def add_text_encoder_lora_adapters(text: TextEncoderStack, rank: int, alpha: int, seed: int) -> None:
+    """A LoRA adapter of the given rank on the attention projections of every text encoder (both for SDXL), as
+    diffusers' DreamBooth LoRA examples do; zero-initialised up-projections, so the encoders start as the base ones."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for index, encoder in enumerate(text.encoders):
+        encoder.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGET_MODULES)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1 + index)
+            inject_adapter_in_model(config, encoder)  # peft's own call: transformers' add_adapter asks for a newer peft
+        for parameter in encoder.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
 
 
 def add_lora_adapter(unet, rank: int, alpha: int, seed: int) -> None:

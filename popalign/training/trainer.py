@@ -14,7 +14,7 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -46,10 +46,11 @@ from popalign.training.checkpoints import (
 )
 from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
-from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs
+from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs, with_embedded_captions
 from popalign.training.objectives import Layout
 from popalign.training.validation import TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations
-from popalign.training.models import SD, SDXL, add_lora_adapter, add_noise, denoising_target, load_noise_scheduler, load_unet, model_kind
+from popalign.training.models import (SD, SDXL, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, denoising_target,
+                                     load_noise_scheduler, load_text_encoders, load_unet, model_kind)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Every schedule starts with a linear warmup; "constant" is the original's constant-after-warmup.
@@ -206,39 +207,60 @@ def make_training_accelerator(config: TrainConfig):
     return accelerator
 
 
-def save_lora_in_diffusers_format(unwrapped_unet, kind: str, folder: Path) -> Path:
-    """<folder>/pytorch_lora_weights.safetensors, readable by pipeline.load_lora_weights(folder)."""
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # diffusers' names, in the pipeline's order
+
+
+def save_lora_in_diffusers_format(kind: str, folder: Path, unwrapped_unet=None, text_encoders: Sequence = ()) -> Path:
+    """<folder>/pytorch_lora_weights.safetensors with the adapters of the U-Net (when it trained through LoRA) and of the
+    text encoders (--train_text_encoder), readable by pipeline.load_lora_weights(folder)."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrapped_unet))
-    layers = {name: tensor.detach().float().cpu() for name, tensor in layers.items()}
+    def layers(model):
+        return {name: tensor.detach().float().cpu() for name, tensor in convert_state_dict_to_diffusers(get_peft_model_state_dict(model)).items()}
+
+    arguments = {}
+    for name, model in (("unet", unwrapped_unet), *zip(TEXT_ENCODER_NAMES, text_encoders)):
+        if model is not None:
+            arguments[f"{name}_lora_layers"] = layers(model)
+            arguments[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     saver = {SDXL: StableDiffusionXLLoraLoaderMixin, SD: StableDiffusionLoraLoaderMixin}[kind]
-    saver.save_lora_weights(str(folder), unet_lora_layers=layers, unet_lora_adapter_metadata=unwrapped_unet.peft_config["default"].to_dict())
+    saver.save_lora_weights(str(folder), **arguments)
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
 
-def register_lora_checkpoint_hooks(accelerator, kind: str) -> None:
-    """Make accelerator.save_state / load_state store only the adapter weights, not the whole U-Net: exactly (for
-    resuming) and in diffusers' LoRA format (pytorch_lora_weights.safetensors, for load_lora_weights and eval.sh)."""
+def register_lora_checkpoint_hooks(accelerator, kind: str, text_encoders: Sequence = ()) -> None:
+    """Make accelerator.save_state / load_state store only the adapter weights, not the whole models: exactly (for
+    resuming: unet_lora.safetensors, text_encoder[_2]_lora.safetensors) and in diffusers' LoRA format
+    (pytorch_lora_weights.safetensors, for load_lora_weights and eval.sh). The prepared models are the U-Net when it
+    trains and the text encoders when they train (`text_encoders`, unwrapped)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    def state_file(model) -> str:
+        for name, encoder in zip(TEXT_ENCODER_NAMES, text_encoders):
+            if model is encoder:
+                return f"{name}_lora.safetensors"
+        return LORA_CHECKPOINT_NAME
+
     def save_hook(models, weights, output_dir):
+        unwrapped = [accelerator.unwrap_model(model) for model in models]
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(models[0])
-            state = get_peft_model_state_dict(unwrapped)
-            save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(Path(output_dir) / LORA_CHECKPOINT_NAME))
-            save_lora_in_diffusers_format(unwrapped, kind, Path(output_dir))
-        if weights:
+            for model in unwrapped:
+                state = get_peft_model_state_dict(model)
+                save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(Path(output_dir) / state_file(model)))
+            unet = next((model for model in unwrapped if state_file(model) == LORA_CHECKPOINT_NAME), None)
+            save_lora_in_diffusers_format(kind, Path(output_dir), unet, [model for model in unwrapped if model is not unet])
+        while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
-        unet = accelerator.unwrap_model(models.pop())
-        result = set_peft_model_state_dict(unet, load_file(str(Path(input_dir) / LORA_CHECKPOINT_NAME)))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{input_dir}: LoRA checkpoint does not match the adapter: {result.unexpected_keys[:3]}")
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(str(Path(input_dir) / state_file(model))))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{input_dir}: LoRA checkpoint does not match the adapter: {result.unexpected_keys[:3]}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -304,14 +326,17 @@ def best_checkpoint(config: TrainConfig, final_step: Optional[int]) -> Optional[
     return {"step": step, "weights": str(weights), "lora": lora, "rule": rule}
 
 
-def save_final_weights(accelerator, unet, kind: str, lora: bool, output_dir: Path) -> Path:
-    """Full: <output_dir>/unet in diffusers format. LoRA: <output_dir>/pytorch_lora_weights.safetensors."""
+def save_final_weights(accelerator, run: "PreparedRun", output_dir: Path) -> Path:
+    """Full: <output_dir>/unet in diffusers format. LoRA (U-Net and / or text encoders):
+    <output_dir>/pytorch_lora_weights.safetensors."""
     from accelerate.utils import DistributedType
 
-    if lora:
+    unet = run.unet
+    if run.config.lora_rank > 0:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_lora_in_diffusers_format(accelerator.unwrap_model(unet), kind, output_dir)
+            save_lora_in_diffusers_format(run.kind, output_dir, accelerator.unwrap_model(unet) if run.config.unet_lora else None,
+                                          [accelerator.unwrap_model(encoder) for encoder in run.text.encoders] if run.text else [])
         accelerator.wait_for_everyone()
         return output_dir / "pytorch_lora_weights.safetensors"
     state_dict = accelerator.get_state_dict(unet)  # every process: gathers sharded (FSDP / ZeRO-3) weights
@@ -353,6 +378,18 @@ class PreparedRun:
     global_step: int
     ema: Optional[object] = None  # diffusers EMAModel of the U-Net's weights (--use_ema)
     validation: Optional[TrainingValidation] = None  # --validation_prompts_file
+    text: Optional[TextEncoderStack] = None  # the text encoders being trained (--train_text_encoder), as prepared
+
+    @property
+    def trained_models(self) -> list:
+        """The modules whose parameters train (as prepared): what gradient accumulation synchronises."""
+        return ([self.unet] if self.config.train_unet else []) + (list(self.text.encoders) if self.text is not None else [])
+
+    def reference_text(self):
+        """The text side of the reference: the trained encoders, unwrapped, with their adapters off (a context)."""
+        base = TextEncoderStack(self.text.kind, self.text.tokenizers, [self.accelerator.unwrap_model(encoder) for encoder in self.text.encoders],
+                                self.text.fingerprint)
+        return base.adapters_disabled()
 
 
 def check_run_inputs(config: TrainConfig, device: torch.device):
@@ -400,19 +437,29 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
     timestep_range = timestep_bounds(noise_scheduler.config.num_train_timesteps, config.min_timestep, config.max_timestep)
 
     pairs = build_encoded_pairs(records, accelerator, config.resolved_cache_dir(), config.pretrained_model, config.vae, config.variant,
-                                kind, config.resolution, config.caption_dropout, config.vae_encode_batch_size, config.max_memory_cache_gb)
+                                kind, config.resolution, config.caption_dropout, config.vae_encode_batch_size, config.max_memory_cache_gb,
+                                cache_captions=not config.train_text_encoder)
     say(f"{len(records)} pairs; {kind} U-Net ({noise_scheduler.config.prediction_type}); encodings cached in "
         f"{config.resolved_cache_dir()} ({'held in memory' if pairs.encodings.in_memory else 'read from disk'})")
 
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    lora = config.lora_rank > 0
     reference: Optional[Callable] = None
-    if lora:
+    text = None
+    if config.train_text_encoder:  # captions are embedded at every step by the encoders being trained
+        text = load_text_encoders(config.pretrained_model, kind, config.variant, accelerator.device)
+        add_text_encoder_lora_adapters(text, config.lora_rank, config.lora_alpha, config.seed)
+        for encoder in text.encoders:
+            encoder.train()
+    if config.unet_lora:
         unet.to(accelerator.device, dtype=weight_dtype)
         add_lora_adapter(unet, config.lora_rank, config.lora_alpha, config.seed)
         for parameter in unet.parameters():
             if parameter.requires_grad:  # adapter weights train in fp32 while the frozen base stays in weight_dtype
                 parameter.data = parameter.data.float()
+    elif not config.train_unet:
+        # The text encoders alone train: the frozen U-Net is also the reference's (under the base text encoders).
+        unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        reference = unet if config.needs_reference else None
     elif config.needs_reference:
         # A second frozen copy, resident on the device in the training dtype for the whole run.
         reference = load_unet(config.pretrained_model, config.variant, weight_dtype).requires_grad_(False).eval().to(accelerator.device)
@@ -420,12 +467,21 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = make_optimizer(trainable, config)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if lora:
-        register_lora_checkpoint_hooks(accelerator, kind)
-        if config.needs_reference:
+    unet_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    text_parameters = [parameter for encoder in (text.encoders if text else []) for parameter in encoder.parameters() if parameter.requires_grad]
+    trainable = unet_parameters + text_parameters
+    optimizer = make_optimizer([group for group in ({"params": unet_parameters}, {"params": text_parameters, "lr": config.text_encoder_lr})
+                                if group["params"]], config)
+    trained_models = ([unet] if config.train_unet else []) + (list(text.encoders) if text else [])
+    prepared = accelerator.prepare(*trained_models, optimizer)
+    optimizer = prepared[-1]
+    if config.train_unet:
+        unet = prepared[0]
+    if text is not None:
+        text.encoders = list(prepared[int(config.train_unet):-1])
+    if config.lora_rank > 0:
+        register_lora_checkpoint_hooks(accelerator, kind, [accelerator.unwrap_model(encoder) for encoder in text.encoders] if text else [])
+        if config.unet_lora and config.needs_reference:
             reference = AdaptersOffReference(accelerator.unwrap_model(unet))
     elif accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         register_unet_checkpoint_hooks(accelerator)
@@ -481,7 +537,7 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
                        timestep_range=timestep_range,
                        alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step, ema=ema,
-                       validation=validation)
+                       validation=validation, text=text)
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
@@ -492,36 +548,49 @@ def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tu
     return int(torch.randint(*timestep_range, (), generator=generator))
 
 
-def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Callable]) -> dict:
-    """One micro-batch of this process: errors of policy and reference, the loss, backward (and the optimizer step when due)."""
-    config, accelerator, unet = run.config, run.accelerator, run.unet
-    positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
-    batch = assemble_batch(run.pairs, positions, config.seed, run.timestep_range, config.caption_dropout, run.kind, config.resolution,
-                           config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range),
-                           with_winner_prompts=config.needs_winner_prompts)
+def unet_inputs(run: PreparedRun, batch: TrainingBatch, micro_step: int):
+    """The U-Net's samples for a batch (the objective's layout, and the prior-preservation samples), on the device."""
+    config, accelerator = run.config, run.accelerator
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "derangement", micro_step, accelerator.process_index))
     latents, noise, timesteps, condition = model_inputs(batch, config.objective.layout, generator)
     objective_samples = latents.shape[0]
     if config.needs_winner_prompts:
         latents, noise, timesteps, condition = with_winners_under_their_prompts(latents, noise, timesteps, condition, batch)
     move = lambda tensor: tensor.to(accelerator.device)  # noqa: E731
-    latents, noise, timesteps, condition = move(latents), move(noise), move(timesteps), condition.map(move)
+    return move(latents), move(noise), move(timesteps), condition.map(move), objective_samples
+
+
+def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Callable]) -> dict:
+    """One micro-batch of this process: errors of policy and reference, the loss, backward (and the optimizer step when due)."""
+    config, accelerator = run.config, run.accelerator
+    positions = process_stream_positions(micro_step, accelerator.process_index, accelerator.num_processes, config.train_batch_size)
+    batch = assemble_batch(run.pairs, positions, config.seed, run.timestep_range, config.caption_dropout, run.kind, config.resolution,
+                           config.needs_losers, micro_step_timestep(config, micro_step, run.timestep_range),
+                           with_winner_prompts=config.needs_winner_prompts)
     input_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    predictions = lambda predict, count: denoising_prediction(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
-                                                              condition.map(lambda tensor: tensor[:count]), run.kind,
-                                                              run.alphas_cumprod, input_dtype)
-    targets = denoising_target(run.prediction_type, run.alphas_cumprod, latents, noise, timesteps)
-    # Prior preservation towards the reference: its predictions on the appended samples are their targets.
-    reference_rows = latents.shape[0] if config.preserves_towards_reference else objective_samples
-    with accelerator.accumulate(unet):
+    with accelerator.accumulate(*run.trained_models):
+        reference_batch = batch
+        if run.text is not None:  # the trained text encoders embed the captions: the policy's with adapters, the reference's without
+            with accelerator.autocast():
+                batch = with_embedded_captions(batch, run.text, accelerator.device)
+            with torch.no_grad(), accelerator.autocast(), run.reference_text() as reference_text:
+                reference_batch = with_embedded_captions(reference_batch, reference_text, accelerator.device)
+        latents, noise, timesteps, condition, objective_samples = unet_inputs(run, batch, micro_step)
+        reference_condition = condition if reference_batch is batch else unet_inputs(run, reference_batch, micro_step)[3]
+        predictions = lambda predict, count, on: denoising_prediction(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731
+                                                                      on.map(lambda tensor: tensor[:count]), run.kind,
+                                                                      run.alphas_cumprod, input_dtype)
+        targets = denoising_target(run.prediction_type, run.alphas_cumprod, latents, noise, timesteps)
+        # Prior preservation towards the reference: its predictions on the appended samples are their targets.
+        reference_rows = latents.shape[0] if config.preserves_towards_reference else objective_samples
         reference_errors, reference_predictions = None, None
         if run.reference is not None:
             with torch.no_grad(), accelerator.autocast():
-                reference_predictions = predictions(run.reference, reference_rows)
+                reference_predictions = predictions(run.reference, reference_rows, reference_condition)
             if config.objective.uses_reference:
                 reference_errors = per_sample_denoising_error(reference_predictions[:objective_samples], targets[:objective_samples])
         with accelerator.autocast():
-            policy_predictions = predictions(unet, latents.shape[0])  # one pass, the prior-preservation samples included
+            policy_predictions = predictions(run.unet, latents.shape[0], condition)  # one pass, the prior-preservation samples included
         policy_errors = per_sample_denoising_error(policy_predictions[:objective_samples], targets[:objective_samples])
         loss, statistics = config.objective.compute(policy_errors, reference_errors, config, reduce_mean)
         if config.needs_winner_prompts:
@@ -574,7 +643,8 @@ def log_step(run: PreparedRun, logged: dict[str, float]) -> None:
 def validate_if_due(run: PreparedRun) -> None:
     """Population metrics of the current weights at step 0 and every --validation_steps (popalign.training.validation)."""
     if run.validation is not None and run.validation.due(run.global_step):
-        record = run.validation.run(run.accelerator.unwrap_model(run.unet), run.global_step)
+        text_encoders = [run.accelerator.unwrap_model(encoder) for encoder in run.text.encoders] if run.text is not None else []
+        record = run.validation.run(run.accelerator.unwrap_model(run.unet), run.global_step, text_encoders)
         if record is not None:
             shown = ", ".join(f"{name} {value:.3f}" for name, value in record.items()
                               if name.startswith(("discrepancy_", "identity_accuracy", "quality")) and not name.endswith(("_low", "_high")))
@@ -617,7 +687,7 @@ def run_training(run: PreparedRun) -> TrainResult:
     progress.close()
 
     if finished:
-        saved = save_final_weights(accelerator, run.unet, run.kind, config.lora_rank > 0, output_dir)
+        saved = save_final_weights(accelerator, run, output_dir)
         if run.ema is not None and accelerator.is_main_process:
             # The EMA weights become <output_dir>/unet (what evaluation and the model card load); the raw ones stay beside.
             shutil.rmtree(output_dir / "unet_raw", ignore_errors=True)

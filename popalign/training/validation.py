@@ -181,8 +181,9 @@ class TrainingValidation:
             self._scorer = build_scorer(self.config.validation_scorer) if self.config.validation_scorer else None
         return self._pipeline, self._classifier, self._scorer
 
-    def _draw_and_read(self, unet) -> tuple[list[dict], list]:
-        """This process's share of the plan (every num_processes-th image), drawn with the current U-Net, read and scored."""
+    def _draw_and_read(self, unet, text_encoders: Sequence) -> tuple[list[dict], list]:
+        """This process's share of the plan (every num_processes-th image), drawn with the current U-Net (and text encoders,
+        when they train), read and scored."""
         import torch
 
         from popalign.generate import GenerationSettings, render_batch
@@ -194,9 +195,12 @@ class TrainingValidation:
                                       guidance=config.validation_guidance_scale, width=resolution, height=resolution)
         share = self.plan.iloc[self.accelerator.process_index::self.accelerator.num_processes]
         rows, grid = [], []
-        original_unet, was_training = pipeline.unet, unet.training
-        pipeline.unet = unet
-        unet.eval()
+        trained = {"unet": unet, **dict(zip(("text_encoder", "text_encoder_2"), text_encoders))}
+        originals = {name: getattr(pipeline, name) for name in trained}
+        modes = {name: module.training for name, module in trained.items()}
+        for name, module in trained.items():
+            setattr(pipeline, name, module)
+            module.eval()
         try:
             for start in range(0, len(share), config.validation_batch_size):
                 batch = share.iloc[start:start + config.validation_batch_size]
@@ -210,15 +214,17 @@ class TrainingValidation:
                     if row["kind"] == "neutral" and row["image_index"] < GRID_IMAGES_PER_PROMPT:
                         grid.append((row["prompt_id"], row["image_index"], image))
         finally:
-            pipeline.unet = original_unet
-            unet.train(was_training)
+            for name, module in trained.items():
+                setattr(pipeline, name, originals[name])
+                module.train(modes[name])
         return rows, grid
 
-    def run(self, unet, step: int) -> Optional[dict]:
-        """Validate the weights of `unet` (unwrapped) at `step`; the main process returns and records the metrics."""
+    def run(self, unet, step: int, text_encoders: Sequence = ()) -> Optional[dict]:
+        """Validate the weights of `unet` and, when they train, `text_encoders` (all unwrapped) at `step`; the main process
+        returns and records the metrics."""
         from accelerate.utils import gather_object
 
-        rows, grid = self._draw_and_read(unet)
+        rows, grid = self._draw_and_read(unet, text_encoders)
         rows, grid = gather_object(rows), gather_object(grid)
         self.done_steps.add(step)
         if not self.accelerator.is_main_process:
