@@ -37,6 +37,11 @@ fi
 # The original replaces a pair's caption by the empty prompt 20% of the time, without saying so.
 # It is kept as the default here, in plain sight; set 0 to train on every caption.
 : "${CAPTION_DROPOUT:=0.2}"
+# --- what trains ---
+: "${LORA_RANK:=0}"                                       # 0 = full U-Net fine-tuning (the original); e.g. 8 for LoRA
+: "${TRAIN_TEXT_ENCODER:=off}"                            # on: LoRA of rank LORA_RANK on the text encoder(s) too (needs LORA_RANK > 0)
+: "${TEXT_ENCODER_LR:=5e-6}"                              # the text encoders' learning rate
+: "${TRAIN_UNET:=on}"                                     # off (with TRAIN_TEXT_ENCODER=on): the text encoder(s) alone, the U-Net frozen
 # Prior preservation (not in the original): also denoise each winner under its own identity-specific prompt
 # (the pairs' winner_prompt column) with this weight, so that identity-specific prompts keep drawing what they name.
 : "${PRIOR_PRESERVATION_WEIGHT:=0}"
@@ -57,7 +62,6 @@ fi
 : "${USE_8BIT_ADAM:=on}"                                  # needs CUDA + bitsandbytes (refused without); off = torch AdamW, ~15 GB more on SDXL
 : "${USE_EMA:=off}"                                       # on: <OUTPUT_DIR>/unet holds an EMA of the weights (unet_raw the raw ones)
 : "${EMA_DECAY:=0.9999}"
-: "${LORA_RANK:=0}"                                       # 0 = full U-Net fine-tuning (the original); e.g. 8 for LoRA
 : "${SEED:=0}"
 
 # --- checkpoints and logging ---
@@ -65,6 +69,22 @@ fi
 : "${CHECKPOINTS_TOTAL_LIMIT:=0}"                         # 0 = keep every checkpoint
 : "${RESUME_FROM_CHECKPOINT:=latest}"                     # "latest" starts fresh when there is none
 : "${REPORT_TO:=tensorboard}"                             # tensorboard | wandb | none
+
+# --- population metrics during training (off unless VALIDATION_PROMPTS_FILE is set): a step-1 prompts file of
+# occupations kept out of training, drawn at step 0 and every VALIDATION_STEPS; validation.jsonl, grids, and the best
+# checkpoint in finished.json (eval.sh: TUNED_MODELS="popalign=best:OUTPUT_DIR")
+: "${VALIDATION_PROMPTS_FILE:=}"
+: "${VALIDATION_STEPS:=100}"
+: "${NUM_VALIDATION_IMAGES:=16}"                          # per neutral validation prompt
+: "${NUM_VALIDATION_IDENTITY_IMAGES:=4}"                  # per identity-specific validation prompt
+: "${VALIDATION_SEED:=0}"
+: "${VALIDATION_CLASSIFIER:=deepface}"                    # deepface | clip | toy, as step 2
+: "${VALIDATION_SCORER:=clip}"                            # quality proxy ("" = none)
+: "${VALIDATION_ATTRIBUTES:=data/attributes.json}"        # the attribute file of the validation prompts
+: "${VALIDATION_NUM_INFERENCE_STEPS:=25}"
+: "${VALIDATION_GUIDANCE_SCALE:=5.0}"
+: "${BEST_CHECKPOINT_ACCURACY_MARGIN:=0.02}"              # the best checkpoint keeps identity accuracy within this of step 0's
+: "${BEST_CHECKPOINT_QUALITY_MARGIN:=0.05}"               # ... and quality within this share of step 0's
 
 # --- processes: one per GPU. The original ran 8 processes x 1 pair; on fewer GPUs keep the
 # effective batch with TRAIN_BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS. LAUNCH_ARGS may instead name
@@ -90,6 +110,13 @@ train_args=(
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM"
   --mixed_precision "$MIXED_PRECISION" --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
   --use_8bit_adam "$USE_8BIT_ADAM" --use_ema "$USE_EMA" --ema_decay "$EMA_DECAY" --rank "$LORA_RANK" --seed "$SEED"
+  --train_text_encoder "$TRAIN_TEXT_ENCODER" --text_encoder_lr "$TEXT_ENCODER_LR" --train_unet "$TRAIN_UNET"
+  --validation_prompts_file "$VALIDATION_PROMPTS_FILE" --validation_steps "$VALIDATION_STEPS"
+  --num_validation_images "$NUM_VALIDATION_IMAGES" --num_validation_identity_images "$NUM_VALIDATION_IDENTITY_IMAGES"
+  --validation_seed "$VALIDATION_SEED" --validation_classifier "$VALIDATION_CLASSIFIER" --validation_scorer "$VALIDATION_SCORER"
+  --validation_attributes "$VALIDATION_ATTRIBUTES"
+  --validation_num_inference_steps "$VALIDATION_NUM_INFERENCE_STEPS" --validation_guidance_scale "$VALIDATION_GUIDANCE_SCALE"
+  --best_checkpoint_accuracy_margin "$BEST_CHECKPOINT_ACCURACY_MARGIN" --best_checkpoint_quality_margin "$BEST_CHECKPOINT_QUALITY_MARGIN"
   --checkpointing_steps "$CHECKPOINTING_STEPS" --checkpoints_total_limit "$CHECKPOINTS_TOTAL_LIMIT"
   --resume_from_checkpoint "$RESUME_FROM_CHECKPOINT" --report_to "$REPORT_TO"
 )

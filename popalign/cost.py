@@ -143,24 +143,40 @@ def generated_image_flops(model: str, steps: int, guidance: bool) -> float:
 
 
 def training_step_flops(unet_forward: float, pairs: int, objective: str, with_reference: bool = True,
-                        prior_preservation_target: str = "") -> float:
-    """One optimizer step on cached latents. Backward ~ 2 x forward, so the policy costs 3 forwards per sample;
-    the frozen reference 1 forward per sample when the objective uses it. Samples per pair: the objectives table's
-    (popalign.training.objectives: 2 for winner and loser, 1 for the winners alone).
-    Prior preservation adds each winner under its identity-specific prompt: 3 more forwards per pair, and 1 more
-    when its target is the reference's prediction.
+                        prior_preservation_target: str = "", gradient_checkpointing: bool = False,
+                        text_encoder_forward: float = 0.0) -> float:
+    """One optimizer step on cached latents. Backward ~ 2 x forward, so the policy costs 3 forwards per sample, 4 with
+    gradient checkpointing (the forward is run again in the backward pass); the frozen reference 1 forward per sample
+    when the objective uses it. Samples per pair: the objectives table's (popalign.training.objectives: 2 for winner
+    and loser, 1 for the winners alone). Prior preservation adds each winner under its identity-specific prompt: the
+    policy's forwards once more per pair, and 1 more when its target is the reference's prediction.
+    With the text encoders trained (text_encoder_forward > 0: one prompt through them), each pair's caption (and
+    winner prompt) is embedded at every step: 3 forwards for the trained encoders, 1 more for the reference's.
 
-        FLOP = (3 s + r) x unet_forward,   s = samples (+ pairs with prior preservation),
-                                            r = reference forwards (0 without the reference)"""
+        FLOP = (f s + r) x unet_forward + (3 + [reference]) x c x text_encoder_forward,
+               f = 3 (4 with checkpointing), s = samples (+ pairs with prior preservation),
+               r = reference forwards (0 without the reference), c = prompts embedded (pairs, x 2 with prior preservation)"""
     from popalign.training.objectives import objective_named
 
     entry = objective_named(objective)
     samples = pairs * entry.samples_per_pair
     reference = samples if with_reference and entry.uses_reference else 0
+    prompts = pairs
     if prior_preservation_target:
         samples += pairs
+        prompts += pairs
         reference += pairs if with_reference and prior_preservation_target == "reference" else 0
-    return (3 * samples + reference) * unet_forward
+    policy_forwards = 4 if gradient_checkpointing else 3
+    text = (3 + (1 if with_reference and entry.uses_reference else 0)) * prompts * text_encoder_forward
+    return (policy_forwards * samples + reference) * unet_forward + text
+
+
+def validation_flops(model: str, images: int, steps: int, guidance: bool, classifier: str = "classifier deepface",
+                     scorer: str = "scorer clip") -> float:
+    """One validation during training: its images generated (generated_image_flops) and read by the classifier and the
+    quality scorer (reader_flops)."""
+    readers = reader_flops()
+    return images * (generated_image_flops(model, steps, guidance) + readers[classifier] + (readers[scorer] if scorer else 0.0))
 
 
 def gpu_hours(flops: float, gpu: str, utilisation: float = UTILISATION) -> float:
@@ -194,8 +210,9 @@ def cost_table(model: str, recipe: Recipe) -> str:
         ("2 generation (training populations)", recipe.training_images, recipe.training_images * per_image),
         ("2 classification (DeepFace)", recipe.training_images, recipe.training_images * readers["classifier deepface"]),
         ("4 VAE encoding of the pairs' images (once, cached)", recipe.training_images, recipe.training_images * parts["vae_encode"]),
-        ("4 training, PopAlign (policy + reference)", recipe.train_steps,
-         recipe.train_steps * training_step_flops(parts["unet_forward"], recipe.pairs_per_step, "popalign")),
+        (f"4 training, PopAlign (policy + reference{', gradient checkpointing' if recipe.gradient_checkpointing else ''})", recipe.train_steps,
+         recipe.train_steps * training_step_flops(parts["unet_forward"], recipe.pairs_per_step, "popalign",
+                                                  gradient_checkpointing=recipe.gradient_checkpointing)),
         ("5 generation (evaluation, all models)", recipe.evaluation_images, recipe.evaluation_images * per_image),
         ("5 classification and the 5 quality scorers", recipe.evaluation_images,
          recipe.evaluation_images * (readers["classifier deepface"] + scorers)),
@@ -224,7 +241,35 @@ def cost_table(model: str, recipe: Recipe) -> str:
         full = training_step_flops(parts["unet_forward"], 1, objective, True, target)
         alone = training_step_flops(parts["unet_forward"], 1, objective, False, target)
         lines.append(f"| {label} | {full / 1e12:.1f} TFLOP | {alone / 1e12:.1f} TFLOP |")
+    lines += ["", *training_options_table(model, recipe)]
     return "\n".join(lines)
+
+
+VALIDATION_EXAMPLE_OCCUPATIONS = 10  # the options table's example: held-out occupations drawn at every validation
+
+
+def training_options_table(model: str, recipe: Recipe) -> list[str]:
+    """What step 4's options add to the recipe's training (each off by default): the text encoders trained with LoRA, and
+    validation during training on VALIDATION_EXAMPLE_OCCUPATIONS neutral prompts with their identity-specific ones."""
+    parts = component_flops(model)
+    forward, pairs = parts["unet_forward"], recipe.pairs_per_step
+    plain = training_step_flops(forward, pairs, "popalign", gradient_checkpointing=recipe.gradient_checkpointing)
+    with_text = training_step_flops(forward, pairs, "popalign", gradient_checkpointing=recipe.gradient_checkpointing,
+                                    text_encoder_forward=text_encoder_flops(model))
+    validations = recipe.train_steps // recipe.validation_steps + 1
+    images = VALIDATION_EXAMPLE_OCCUPATIONS * (recipe.num_validation_images + recipe.identities * recipe.num_validation_identity_images)
+    validation = validations * validation_flops(model, images, recipe.validation_num_inference_steps, recipe.validation_guidance)
+    training = recipe.train_steps * plain
+    rows = [("text encoders trained with LoRA (TRAIN_TEXT_ENCODER=on)", recipe.train_steps, recipe.train_steps * (with_text - plain)),
+            (f"validation every {recipe.validation_steps} steps and at step 0 ({validations} x {images:,} images: "
+             f"{VALIDATION_EXAMPLE_OCCUPATIONS} occupations x ({recipe.num_validation_images} neutral + {recipe.identities} x "
+             f"{recipe.num_validation_identity_images} identity-specific), {recipe.validation_num_inference_steps} steps, DeepFace, CLIP score)",
+             validations * images, validation)]
+    lines = [f"### Step 4's options ({model.upper()}; added to the training row above)", "",
+             "| option | steps or images | FLOP | x the training's | H100 GPU-h |", "|---|---|---|---|---|"]
+    for name, count, flops in rows:
+        lines.append(f"| {name} | {count:,} | {flops:.2e} | {flops / training:.2f} | {gpu_hours(flops, 'H100'):,.2f} |")
+    return lines
 
 
 def main(argv=None) -> int:

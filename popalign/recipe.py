@@ -30,6 +30,12 @@ class Recipe:
     eval_images_per_prompt: int
     eval_images_per_identity_prompt: int
     eval_models: int = 2  # the base and one tuned model
+    gradient_checkpointing: bool = False  # 4_train.sh's GRADIENT_CHECKPOINTING: a fourth U-Net forward per trained sample
+    validation_steps: int = 100  # 4_train.sh's validation settings (validation is off unless a prompts file is given)
+    num_validation_images: int = 16
+    num_validation_identity_images: int = 4
+    validation_num_inference_steps: int = 25
+    validation_guidance: bool = True
 
     @classmethod
     def from_repository(cls, root: Path = REPO_ROOT, processes: int = 8) -> "Recipe":
@@ -53,7 +59,11 @@ class Recipe:
                    images_per_neutral_prompt=int(generate["IMAGES_PER_NEUTRAL_PROMPT"]),
                    images_per_identity_prompt=int(generate["IMAGES_PER_IDENTITY_PROMPT"]),
                    steps=int(generate["STEPS"]), guidance=float(generate["GUIDANCE"]) > 1.0,
-                   train_steps=int(train["MAX_TRAIN_STEPS"]),
+                   train_steps=int(train["MAX_TRAIN_STEPS"]), gradient_checkpointing=train["GRADIENT_CHECKPOINTING"] == "on",
+                   validation_steps=int(train["VALIDATION_STEPS"]), num_validation_images=int(train["NUM_VALIDATION_IMAGES"]),
+                   num_validation_identity_images=int(train["NUM_VALIDATION_IDENTITY_IMAGES"]),
+                   validation_num_inference_steps=int(train["VALIDATION_NUM_INFERENCE_STEPS"]),
+                   validation_guidance=float(train["VALIDATION_GUIDANCE_SCALE"]) > 1.0,
                    pairs_per_step=int(train["TRAIN_BATCH_SIZE"]) * int(train["GRADIENT_ACCUMULATION_STEPS"]) * processes,
                    eval_neutral_prompts=rows("eval_prompts.csv"), eval_identities=eval_identities, eval_generic_prompts=rows("eval_generic_prompts.csv"),
                    eval_images_per_prompt=eval_images_per_prompt,
