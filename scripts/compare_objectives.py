@@ -53,50 +53,17 @@ def train(run_dir: Path, objective: comparison.Objective, point: dict, seed: int
 
 
 def measure(unet: Path | None, prompts, split: str, args, world, cache: Path) -> dict:
-    """popalign.toy.base.measure_toy_model of the base (unet None) or a tuned U-Net, cached in `cache`."""
-    settings = {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
-                "images_per_identity_prompt": args.images_per_identity_prompt, "steps": args.steps,
-                "guidance": args.guidance, "seed": args.measure_seed}
-    if cache.is_file():
-        stored = json.loads(cache.read_text(encoding="utf-8"))
-        if stored.get("measure_settings") == settings:
-            return stored
-    import torch
-
-    from popalign.pipelines import load_text_to_image_pipeline
-    from popalign.toy.base import measure_toy_model
-
-    torch.set_num_threads(args.measure_threads)
-    pipeline = load_text_to_image_pipeline(args.pretrained_model, torch.float32, torch.device("cpu"),
-                                           unet_path=str(unet) if unet else None)
-    pipeline.set_progress_bar_config(disable=True)
-    measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt,
-                                    args.images_per_neutral_prompt, args.steps, args.guidance, args.measure_seed)
-    measurement["measure_settings"] = settings
-    atomic_write_json(cache, measurement)
-    return measurement
+    """The base (unet None) or a tuned U-Net measured on a split (popalign.toy.comparison.measure_cached)."""
+    return comparison.measure_cached({"unet_path": str(unet)} if unet else {}, prompts, split, args, world, cache)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs_file", default="outputs/toy_demo/preferences/pairs.csv")
-    parser.add_argument("--pretrained_model", default="models/toy_base")
-    parser.add_argument("--occupations", default="data/toy/occupations.csv", help="toy occupations with a split column")
-    parser.add_argument("--attributes", default="data/toy/attributes.json")
-    parser.add_argument("--validation_split", default="validation", help="occupations the setting is chosen on")
-    parser.add_argument("--test_split", default="heldout", help="occupations the chosen settings are scored on")
-    parser.add_argument("--output_dir", default="outputs/toy_comparison")
+    comparison.add_toy_study_arguments(parser, output_dir="outputs/toy_comparison")
     parser.add_argument("--objectives", default=",".join(objective.name for objective in comparison.OBJECTIVES),
                         help="the objectives to run and tabulate (each with its full grid and seeds)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds of each chosen setting; the first also trains the grid")
     parser.add_argument("--max_train_steps", type=int, default=300)
-    parser.add_argument("--num_processes", type=int, default=2, help="data-parallel training processes")
-    parser.add_argument("--images_per_neutral_prompt", type=int, default=100)
-    parser.add_argument("--images_per_identity_prompt", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps when scoring")
-    parser.add_argument("--guidance", type=float, default=3.0, help="guidance when scoring (the demo's evaluation)")
-    parser.add_argument("--measure_seed", type=int, default=1, help="seed of the scored pictures (not the training images')")
-    parser.add_argument("--measure_threads", type=int, default=2)
     args = parser.parse_args(argv)
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]

@@ -435,3 +435,26 @@ def test_changed_readings_counts_the_pictures_read_differently():
         metrics.changed_readings(first, [second[0], second[0]])
     with pytest.raises(ValueError, match="2 prompts against 1"):
         metrics.changed_readings(first, first[:1])
+
+
+def test_holm_adjusted_p_values_equal_hand_values_and_a_slow_definition():
+    from popalign.evaluate.metrics import holm_adjusted
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 4 x 0.01, max(0.04, 3 x 0.02), max(0.06, 2 x 0.03), max(0.06, 0.5)
+    assert holm_adjusted([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm_adjusted([0.4, 0.6]) == pytest.approx([0.8, 0.8])  # the running maximum, capped at 1
+    assert math.isnan(holm_adjusted([math.nan, 0.01])[0]) and holm_adjusted([math.nan, 0.01])[1] == pytest.approx(0.01)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        values = list(rng.uniform(0, 0.2, size=int(rng.integers(1, 8))))
+        ranked = sorted(values)
+        # The slow definition: reject H_(i) at alpha iff every p_(j), j <= i, is <= alpha / (m - j + 1).
+        for alpha in (0.01, 0.05, 0.1):
+            rejected = set()
+            for rank, value in enumerate(ranked):
+                if value > alpha / (len(values) - rank):
+                    break
+                rejected.add(rank)
+            adjusted = holm_adjusted(values)
+            for index, value in enumerate(values):
+                assert (adjusted[index] <= alpha + 1e-12) == (ranked.index(value) in rejected)

@@ -67,3 +67,32 @@ def test_the_script_refuses_an_unknown_objective(capsys):
     spec.loader.exec_module(script)
     assert script.main(["--objectives", "popalign,ppo"]) == 2
     assert "--objectives: unknown ppo (known: popalign, popalign_per_pair, dpo, sft)" in capsys.readouterr().err
+
+
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_generalization_study_takes_nested_subsets_of_the_pool_and_refuses_bad_sizes(tmp_path, capsys):
+    import pandas as pd
+
+    script = load_script("generalization")
+    pool = ["doctor", "engineer", "nurse", "teacher"]
+    order = script.training_order(pool, seed=3)
+    assert sorted(order) == pool and order == script.training_order(pool, seed=3)  # a permutation, fixed by the seed
+    (tmp_path / "images").mkdir()
+    pd.DataFrame({"winner_path": ["images/a.png", "images/b.png"], "loser_path": ["images/c.png", "/abs/d.png"],
+                  "caption": ["a photo of a doctor", "a photo of a nurse"]}).to_csv(tmp_path / "pairs.csv", index=False)
+    assert script.subset_pairs(tmp_path / "pairs.csv", {"a photo of a nurse"}, tmp_path / "subset.csv") == 1
+    subset = pd.read_csv(tmp_path / "subset.csv")
+    assert list(subset["winner_path"]) == [str((tmp_path / "images" / "b.png").resolve())] and list(subset["loser_path"]) == ["/abs/d.png"]
+    assert script.main(["--pairs_file", str(tmp_path / "pairs.csv"), "--sizes", "1,5", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--sizes: the training pool has 4 occupations" in capsys.readouterr().err
+    assert script.main(["--pairs_file", str(tmp_path / "pairs.csv"), "--methods", "ppo"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -237,3 +237,36 @@ def test_a_validation_draws_with_the_text_encoder_it_is_given(toy_training_input
     assert pipeline.text_encoder is base_encoder and first["images"] == second["images"] == 4
     grids = [Image.open(toy_training_inputs / "run" / "validation" / f"step_00000{step}.png").tobytes() for step in (0, 1)]
     assert grids[0] != grids[1]
+
+
+@pytest.mark.slow
+def test_two_processes_validate_the_populations_of_one(toy_training_inputs):
+    """The validation images are sharded over the processes (each draws every second image) and gathered: two
+    processes measure what one does, to float rounding of the two trainings."""
+    import os
+    import subprocess
+    import sys
+
+    from popalign.training.trainer import train
+
+    reset_accelerate()
+    train(toy_config(toy_training_inputs, output_dir=str(toy_training_inputs / "one"), max_train_steps=1, checkpointing_steps=0,
+                     train_batch_size=2, learning_rate=1e-9))
+    reset_accelerate()
+    config = toy_config(toy_training_inputs, output_dir=str(toy_training_inputs / "two"), max_train_steps=1, checkpointing_steps=0,
+                        train_batch_size=1, learning_rate=1e-9)
+    argv = [f"--{name}={('on' if value else 'off') if isinstance(value, bool) else value}" for name, value in config.to_dict().items()]
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                                str(REPO_ROOT / "train_popalign.py"), *argv], cwd=REPO_ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    one = [json.loads(line) for line in (toy_training_inputs / "one" / "validation.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (toy_training_inputs / "two" / "validation.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in two] == [0, 1] and len(two) == len(one)
+    for first, second in zip(one, two):
+        assert second["images"] == first["images"] == 12
+        for name in ("discrepancy_gender", "discrepancy_race", "identity_accuracy", "face_rate"):
+            assert second[name] == pytest.approx(first[name], abs=1e-9), name
+        assert second["quality"] == pytest.approx(first["quality"], abs=1e-3)
+    one_grid = (toy_training_inputs / "one" / "validation" / "step_000000.png").read_bytes()
+    assert one_grid == (toy_training_inputs / "two" / "validation" / "step_000000.png").read_bytes()

@@ -614,3 +614,24 @@ def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.
         return "higher" if result.mean_difference > 0 else "lower"
     improved = (result.mean_difference < 0) if better == "lower" else (result.mean_difference > 0)
     return "better" if improved else "worse"
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of m p-values (controls the family-wise error rate at any dependence).
+
+    With the p-values sorted ascending, p_(1) <= ... <= p_(m):
+
+        adjusted p_(i) = min(1, max over j <= i of (m - j + 1) * p_(j))
+
+    returned in the order given; a hypothesis is rejected at level alpha when its adjusted p-value is <= alpha.
+    NaN entries are left out of the family and stay NaN.
+    """
+    values = np.asarray(p_values, dtype=float)
+    adjusted = np.full(values.shape, math.nan)
+    present = np.flatnonzero(~np.isnan(values))
+    order = present[np.argsort(values[present], kind="stable")]
+    family, running = len(order), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (family - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()

@@ -118,3 +118,52 @@ def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, lis
         lines.append(f"| {name} | {setting} | {len(measurements)} | "
                      + " | ".join(_cell(*summary[key], key == "identity_accuracy") for key, _ in TABLE_METRICS) + " |")
     return "\n".join(lines)
+
+
+def add_toy_study_arguments(parser, output_dir: str) -> None:
+    """The flags a toy-world study script shares: its inputs, and how tuned and base models are measured."""
+    parser.add_argument("--pairs_file", default="outputs/toy_demo/preferences/pairs.csv")
+    parser.add_argument("--pretrained_model", default="models/toy_base")
+    parser.add_argument("--occupations", default="data/toy/occupations.csv", help="toy occupations with a split column")
+    parser.add_argument("--attributes", default="data/toy/attributes.json")
+    parser.add_argument("--validation_split", default="validation", help="occupations settings are chosen on")
+    parser.add_argument("--test_split", default="heldout", help="occupations the chosen settings are scored on")
+    parser.add_argument("--output_dir", default=output_dir)
+    parser.add_argument("--num_processes", type=int, default=2, help="data-parallel training processes")
+    parser.add_argument("--images_per_neutral_prompt", type=int, default=100)
+    parser.add_argument("--images_per_identity_prompt", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps when scoring")
+    parser.add_argument("--guidance", type=float, default=3.0, help="guidance when scoring (the demo's evaluation)")
+    parser.add_argument("--measure_seed", type=int, default=1, help="seed of the scored pictures (not the training images')")
+    parser.add_argument("--measure_threads", type=int, default=2)
+
+
+def measure_cached(weights: dict, prompts, split: str, args, world, cache) -> dict:
+    """popalign.toy.base.measure_toy_model of the base (weights {}) or of tuned weights ({"unet_path": ...} or
+    {"lora_path": ...}) on `prompts`, kept in the JSON file `cache` and reused while the measuring settings are the same."""
+    import json
+    from pathlib import Path
+
+    from popalign.io import atomic_write_json
+
+    cache = Path(cache)
+    settings = {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
+                "images_per_identity_prompt": args.images_per_identity_prompt, "steps": args.steps,
+                "guidance": args.guidance, "seed": args.measure_seed}
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("measure_settings") == settings:
+            return stored
+    import torch
+
+    from popalign.pipelines import load_text_to_image_pipeline
+    from popalign.toy.base import measure_toy_model
+
+    torch.set_num_threads(args.measure_threads)
+    pipeline = load_text_to_image_pipeline(args.pretrained_model, torch.float32, torch.device("cpu"), **weights)
+    pipeline.set_progress_bar_config(disable=True)
+    measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt,
+                                    args.images_per_neutral_prompt, args.steps, args.guidance, args.measure_seed)
+    measurement["measure_settings"] = settings
+    atomic_write_json(cache, measurement)
+    return measurement
