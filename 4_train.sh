@@ -71,15 +71,15 @@ fi
 : "${REPORT_TO:=tensorboard}"                             # tensorboard | wandb | none
 
 # --- population metrics during training (off unless VALIDATION_PROMPTS_FILE is set): a step-1 prompts file of
-# occupations kept out of training, drawn at step 0 and every VALIDATION_STEPS; validation.jsonl, grids, and the best
+# occupations kept out of training, drawn at step 0, every VALIDATION_STEPS and the last step; validation.jsonl, grids, and the best
 # checkpoint in finished.json (eval.sh: TUNED_MODELS="popalign=best:OUTPUT_DIR")
 : "${VALIDATION_PROMPTS_FILE:=}"
-: "${VALIDATION_STEPS:=100}"
+: "${VALIDATION_STEPS:=250}"                              # a multiple of CHECKPOINTING_STEPS: each validated step can be kept
 : "${NUM_VALIDATION_IMAGES:=16}"                          # per neutral validation prompt
 : "${NUM_VALIDATION_IDENTITY_IMAGES:=4}"                  # per identity-specific validation prompt
 : "${VALIDATION_SEED:=0}"
 : "${VALIDATION_CLASSIFIER:=deepface}"                    # deepface | clip | toy, as step 2
-: "${VALIDATION_SCORER:=clip}"                            # quality proxy ("" = none)
+: "${VALIDATION_SCORER=clip}"                             # quality proxy ("" = none)
 : "${VALIDATION_ATTRIBUTES:=data/attributes.json}"        # the attribute file of the validation prompts
 : "${VALIDATION_NUM_INFERENCE_STEPS:=25}"
 : "${VALIDATION_GUIDANCE_SCALE:=5.0}"

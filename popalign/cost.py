@@ -151,7 +151,7 @@ def training_step_flops(unet_forward: float, pairs: int, objective: str, with_re
     and loser, 1 for the winners alone). Prior preservation adds each winner under its identity-specific prompt: the
     policy's forwards once more per pair, and 1 more when its target is the reference's prediction.
     With the text encoders trained (text_encoder_forward > 0: one prompt through them), each pair's caption (and
-    winner prompt) is embedded at every step: 3 forwards for the trained encoders, 1 more for the reference's.
+    winner prompt) is embedded at every step: 3 forwards for the trained encoders, 1 more when a reference pass reads them.
 
         FLOP = (f s + r) x unet_forward + (3 + [reference]) x c x text_encoder_forward,
                f = 3 (4 with checkpointing), s = samples (+ pairs with prior preservation),
@@ -167,7 +167,8 @@ def training_step_flops(unet_forward: float, pairs: int, objective: str, with_re
         prompts += pairs
         reference += pairs if with_reference and prior_preservation_target == "reference" else 0
     policy_forwards = 4 if gradient_checkpointing else 3
-    text = (3 + (1 if with_reference and entry.uses_reference else 0)) * prompts * text_encoder_forward
+    reference_text = with_reference and (entry.uses_reference or prior_preservation_target == "reference")
+    text = (3 + (1 if reference_text else 0)) * prompts * text_encoder_forward
     return (policy_forwards * samples + reference) * unet_forward + text
 
 
@@ -256,12 +257,12 @@ def training_options_table(model: str, recipe: Recipe) -> list[str]:
     plain = training_step_flops(forward, pairs, "popalign", gradient_checkpointing=recipe.gradient_checkpointing)
     with_text = training_step_flops(forward, pairs, "popalign", gradient_checkpointing=recipe.gradient_checkpointing,
                                     text_encoder_forward=text_encoder_flops(model))
-    validations = recipe.train_steps // recipe.validation_steps + 1
+    validations = recipe.train_steps // recipe.validation_steps + 1 + (1 if recipe.train_steps % recipe.validation_steps else 0)  # 0, every N, the last
     images = VALIDATION_EXAMPLE_OCCUPATIONS * (recipe.num_validation_images + recipe.identities * recipe.num_validation_identity_images)
     validation = validations * validation_flops(model, images, recipe.validation_num_inference_steps, recipe.validation_guidance)
     training = recipe.train_steps * plain
     rows = [("text encoders trained with LoRA (TRAIN_TEXT_ENCODER=on)", recipe.train_steps, recipe.train_steps * (with_text - plain)),
-            (f"validation every {recipe.validation_steps} steps and at step 0 ({validations} x {images:,} images: "
+            (f"validation at step 0, every {recipe.validation_steps} steps and the last ({validations} x {images:,} images: "
              f"{VALIDATION_EXAMPLE_OCCUPATIONS} occupations x ({recipe.num_validation_images} neutral + {recipe.identities} x "
              f"{recipe.num_validation_identity_images} identity-specific), {recipe.validation_num_inference_steps} steps, DeepFace, CLIP score)",
              validations * images, validation)]

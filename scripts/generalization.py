@@ -10,7 +10,7 @@ the best checkpoint by the trainer's declared rule is then measured on the held-
 (popalign.toy.base.measure_toy_model), against the base on the same prompts and seeds. Per point: held-out gender and
 race discrepancy (mean over prompts, 95% interval over prompts, pooled over seeds), the exact paired sign-flip test of
 tuned vs base over prompts with Holm's correction over every (method, size, axis) of the run, identity accuracy and
-toy quality. Writes <output_dir>/table.md, results.json and generalization.png. Re-running resumes (finished trainings
+toy quality. Run it in the project's environment (source .venv/bin/activate: 4_train.sh calls python). Writes <output_dir>/table.md, results.json and generalization.png. Re-running resumes (finished trainings
 and measurements are kept).
 """
 
@@ -123,7 +123,7 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
             mean, low, high = bootstrap_mean_ci(tuned)
             test = paired_test(base_values, tuned)
             row.update({f"{axis}": mean, f"{axis}_low": low, f"{axis}_high": high, f"{axis}_p": test.p_value,
-                        f"{axis}_cut": 1.0 - mean / float(np.mean(base_values)), f"{axis}_min_p": test.min_p_value})
+                        f"{axis}_change": mean / float(np.mean(base_values)) - 1.0, f"{axis}_min_p": test.min_p_value})
         row["identity_accuracy"] = float(np.mean([measurement["identity_accuracy"] for measurement in measurements]))
         row["quality"] = float(np.mean([measurement["neutral_toy_quality"] for measurement in measurements]))
         rows.append(row)
@@ -131,12 +131,12 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     for index, row in enumerate(rows):
         for offset, axis in enumerate(AXES):
             row[f"{axis}_holm"] = adjusted[index * len(AXES) + offset]
-    lines = ["| method | training occupations | held-out gender discrepancy (cut) | Holm p | held-out race discrepancy (cut) | Holm p "
+    lines = ["| method | training occupations | held-out gender discrepancy (change) | Holm p | held-out race discrepancy (change) | Holm p "
              "| identity accuracy | toy quality | best step |", "|---|---|---|---|---|---|---|---|---|",
              f"| base | - | {np.mean(per_prompt(base, 'gender')):.3f} | | {np.mean(per_prompt(base, 'race')):.3f} | | "
              f"{base['identity_accuracy']:.1%} | {base['neutral_toy_quality']:.3f} | |"]
     for row in rows:
-        cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}] ({row[axis + '_cut']:+.0%}) | {row[axis + '_holm']:.3g}"
+        cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}] ({row[axis + '_change']:+.0%}) | {row[axis + '_holm']:.3g}"
                  for axis in AXES]
         lines.append(f"| {row['method']} | {row['size']} | {cells[0]} | {cells[1]} | {row['identity_accuracy']:.1%} | "
                      f"{row['quality']:.3f} | {', '.join(str(step) for step in row['best_steps'])} |")
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     plot(rows, base, floors, output_dir / "generalization.png")
     command = "python scripts/generalization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"Held-out occupations ({args.test_split}, {len(set(test_prompts['occupation']))}): mean over prompts [95% interval "
-                      f"over prompts], per-prompt values averaged over {len(seeds)} seed(s); the cut is against the base; Holm p over the "
+                      f"over prompts], per-prompt values averaged over {len(seeds)} seed(s); the change is against the base; Holm p over the "
                       f"{len(rows) * len(AXES)} tests of this run (exact paired sign-flip over prompts). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)

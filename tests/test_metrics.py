@@ -295,7 +295,11 @@ def test_paired_verdict():
     assert six.min_p_value == pytest.approx(2 / 2 ** 5)
     assert metrics.paired_verdict(six, "lower") == "too few prompts for a verdict (n=6, 1 of them unchanged: p cannot go below 0.0625)"
     unchanged = metrics.paired_test([0.707, 0.707], [0.707, 0.707])
-    assert metrics.paired_verdict(unchanged, "lower") == "too few prompts for a verdict (n=2, at most one of them changed: p cannot go below 1)"
+    assert metrics.paired_verdict(unchanged, "lower") == "no prompt changed (n=2)"
+    # every prompt tied (identity accuracy 100% -> 100%): said so, not "too few prompts"
+    assert metrics.paired_verdict(metrics.paired_test([1.0] * 34, [1.0] * 34), "higher") == "no prompt changed (n=34)"
+    one_changed = metrics.paired_test([0.707, 0.707], [0.707, 0.5])
+    assert metrics.paired_verdict(one_changed, "lower") == "too few prompts for a verdict (n=2, at most one of them changed: p cannot go below 1)"
     rng = np.random.default_rng(0)
     base = rng.uniform(0.5, 0.8, 12)
     better = metrics.paired_test(base, base - 0.3 + rng.normal(0, 0.01, 12))

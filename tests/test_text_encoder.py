@@ -103,3 +103,27 @@ def test_the_generation_stage_draws_with_the_trained_text_encoder(tiny_sd_path, 
 def test_text_encoder_flags_are_checked(tiny_sd_path, pairs_data, tmp_path, overrides, message):  # noqa: F811
     with pytest.raises(InputError, match=message):
         make_config(tiny_sd_path, pairs_data, tmp_path / "run", **overrides).validate()
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_sdxl_text_encoders_of_one(tiny_sdxl_path, pairs_data, tmp_path, repo_root):  # noqa: F811
+    """Under DDP the adapters of CLIP-L's last layer get no gradient (SDXL reads its penultimate layer): the run must not
+    stop on them, and two processes of one pair end with the weights of one process of two pairs."""
+    import os
+    import subprocess
+    import sys
+
+    flags = dict(loss="popalign", lora_rank=4, train_text_encoder=True, learning_rate=0.1, text_encoder_lr=0.1, adam_epsilon=1.0,
+                 max_train_steps=2, beta=50.0, caption_dropout=0.0)
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "one", train_batch_size=2, **flags))
+    fresh_accelerate_state_reset()
+    config = make_config(tiny_sdxl_path, pairs_data, tmp_path / "two", train_batch_size=1, **flags)
+    argv = [f"--{name}={('on' if value else 'off') if isinstance(value, bool) else value}" for name, value in config.to_dict().items()]
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+                                str(repo_root / "train_popalign.py"), *argv], cwd=repo_root,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert set(one) == set(two) and any(name.startswith("text_encoder_2.") for name in one)
+    assert max(float((one[name] - two[name]).abs().max()) for name in one) < 2e-5

@@ -333,3 +333,19 @@ def test_push_to_hub_is_opt_in_and_refused_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="--push_to_hub needs the network"):
         TrainConfig(pairs_file="p.csv", output_dir="o", push_to_hub=True).validate()
+
+
+def test_a_run_stored_before_a_setting_existed_reads_that_setting_at_its_default(tmp_path):
+    """An older finished run or checkpoint lacks the settings added since: it is compared as if it held their defaults,
+    so it stays finished and resumable."""
+    import json
+
+    from popalign.training.checkpoints import FINISHED_NAME, finished_run_differences, training_settings
+    from popalign.training.config import TrainConfig
+
+    settings = TrainConfig(pairs_file="p.csv", output_dir=str(tmp_path)).to_dict()
+    older = {name: value for name, value in training_settings(settings).items()
+             if name not in ("train_text_encoder", "text_encoder_lr", "train_unet")}
+    (tmp_path / FINISHED_NAME).write_text(json.dumps({"fingerprint": {"settings": older}, "weights": "unet"}), encoding="utf-8")
+    assert finished_run_differences(tmp_path, settings) == {}
+    assert finished_run_differences(tmp_path, {**settings, "train_text_encoder": True}) == {"train_text_encoder": (False, True)}

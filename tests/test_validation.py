@@ -226,7 +226,7 @@ def test_a_validation_draws_with_the_text_encoder_it_is_given(toy_training_input
     validation = TrainingValidation(config, make_accelerator())
     unet = load_unet(config.pretrained_model)
     first = validation.run(unet, 0)
-    pipeline = validation._components()[0]
+    pipeline = validation._components(unet, ())[0]
     base_encoder = pipeline.text_encoder
     changed = copy.deepcopy(base_encoder)
     with torch.no_grad():
@@ -270,3 +270,30 @@ def test_two_processes_validate_the_populations_of_one(toy_training_inputs):
         assert second["quality"] == pytest.approx(first["quality"], abs=1e-3)
     one_grid = (toy_training_inputs / "one" / "validation" / "step_000000.png").read_bytes()
     assert one_grid == (toy_training_inputs / "two" / "validation" / "step_000000.png").read_bytes()
+
+
+def test_a_negative_base_quality_keeps_the_margin_a_share_of_its_size():
+    """ImageReward scores can be negative: the quality floor is step 0's minus margin x |step 0's|, never above it."""
+    records = [{"step": 0, "discrepancy_gender": 0.6, "identity_accuracy": 0.9, "quality": -0.5},
+               {"step": 1, "discrepancy_gender": 0.3, "identity_accuracy": 0.9, "quality": -0.5},   # equal to the base: eligible
+               {"step": 2, "discrepancy_gender": 0.2, "identity_accuracy": 0.9, "quality": -0.53}]  # below -0.525: not
+    assert select_best_step(records, {1, 2}, accuracy_margin=0.02, quality_margin=0.05) == 1
+
+
+def test_validations_of_other_settings_and_later_steps_are_dropped(tmp_path):
+    from popalign.training.validation import read_validations, trim_validations
+
+    lines = [{"step": 0, "settings": "old"}, {"step": 0, "settings": "new"}, {"step": 5, "settings": "new"}, {"step": 9, "settings": "new"}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 1', encoding="utf-8")
+    trim_validations(tmp_path, 5, "new")
+    assert [(record["step"], record["settings"]) for record in read_validations(tmp_path)] == [(0, "new"), (5, "new")]
+
+
+def test_the_last_step_is_always_validated(toy_training_inputs):
+    from popalign.training.validation import TrainingValidation
+
+    class OneProcess:
+        process_index, num_processes, is_main_process = 0, 1, True
+
+    validation = TrainingValidation(toy_config(toy_training_inputs, validation_steps=4, max_train_steps=6), OneProcess())
+    assert [step for step in range(8) if validation.due(step)] == [0, 4, 6]

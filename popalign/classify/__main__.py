@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from popalign.classify import CLASSIFIERS
+from popalign.classify.run import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_FACE_THRESHOLD
 from popalign.image_folder import labels_path, manifest_path
 from popalign.io import ArgumentParser, InputError, check_model_location, check_output_location, exit_2_on_input_error
 
@@ -18,11 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="image folder written by generation (holds manifest.csv)")
     parser.add_argument("--classifier", default="deepface", choices=list(CLASSIFIERS), help="classification backend")
-    parser.add_argument("--detector", default="yunet",
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR,
                         help="DeepFace face detector backend (the original used yunet, which downloads its weights; "
                              "fastmtcnn uses the MTCNN weights of facenet-pytorch, installed with the package)")
-    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model id or folder for --classifier clip")
-    parser.add_argument("--face_threshold", type=float, default=0.5,
+    parser.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model id or folder for --classifier clip")
+    parser.add_argument("--face_threshold", type=float, default=DEFAULT_FACE_THRESHOLD,
                         help="--classifier clip: minimum zero-shot probability of 'a photo of a person's face' to count a face")
     parser.add_argument("--batch_size", type=int, default=16, help="images per classify() call, per process")
     parser.add_argument("--validate_only", action="store_true",

@@ -101,7 +101,14 @@ def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_siz
     return summary
 
 
-def classifier_options(classifier_name: str, detector_backend: str, clip_model: str, face_threshold: float, device: str | None) -> dict:
+# The defaults of `python -m popalign.classify`, also those of the training-time validation's classifier.
+DEFAULT_DETECTOR = "yunet"  # the original's (downloads its weights; fastmtcnn ships with facenet-pytorch)
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_FACE_THRESHOLD = 0.5
+
+
+def classifier_options(classifier_name: str, detector_backend: str = DEFAULT_DETECTOR, clip_model: str = DEFAULT_CLIP_MODEL,
+                       face_threshold: float = DEFAULT_FACE_THRESHOLD, device: str | None = None) -> dict:
     """The command-line options that apply to the chosen backend."""
     if classifier_name == "deepface":
         return {"detector_backend": detector_backend, "device": device}

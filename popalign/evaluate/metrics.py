@@ -598,6 +598,8 @@ def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.
     if result.num_pairs == 0 or any(math.isnan(value) for value in (result.mean_difference, result.p_value)):
         return "n/a"
     alpha = 1.0 - confidence
+    if result.mean_difference == 0 and result.ci_low == 0 and result.ci_high == 0:
+        return f"no prompt changed (n={result.num_pairs})"  # every difference is 0: nothing to test
     if result.min_p_value > alpha:
         # An exact test's floor is 2 / 2^n; prompts whose difference is exactly 0 (e.g. one identity only in both
         # models) carry no sign and each doubles it.

@@ -124,7 +124,10 @@ def finished_weights(output_dir: str | Path, fingerprint: dict) -> Optional[tupl
         record = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("fingerprint") != json.loads(json.dumps(fingerprint)) or not record.get("weights"):
+    stored = record.get("fingerprint") if isinstance(record, dict) else None
+    if isinstance(stored, dict) and isinstance(stored.get("settings"), dict):
+        stored = {**stored, "settings": dict(sorted(with_later_defaults(stored["settings"]).items()))}
+    if not isinstance(record, dict) or stored != json.loads(json.dumps(fingerprint)) or not record.get("weights"):
         return None
     weights = Path(output_dir) / str(record["weights"])
     return (weights, int(record.get("global_step", 0))) if weights.exists() else None
@@ -132,7 +135,8 @@ def finished_weights(output_dir: str | Path, fingerprint: dict) -> Optional[tupl
 
 def mark_finished(output_dir: str | Path, fingerprint: dict, weights: Path, global_step: int, best: Optional[dict] = None) -> None:
     """finished.json: what the run was trained from, its final weights and step, and with validation the best
-    checkpoint ({"step", "weights", "rule"}; weights null when no validation was eligible)."""
+    checkpoint ({"step", "weights", "lora" (the weights are a LoRA folder), "rule"}; step and weights null when no
+    validation was eligible)."""
     record = {"fingerprint": fingerprint, "weights": str(Path(weights).relative_to(output_dir)), "global_step": global_step}
     if best is not None:
         record["best"] = best
@@ -204,7 +208,7 @@ def finished_run_differences(output_dir: str | Path, settings: dict) -> Optional
     finished run `output_dir` holds; None when it holds none."""
     try:
         record = json.loads((Path(output_dir) / FINISHED_NAME).read_text(encoding="utf-8"))
-        then = record["fingerprint"]["settings"]
+        then = with_later_defaults(record["fingerprint"]["settings"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(then, dict):
@@ -219,6 +223,16 @@ def clear_finished(output_dir: str | Path) -> None:
 
 
 SETTINGS_CHANGES_NAME = "settings_changes.jsonl"
+
+
+def with_later_defaults(stored: dict) -> dict:
+    """Training settings stored by an earlier version, with every setting added since at its default: what that run
+    trained with (a new flag defaults to the behaviour before it), so an older run still resumes and is still finished."""
+    if not isinstance(stored, dict):
+        return stored
+    from popalign.training.config import TrainConfig
+
+    return {**training_settings(json.loads(TrainConfig().to_json())), **stored}
 
 
 def training_settings(settings: dict) -> dict:
@@ -237,7 +251,7 @@ def settings_differences(checkpoint: Path, settings: dict) -> dict[str, tuple]:
         raise InputError(f"{path}: cannot read the checkpoint's settings ({error})") from None
     if not isinstance(stored, dict):
         raise InputError(f"{path}: not a settings object")
-    now, then = training_settings(settings), training_settings(stored)
+    now, then = training_settings(settings), with_later_defaults(training_settings(stored))
     return {name: (then.get(name), now.get(name)) for name in sorted(set(now) | set(then)) if then.get(name) != now.get(name)}
 
 

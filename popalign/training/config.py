@@ -147,7 +147,9 @@ class TrainConfig:
     validation_prompts_file: str = field(default="",
         metadata=_help("step-1 prompts file (neutral and identity-specific prompts, occupations kept out of training) drawn at step 0 "
                        "and every --validation_steps steps; its metrics go to validation.jsonl and the tracker; empty = no validation"))
-    validation_steps: int = field(default=100, metadata=_help("validate every this many optimizer steps (and at step 0)"))
+    validation_steps: int = field(default=250,
+        metadata=_help("validate every this many optimizer steps (and at step 0 and the last step); a multiple of --checkpointing_steps "
+                       "lets each validation's weights be kept as the best"))
     num_validation_images: int = field(default=16, metadata=_help("images drawn per neutral validation prompt"))
     num_validation_identity_images: int = field(default=4, metadata=_help("images drawn per identity-specific validation prompt"))
     validation_seed: int = field(default=0, metadata=_help("base seed of the validation images (the same images at every validation)"))
@@ -162,7 +164,7 @@ class TrainConfig:
         metadata=_help("the best checkpoint (finished.json) has the lowest mean validation discrepancy among the validations at saved "
                        "steps whose identity accuracy is at least step 0's minus this"))
     best_checkpoint_quality_margin: float = field(default=0.05,
-        metadata=_help("... and whose validation quality is at least step 0's x (1 - this)"))
+        metadata=_help("... and whose validation quality is at least step 0's minus this share of its size (|step 0's|)"))
 
     # logging
     report_to: str = field(default="tensorboard", metadata=_help("experiment tracker", choices=TRACKERS))

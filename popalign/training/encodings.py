@@ -115,8 +115,8 @@ def build_encoded_pairs(
     """Encode every image and caption the pairs need that the cache lacks; return the keyed view.
 
     Every process encodes a disjoint share; all wait for each other before reading. The VAE and
-    text encoders are released afterwards: training never runs them again. `cache_captions` False (the text
-    encoders are trained): only the images are encoded, and the captions are kept as text.
+    text encoders loaded here are released afterwards. `cache_captions` False (the text encoders are trained, and the
+    trainer runs its own copies every step): only the images are encoded, and the captions are kept as text.
     """
     cache = EncodingCache(cache_dir)
     rank, world = accelerator.process_index, accelerator.num_processes

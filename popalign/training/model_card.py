@@ -46,12 +46,14 @@ def model_card_text(settings: dict, pairs: dict[str, object], weights: Path, glo
     else:
         load = (f"unet = UNet2DConditionModel.from_pretrained(\"{weights}\", torch_dtype=torch.float16)\n"
                 f"pipeline = {pipeline_class}.from_pretrained(\"{base}\", unet=unet, torch_dtype=torch.float16)")
+    trained = [part for part, on in (("the U-Net", settings.get("train_unet", True)), ("the text encoder(s)", settings.get("train_text_encoder", False))) if on]
+    how = (f"LoRA of rank {settings['lora_rank']}" if lora else "full fine-tuning")
     rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in sorted(training_settings(settings).items()))
     pair_rows = "\n".join(f"| {name} | {value} |" for name, value in pairs.items())
     return f"""# {OBJECTIVES[settings['loss']].description if settings['loss'] in OBJECTIVES else settings['loss']} fine-tune of {base}
 
-The U-Net of `{base}` fine-tuned with the **{settings['loss']}** objective for {global_step} optimizer steps
-({'LoRA of rank ' + str(settings['lora_rank']) if lora else 'full U-Net'}), on population preference pairs: for each
+{(lambda text: text[:1].upper() + text[1:])(' and '.join(trained))} of `{base}` fine-tuned with the **{settings['loss']}** objective for {global_step} optimizer steps
+({how}), on population preference pairs: for each
 identity-neutral caption, a population of images with diverse identities is preferred to the base model's own.
 
 ```python

@@ -115,7 +115,7 @@ def module_fingerprint(source: str, module: torch.nn.Module) -> str:
 
 @dataclass
 class TextEncoderStack:
-    """The frozen text side: one (SD) or two (SDXL) tokenizer/encoder pairs."""
+    """The text side: one (SD) or two (SDXL) tokenizer/encoder pairs; frozen, or with LoRA adapters being trained."""
 
     kind: str
     tokenizers: list

@@ -48,7 +48,8 @@ from popalign.training.config import TrainConfig
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs, with_embedded_captions
 from popalign.training.objectives import Layout
-from popalign.training.validation import TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations
+from popalign.training.validation import (TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
+                                          validation_fingerprint)
 from popalign.training.models import (SD, SDXL, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, denoising_target,
                                      load_noise_scheduler, load_text_encoders, load_unet, model_kind)
 
@@ -194,12 +195,24 @@ def make_training_accelerator(config: TrainConfig):
             import wandb  # noqa: F401
         except ImportError:
             raise InputError("--report_to wandb needs the wandb package (pip install wandb)") from None
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    # SDXL reads CLIP-L's penultimate layer, so the adapters of its last layer get no gradient: DDP must expect that.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else []
     accelerator = make_accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=handlers,
     )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # DeepSpeed prepares one model only, and sharded weights can neither be drawn from as they are nor saved as a
+        # checkpoint-N/unet folder for the best checkpoint.
+        for flag, on in (("--train_text_encoder", config.train_text_encoder), ("--validation_prompts_file", config.validation_prompts_file)):
+            if on:
+                raise InputError(f"{flag} does not run under {accelerator.distributed_type.value}: use plain data-parallel "
+                                 "(NUM_PROCESSES=N, no --config_file)")
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # No dataloader goes through accelerator.prepare, so DeepSpeed must be told the micro-batch size.
@@ -312,10 +325,10 @@ def best_checkpoint(config: TrainConfig, final_step: Optional[int]) -> Optional[
         return None
     output_dir, lora = Path(config.output_dir), config.lora_rank > 0
     candidates = {step for step, _ in list_checkpoints(output_dir)} | ({final_step} if final_step is not None else set())
-    step = select_best_step(read_validations(output_dir), candidates, config.best_checkpoint_accuracy_margin,
+    step = select_best_step(read_validations(output_dir, validation_fingerprint(config)), candidates, config.best_checkpoint_accuracy_margin,
                             config.best_checkpoint_quality_margin)
     rule = (f"lowest mean validation discrepancy with identity accuracy >= step 0's - {config.best_checkpoint_accuracy_margin} "
-            f"and quality >= step 0's x (1 - {config.best_checkpoint_quality_margin})")
+            f"and quality >= step 0's - {config.best_checkpoint_quality_margin} x |step 0's|")
     if step is None:
         return {"step": None, "weights": None, "lora": lora, "rule": rule}
     if step == final_step:
@@ -527,9 +540,13 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
         say(f"no checkpoint in {output_dir}; starting a new run")
     if accelerator.is_main_process:
         trim_metrics(output_dir, global_step)
-        trim_validations(output_dir, global_step)
+        if config.validation_prompts_file:
+            trim_validations(output_dir, global_step, validation_fingerprint(config))
     accelerator.wait_for_everyone()  # every process reads the trimmed validations
     validation = TrainingValidation(config, accelerator) if config.validation_prompts_file else None
+    if validation is not None and (config.checkpointing_steps == 0 or config.validation_steps % config.checkpointing_steps):
+        say(f"note: only the validations at checkpoint steps and at the last step can be kept as the best checkpoint; "
+            f"--validation_steps {config.validation_steps} is not a multiple of --checkpointing_steps {config.checkpointing_steps}")
     # Stepped once per optimizer step by the loop (a prepared scheduler would step once per process).
     lr_scheduler = make_lr_scheduler(optimizer, config, global_step)
 
@@ -571,10 +588,12 @@ def train_micro_step(run: PreparedRun, micro_step: int, reduce_mean: Optional[Ca
     with accelerator.accumulate(*run.trained_models):
         reference_batch = batch
         if run.text is not None:  # the trained text encoders embed the captions: the policy's with adapters, the reference's without
+            captions = batch
             with accelerator.autocast():
-                batch = with_embedded_captions(batch, run.text, accelerator.device)
-            with torch.no_grad(), accelerator.autocast(), run.reference_text() as reference_text:
-                reference_batch = with_embedded_captions(reference_batch, reference_text, accelerator.device)
+                batch = reference_batch = with_embedded_captions(captions, run.text, accelerator.device)
+            if run.reference is not None:
+                with torch.no_grad(), accelerator.autocast(), run.reference_text() as reference_text:
+                    reference_batch = with_embedded_captions(captions, reference_text, accelerator.device)
         latents, noise, timesteps, condition, objective_samples = unet_inputs(run, batch, micro_step)
         reference_condition = condition if reference_batch is batch else unet_inputs(run, reference_batch, micro_step)[3]
         predictions = lambda predict, count, on: denoising_prediction(predict, latents[:count], noise[:count], timesteps[:count],  # noqa: E731

@@ -9,7 +9,8 @@ as step 2 offers) and a quality scorer scores them (`--validation_scorer`). The 
     <output_dir>/validation/step_NNNNNN.png   a sample grid: one row per neutral prompt, the same seeds at every step
 
 and logs the numbers through accelerator.log (`validation/...`, tensorboard with --report_to tensorboard).
-The trainer knows only `TrainingValidation(config, accelerator)`, `.due(step)` and `.run(unet, step)`.
+The trainer uses `TrainingValidation(config, accelerator)`, `.due(step)` and `.run(unet, step, text_encoders)`, and for
+the best checkpoint `select_best_step` over `read_validations`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VALIDATION_NAME = "validation.jsonl"
 VALIDATION_FOLDER = "validation"
 GRID_IMAGES_PER_PROMPT = 4
 GRID_PROMPTS = 8
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # diffusers' names, in the pipeline's order
 
 
 def validation_metrics(images: pd.DataFrame, attributes, axes: Sequence[str], confidence: float = 0.95) -> dict[str, float]:
@@ -93,7 +95,8 @@ def select_best_step(records: Sequence[dict], candidate_steps: set[int], accurac
 
     Reference: the step-0 validation (the base weights), r. A validation v at a step with saved weights is eligible when
         identity_accuracy(v) >= identity_accuracy(r) - accuracy_margin        (skipped where either is NaN)
-        quality(v)           >= quality(r) * (1 - quality_margin)             (skipped where either is NaN)
+        quality(v)           >= quality(r) - quality_margin * |quality(r)|    (skipped where either is NaN; a share of
+                                                                              the base's quality, whatever its sign)
     and the best is the eligible one with the lowest mean_discrepancy, the earliest on a tie; None when no validation
     is eligible or there is no step-0 validation.
     """
@@ -104,7 +107,7 @@ def select_best_step(records: Sequence[dict], candidate_steps: set[int], accurac
 
     def eligible(record: dict) -> bool:
         for name, allowed in (("identity_accuracy", _number(reference.get("identity_accuracy")) - accuracy_margin),
-                              ("quality", _number(reference.get("quality")) * (1.0 - quality_margin))):
+                              ("quality", _number(reference.get("quality")) - quality_margin * abs(_number(reference.get("quality"))))):
             value = _number(record.get(name))
             if math.isfinite(value) and math.isfinite(allowed) and value < allowed:
                 return False
@@ -115,8 +118,22 @@ def select_best_step(records: Sequence[dict], candidate_steps: set[int], accurac
     return min(scored)[1] if scored else None
 
 
-def read_validations(output_dir: str | Path) -> list[dict]:
-    """The validations of a run folder, oldest first (a line cut short by a kill is skipped)."""
+def validation_fingerprint(config) -> str:
+    """What decides a validation's numbers besides the weights: the validation settings, the base model, and the
+    prompts file's content. Each record carries it; records of other settings are not this run's."""
+    import hashlib
+
+    from popalign.io import file_sha256
+
+    settings = {name: value for name, value in sorted(config.to_dict().items())
+                if name.startswith(("validation_", "num_validation_")) or name in ("pretrained_model", "vae", "resolution")}
+    settings["validation_prompts_sha256"] = file_sha256(Path(config.validation_prompts_file))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def read_validations(output_dir: str | Path, fingerprint: Optional[str] = None) -> list[dict]:
+    """The validations of a run folder, oldest first (a line cut short by a kill is skipped); with `fingerprint`, only
+    those made with these validation settings (validation_fingerprint)."""
     path = Path(output_dir) / VALIDATION_NAME
     if not path.is_file():
         return []
@@ -126,12 +143,14 @@ def read_validations(output_dir: str | Path) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:
             continue
-    return [record for record in records if isinstance(record, dict) and isinstance(record.get("step"), int)]
+    return [record for record in records if isinstance(record, dict) and isinstance(record.get("step"), int)
+            and (fingerprint is None or record.get("settings") == fingerprint)]
 
 
-def trim_validations(output_dir: str | Path, global_step: int) -> None:
-    """Keep only the validations of steps <= `global_step` (the step a run resumes from): one line per step."""
-    kept = [record for record in read_validations(output_dir) if record["step"] <= global_step]
+def trim_validations(output_dir: str | Path, global_step: int, fingerprint: str) -> None:
+    """Keep only the validations of steps <= `global_step` (the step a run resumes from) made with these settings: one
+    line per step, and no step-0 reference left from a run with another validation set."""
+    kept = [record for record in read_validations(output_dir, fingerprint) if record["step"] <= global_step]
     path = Path(output_dir) / VALIDATION_NAME
     if path.is_file() and len(kept) != len(path.read_text(encoding="utf-8").splitlines()):
         atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -160,25 +179,43 @@ class TrainingValidation:
                              "seed": image_seed(config.validation_seed, prompt["prompt"], index),
                              **{axis: str(prompt.get(axis, "") or "") for axis in self.axes}})
         self.plan = pd.DataFrame(rows)
-        self.done_steps = {record["step"] for record in read_validations(self.output_dir)}
+        self.fingerprint = validation_fingerprint(config)
+        self.done_steps = {record["step"] for record in read_validations(self.output_dir, self.fingerprint)}
         self._pipeline = self._classifier = self._scorer = None
 
     def due(self, step: int) -> bool:
-        """Step 0 and every validation_steps steps, unless this step's validation is already in validation.jsonl."""
-        return step % self.config.validation_steps == 0 and step not in self.done_steps
+        """Step 0, every validation_steps steps and the last step (its weights are saved), unless this step's validation
+        is already in validation.jsonl."""
+        last = step == self.config.max_train_steps
+        return (step % self.config.validation_steps == 0 or last) and step not in self.done_steps
 
-    def _components(self):
-        """The pipeline (the base's text encoders, VAE and scheduler), classifier and scorer, built at the first use."""
+    def _components(self, unet, text_encoders: Sequence):
+        """The pipeline, classifier and scorer, built at the first use on this process's device. The pipeline is built
+        around the modules being trained (no second copy of the U-Net is loaded), with the base's other components and
+        the training's --pretrained_vae_model_name_or_path when one is given (SDXL's VAE overflows in fp16)."""
         if self._pipeline is None:
             import torch
+            from diffusers import AutoencoderKL, DiffusionPipeline
 
             from popalign.classify import build_classifier
-            from popalign.pipelines import load_text_to_image_pipeline
+            from popalign.classify.run import classifier_options
             from popalign.score import build_scorer
 
-            self._pipeline = load_text_to_image_pipeline(self.config.pretrained_model, torch.float32, self.accelerator.device)
-            self._classifier = build_classifier(self.config.validation_classifier)
-            self._scorer = build_scorer(self.config.validation_scorer) if self.config.validation_scorer else None
+            device = self.accelerator.device
+            components = {"unet": unet, **dict(zip(TEXT_ENCODER_NAMES, text_encoders))}
+            if self.config.vae:
+                components["vae"] = AutoencoderKL.from_pretrained(self.config.vae, torch_dtype=torch.float32)
+            pipeline = DiffusionPipeline.from_pretrained(self.config.pretrained_model, torch_dtype=torch.float32, **components)
+            pipeline.set_progress_bar_config(disable=True)
+            for name, module in pipeline.components.items():
+                if isinstance(module, torch.nn.Module) and name not in components or name == "vae":
+                    module.to(device)
+            self._pipeline = pipeline
+            # each process's own GPU; on the CPU the backends' defaults (as steps 2 and 5 place them)
+            placement = {"device": str(device)} if device.type != "cpu" else {}
+            self._classifier = build_classifier(self.config.validation_classifier,
+                                                **classifier_options(self.config.validation_classifier, **placement))
+            self._scorer = build_scorer(self.config.validation_scorer, **placement) if self.config.validation_scorer else None
         return self._pipeline, self._classifier, self._scorer
 
     def _draw_and_read(self, unet, text_encoders: Sequence) -> tuple[list[dict], list]:
@@ -188,14 +225,14 @@ class TrainingValidation:
 
         from popalign.generate import GenerationSettings, render_batch
 
-        pipeline, classifier, scorer = self._components()
+        pipeline, classifier, scorer = self._components(unet, text_encoders)
         config = self.config
         resolution = config.validation_resolution or config.resolution
         settings = GenerationSettings(model=config.pretrained_model, steps=config.validation_num_inference_steps,
                                       guidance=config.validation_guidance_scale, width=resolution, height=resolution)
         share = self.plan.iloc[self.accelerator.process_index::self.accelerator.num_processes]
         rows, grid = [], []
-        trained = {"unet": unet, **dict(zip(("text_encoder", "text_encoder_2"), text_encoders))}
+        trained = {"unet": unet, **dict(zip(TEXT_ENCODER_NAMES, text_encoders))}
         originals = {name: getattr(pipeline, name) for name in trained}
         modes = {name: module.training for name, module in trained.items()}
         for name, module in trained.items():
@@ -230,7 +267,8 @@ class TrainingValidation:
         if not self.accelerator.is_main_process:
             return None
         images = pd.DataFrame(rows).sort_values(["prompt_id", "image_index"], kind="stable")
-        record = {"step": step, **validation_metrics(images, self.attributes, self.axes), "images": len(images)}
+        record = {"step": step, **validation_metrics(images, self.attributes, self.axes), "images": len(images),
+                  "settings": self.fingerprint}
         self.accelerator.log({f"validation/{name}": value for name, value in record.items()
                               if name != "step" and isinstance(value, float) and math.isfinite(value)}, step=step)
         written = {name: (None if isinstance(value, float) and not math.isfinite(value) else value) for name, value in record.items()}
