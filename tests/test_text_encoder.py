@@ -77,21 +77,20 @@ def fresh_accelerate_state_reset():
 
 def test_the_generation_stage_draws_with_the_trained_text_encoder(tiny_sd_path, pairs_data, tmp_path, repo_root):  # noqa: F811
     """Step 2's generation (and so eval.sh's lora kind) loads the text-encoder LoRA: other pictures than the base's."""
-    import subprocess
-    import sys
-
     train(make_config(tiny_sd_path, pairs_data, tmp_path / "run", loss="sft", beta=0.0, lora_rank=4, train_text_encoder=True,
                       train_unet=False, text_encoder_lr=5e-1, max_train_steps=3))
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt_id,kind,prompt\n0a,neutral,a photo of a doctor\n", encoding="utf-8")
+    from popalign.generate.__main__ import main as generate
+
     images = {}
     for name, extra in (("base", []), ("tuned", ["--lora", str(tmp_path / "run")])):
-        completed = subprocess.run([sys.executable, "-m", "popalign.generate", "--pretrained_model_name_or_path", str(tiny_sd_path),
-                                    "--prompts_csv", str(prompts), "--output_dir", str(tmp_path / name), "--images_per_neutral_prompt", "1",
-                                    "--steps", "2", "--width", "32", "--height", "32", "--precision", "fp32", *extra],
-                                   cwd=repo_root, capture_output=True, text=True)
-        assert completed.returncode == 0, completed.stderr[-2000:]
+        fresh_accelerate_state_reset()
+        assert generate(["--pretrained_model_name_or_path", str(tiny_sd_path), "--prompts_csv", str(prompts), "--output_dir",
+                         str(tmp_path / name), "--images_per_neutral_prompt", "1", "--steps", "2", "--width", "32", "--height", "32",
+                         "--precision", "fp32", *extra]) == 0
         images[name] = (tmp_path / name / "images" / "0a" / "00000.png").read_bytes()
+    fresh_accelerate_state_reset()
     assert images["base"] != images["tuned"]
 
 
