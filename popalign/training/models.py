@@ -22,6 +22,7 @@ SD = "sd"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # diffusers' names of the text encoders, in the pipeline's order
 
 
 def model_kind(unet_config) -> str:

@@ -50,7 +50,7 @@ from popalign.training.encodings import TrainingBatch, assemble_batch, build_enc
 from popalign.training.objectives import Layout
 from popalign.training.validation import (TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
                                           validation_fingerprint)
-from popalign.training.models import (SD, SDXL, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, denoising_target,
+from popalign.training.models import (SD, SDXL, TEXT_ENCODER_NAMES, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, denoising_target,
                                      load_noise_scheduler, load_text_encoders, load_unet, model_kind)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -218,9 +218,6 @@ def make_training_accelerator(config: TrainConfig):
         # No dataloader goes through accelerator.prepare, so DeepSpeed must be told the micro-batch size.
         deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     return accelerator
-
-
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # diffusers' names, in the pipeline's order
 
 
 def save_lora_in_diffusers_format(kind: str, folder: Path, unwrapped_unet=None, text_encoders: Sequence = ()) -> Path:

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 from popalign.io import InputError, atomic_save_image, atomic_write_text
+from popalign.training.models import TEXT_ENCODER_NAMES
 
 VALIDATION_NAME = "validation.jsonl"
 VALIDATION_FOLDER = "validation"
 GRID_IMAGES_PER_PROMPT = 4
 GRID_PROMPTS = 8
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # diffusers' names, in the pipeline's order
 
 
 def validation_metrics(images: pd.DataFrame, attributes, axes: Sequence[str], confidence: float = 0.95) -> dict[str, float]:
