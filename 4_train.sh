@@ -20,7 +20,7 @@ fi
 : "${PAIRS_FILE:=outputs/preferences/pairs.csv}"          # written by 3_generate_preferences.py
 : "${OUTPUT_DIR:=runs/popalign-sdxl}"
 : "${MODEL:=stabilityai/stable-diffusion-xl-base-1.0}"
-: "${VAE=madebyollin/sdxl-vae-fp16-fix}"                  # encodes the training images; "" = the pipeline's own VAE
+: "${VAE=auto}"                                           # encodes the training images; auto = SDXL's fp16-fixed VAE for an SDXL base, the base model's own otherwise; "" = the base model's own
 : "${RESOLUTION:=1024}"
 : "${CACHE_DIR=}"                                         # "" = <pairs folder>/encoding_cache (shared by runs)
 

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from popalign.io import InputError, atomic_write_json, read_jsonl, remove_orphaned_temporary_files
+from popalign.io import InputError, atomic_write_json, open_for_append, read_jsonl, refuse_symlink, remove_orphaned_temporary_files
 
 
 class SingleProcess:
@@ -73,14 +73,21 @@ class ImageJob:
     def check_settings(self, settings: dict, describe_mismatch: Callable[[dict], str], ignored: tuple[str, ...] = ()) -> None:
         """Refuse to mix rows made with other settings (the keys in `ignored` are recorded, not compared);
         `describe_mismatch(saved)` words the error."""
+        self.refuse_links()
         saved = self.saved_settings()
         if saved is not None and {key: value for key, value in saved.items() if key not in ignored} \
                 != {key: value for key, value in settings.items() if key not in ignored}:
             raise InputError(f"{self.settings_path}: {describe_mismatch(saved)}")
 
+    def refuse_links(self) -> None:
+        """The job's own files (settings, every part file) must be files of this folder, not links to elsewhere: they
+        are read back and appended to. InputError naming the first link."""
+        for path in [self.settings_path, *sorted(self.out_dir.glob(f".{self.stem}.part*.jsonl"))]:
+            refuse_symlink(path)
+
     def open_part_for_append(self, rank: int):
-        """Append mode, first ending a line a killed run may have left half-written."""
-        stream = open(self.part_path(rank), "a+", encoding="utf-8")
+        """Append mode (never through a link: O_NOFOLLOW), first ending a line a killed run may have left half-written."""
+        stream = open_for_append(self.part_path(rank))
         if stream.tell() > 0:
             stream.seek(stream.tell() - 1)
             if stream.read(1) != "\n":
@@ -99,6 +106,7 @@ def run_image_job(job: ImageJob, image_paths: Sequence[str], settings: dict, pro
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    job.refuse_links()
     if process.is_main_process:
         remove_orphaned_temporary_files(job.out_dir)  # a killed run's half-written files; no process writes yet
     finished = job.finished_rows()

@@ -7,8 +7,11 @@ pipeline from a folder; the pipeline class comes from the checkpoint's own model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from popalign.io import InputError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpmsolver++", "euler", "euler_ancestral", "pndm", "unipc")
@@ -81,3 +84,68 @@ def load_text_to_image_pipeline(model: str, dtype: torch.dtype, device: torch.de
         pipeline.load_lora_weights(lora_path)
     pipeline.set_progress_bar_config(disable=True)
     return apply_speed_options(pipeline.to(device), speed)
+
+
+def read_model_config(flag: str, folder: str | Path, expected_class: str) -> dict:
+    """The config.json of a local model folder that must hold a diffusers `expected_class`; InputError naming the flag
+    and path otherwise (a VAE folder given as a U-Net fails here, in one line, instead of deep inside the loader)."""
+    import json
+
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{flag} {folder}: no config.json (expected a diffusers {expected_class} folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{flag} {config_path}: not a readable JSON file ({error})") from None
+    found = (config.get("_class_name") or (config.get("architectures") or [None])[0]) if isinstance(config, dict) else None
+    if found != expected_class:
+        raise InputError(f"{flag} {folder}: holds a model of class {found or '(none named)'}, not of class {expected_class}")
+    return config
+
+
+def check_weight_shapes(flag: str, folder: str | Path, model_class, config: dict) -> None:
+    """Every tensor of the folder's safetensors weights exists in a `model_class` built from its config, with that
+    model's shape, and none is missing: a wrongly shaped tensor is one line naming it instead of a loader's traceback.
+    Folders holding only other formats (.bin) are left to the loader. The model is built on the meta device (no memory)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in model_class.from_config(config).state_dict().items()}
+    found = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                for name in weights.keys():
+                    found[name] = (tuple(weights.get_slice(name).get_shape()), file)
+        except Exception as error:  # safetensors raises its own error types for a damaged header
+            raise InputError(f"{flag} {file}: not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    for name, (shape, file) in found.items():
+        if name not in expected:
+            raise InputError(f"{flag} {file}: tensor {name!r} is not a weight of the {model_class.__name__} its config.json describes")
+        if shape != expected[name]:
+            raise InputError(f"{flag} {file}: tensor {name!r} has shape {list(shape)}, but its config.json gives {list(expected[name])}")
+    missing = sorted(set(expected) - set(found))
+    if len(files) == 1 and missing:  # a variant beside the default weights would hold the same names: only one file is checked whole
+        raise InputError(f"{flag} {files[0]}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
+
+
+def check_unet_folder(flag: str, folder: str | Path, base_model: str = "") -> None:
+    """A fine-tuned U-Net folder (`--unet`): a UNet2DConditionModel with weights of its config's shapes, and of the
+    base pipeline's architecture where that is a local folder (same input channels, text width and conditioning)."""
+    from diffusers import UNet2DConditionModel
+
+    config = read_model_config(flag, folder, "UNet2DConditionModel")
+    check_weight_shapes(flag, folder, UNet2DConditionModel, config)
+    base_config_path = Path(base_model) / "unet" / "config.json" if base_model else None
+    if base_config_path is not None and base_config_path.is_file():
+        import json
+
+        base = json.loads(base_config_path.read_text(encoding="utf-8"))
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels"):
+            if config.get(key) != base.get(key):
+                raise InputError(f"{flag} {folder}: a U-Net with {key} {config.get(key)!r}, but the one of --pretrained_model_name_or_path "
+                                 f"{base_model} has {base.get(key)!r}: it was not trained from this model")

@@ -115,6 +115,43 @@ def unclassified_truncated_image(world: Path) -> None:
     truncate_first_image(world)
 
 
+def symlink_to_outside(path: str) -> Callable[[Path], None]:
+    """`path` becomes a link to a file outside the world's stage folders (a planted link)."""
+    def edit(world: Path) -> None:
+        (world / "outside.txt").write_text("not the pipeline's\n", encoding="utf-8")
+        target = world / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        target.symlink_to(world / "outside.txt")
+    return edit
+
+
+def unet_with_a_wrongly_shaped_tensor(world: Path) -> None:
+    """train/bad_unet: the trained U-Net with its first tensor replaced by one of another shape."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(world / "train/popalign/unet", world / "train/bad_unet")
+    weights_path = world / "train/bad_unet/diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_path)
+    weights[sorted(weights)[0]] = torch.zeros(3, 3)
+    save_file(weights, weights_path)
+
+
+def vae_of_8_latent_channels(world: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=[16], down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+                  latent_channels=8, norm_num_groups=8).save_pretrained(world / "vae8")
+
+
+def vae_of_another_scaling(world: Path) -> None:
+    shutil.copytree(TOY_MODEL / "vae", world / "vae_scaled")
+    config = json.loads((world / "vae_scaled/config.json").read_text())
+    (world / "vae_scaled/config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+
+
 # ----- the cases -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -148,6 +185,12 @@ CASES = [
     C("prompts", "a file where the output folder should be", "is a file, not a folder", write("out", "x"), output="out/prompts.csv"),
     C("prompts", "a folder where the output file should be", "a folder is in the way", output="images"),
     C("prompts", "an unknown flag", "unrecognized arguments: --ouput", extra=("--ouput", "x.csv")),
+    C("prompts", "template with an unknown field", "unknown field {place}", extra=("--template", "a photo of {person} at {place}")),
+    C("prompts", "template with a lone brace", "--template", extra=("--template", "a photo of { {person}")),
+    C("prompts", "template with a lone closing brace", "Single '}'", extra=("--template", "a photo of {person} }")),
+    C("prompts", "template reaching an attribute", "unknown field {person.__class__.__mro__}", extra=("--template", "{person.__class__.__mro__}")),
+    C("prompts", "template indexing a field", "unknown field {person[0]}", extra=("--template", "a photo of {person[0]}")),
+    C("prompts", "a link where the output file should be", "prompts/train.csv: is a symbolic link", symlink_to_outside("prompts/train.csv")),
     # Step 2: generation (checked before any model loads).
     C("generate", "prompts missing", "missing.csv: file not found", prompts_csv="missing.csv"),
     C("generate", "prompts with an unknown kind", "prompts/train.csv: row 2", set_cell("prompts/train.csv", 0, "kind", "neutrall")),
@@ -167,6 +210,12 @@ CASES = [
     C("generate", "a file where the image folder should be", "a file is in the way", write("images/new", "x"), output_dir="images/new"),
     C("generate", "other settings in a finished folder", "other settings", seed="7"),
     C("generate", "steps not an integer", "argument --steps: invalid int value", steps="twenty"),
+    C("generate", "negative seed", "argument --seed: seed -1 is out of range", seed="-1"),
+    C("generate", "seed of 2**32", "argument --seed: seed 4294967296 is out of range", seed="4294967296"),
+    C("generate", "unet folder holding a VAE", "holds a model of class AutoencoderKL, not of class UNet2DConditionModel", extra=("--unet", str(TOY_MODEL / "vae"))),
+    C("generate", "unet with a wrongly shaped tensor", "bad_unet/diffusion_pytorch_model.safetensors: tensor", unet_with_a_wrongly_shaped_tensor,
+      extra=("--unet", "train/bad_unet")),
+    C("generate", "a link where the manifest should be", "manifest.csv: is a symbolic link", symlink_to_outside("images/train/manifest.csv")),
     # Step 2: classification.
     C("classify", "zero batch", "--batch_size", batch_size="0"),
     C("classify", "unknown DeepFace detector", "--detector", classifier="deepface", detector="yunett"),
@@ -200,6 +249,9 @@ CASES = [
     C("pairs", "zero population", "--population_size", population_size="0"),
     C("pairs", "attributes of the wrong shape", "attributes.json", write("attributes.json", '{"attributes": ["gender"]}')),
     C("pairs", "a folder where the pairs file should be", "a folder is in the way", output="images"),
+    C("pairs", "negative seed", "argument --seed: seed -1 is out of range", seed="-1"),
+    C("pairs", "seed of 2**32", "argument --seed: seed 4294967296 is out of range", seed="4294967296"),
+    C("pairs", "a link where the summary should be", "pairs.summary.json: is a symbolic link", symlink_to_outside("preferences/pairs.summary.json")),
     # Step 4: training (a finished run lies in train/popalign; new runs go elsewhere unless the case is about it).
     C("train", "pairs file missing", "none.csv: file not found", pairs_file="none.csv", output_dir="train/new"),
     C("train", "pairs file without winner_path", "missing column(s) winner_path", drop_column("preferences/pairs.csv", "winner_path"), output_dir="train/new"),
@@ -220,6 +272,14 @@ CASES = [
     C("train", "checkpoint to resume missing in a new run", "--resume_from_checkpoint", resume_from_checkpoint="checkpoint-9", output_dir="train/new"),
     C("train", "resume under another learning rate", "learning_rate", learning_rate="5e-4", resume_from_checkpoint="latest"),
     C("train", "a file where the output folder should be", "a file is in the way", write("train/file", "x"), output_dir="train/file"),
+    C("train", "seed of 2**32", "argument --seed: seed 4294967296 is out of range", seed="4294967296", output_dir="train/new"),
+    C("train", "negative validation seed", "argument --validation_seed: seed -1 is out of range", validation_seed="-1", output_dir="train/new"),
+    C("train", "VAE of other latent channels", "a VAE of 8 latent channels, but the U-Net", vae_of_8_latent_channels,
+      pretrained_vae_model_name_or_path="vae8", output_dir="train/new"),
+    C("train", "VAE of another latent scaling", "scales its latents by 0.13025", vae_of_another_scaling,
+      pretrained_vae_model_name_or_path="vae_scaled", output_dir="train/new"),
+    C("train", "VAE folder holding a U-Net", "holds a model of class UNet2DConditionModel, not of class AutoencoderKL",
+      pretrained_vae_model_name_or_path=str(TOY_MODEL / "unet"), output_dir="train/new"),
     # Evaluation.
     C("evaluate", "base folder missing", "images/none", base="images/none"),
     C("evaluate", "tuned entry without a name", "--tuned", tuned="images/tuned"),

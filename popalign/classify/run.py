@@ -9,6 +9,7 @@ once every image has a row.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ from popalign.classify.base import Classifier
 from popalign.image_folder import LABEL_COLUMNS, labels_path, read_manifest
 from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, run_image_job
 from popalign.io import atomic_write_csv
+from popalign.locks import output_lock
 
 
 
@@ -75,30 +77,40 @@ def classify_image_folder(out_dir: str | Path, classifier: Classifier, batch_siz
     process = accelerator if accelerator is not None else SingleProcess()
     out_dir = Path(out_dir)
     image_paths = read_manifest_image_paths(out_dir)
-    job = ImageJob(out_dir, f"labels_{classifier.name}")
-    settings = json.loads(json.dumps({"classifier": classifier.name, "settings": classifier.settings,
-                                      "options": recorded_options(options or {})}))
-    # What the classifier does is compared; the options it was built with are recorded (complete_labels reads them).
-    job.check_settings(settings, lambda saved: (
-        f"labels in {out_dir} were started with settings {saved['settings']}, not {settings['settings']}; "
-        f"use the same settings or delete {out_dir}/.labels_{classifier.name}.*"), ignored=("options",))
+    with output_lock(out_dir, f"labels_{classifier.name}", take=process.is_main_process):  # one run per labels file
+        job = ImageJob(out_dir, f"labels_{classifier.name}")
+        settings = json.loads(json.dumps({"classifier": classifier.name, "settings": classifier.settings,
+                                          "options": recorded_options(options or {})}))
+        # What the classifier does is compared; the options it was built with are recorded (complete_labels reads them).
+        job.check_settings(settings, lambda saved: (
+            f"labels in {out_dir} were started with settings {saved['settings']}, not {settings['settings']}; "
+            f"use the same settings or delete {out_dir}/.labels_{classifier.name}.*"), ignored=("options",))
 
-    def classify_batch(batch_paths: list[str]) -> list[dict]:
-        classifications = classifier.classify([load_rgb(out_dir / image_path) for image_path in batch_paths])
-        return [{**asdict(classification), "classifier": classifier.name} for classification in classifications]
+        def classify_batch(batch_paths: list[str]) -> list[dict]:
+            classifications = classifier.classify([load_rgb(out_dir / image_path) for image_path in batch_paths])
+            return [{**asdict(classification), "classifier": classifier.name} for classification in classifications]
 
-    rows = run_image_job(job, image_paths, settings, classify_batch, batch_size, process, f"classify ({classifier.name})")
-    labels = _labels_frame(image_paths, rows)
-    summary = LabellingSummary(labels_path(out_dir, classifier.name), len(labels), int(labels["face_detected"].sum()))
-    if process.is_main_process:
-        atomic_write_csv(summary.labels_path, labels)
-        tqdm.write(
-            f"{summary.images} images, face detected in {summary.faces_detected} "
-            f"({summary.detection_rate:.1%}) -> {summary.labels_path}"
-        )
+        rows = run_image_job(job, image_paths, settings, classify_batch, batch_size, process, f"classify ({classifier.name})")
+        labels = _labels_frame(image_paths, rows)
+        summary = LabellingSummary(labels_path(out_dir, classifier.name), len(labels), int(labels["face_detected"].sum()))
+        if process.is_main_process:
+            atomic_write_csv(summary.labels_path, labels)
+            tqdm.write(
+                f"{summary.images} images, face detected in {summary.faces_detected} "
+                f"({summary.detection_rate:.1%}) -> {summary.labels_path}"
+            )
+            if summary.images and summary.faces_detected == 0:
+                warn_no_face(out_dir, classifier.name, summary.images)
     # No process returns before the labels file exists.
     process.wait_for_everyone()
     return summary
+
+
+def warn_no_face(out_dir: Path, classifier_name: str, images: int) -> None:
+    """A folder where no image shows a face is written (a folder of scenery prompts may rightly have none), but said
+    loudly, on one line: for people prompts it means the model drew no people (or nothing), or the detector fails."""
+    print(f"warning: {out_dir}: no face found in any of its {images} images by the {classifier_name} classifier; check that "
+          "the model draws people (step 3 and the evaluation count only images with a face)", file=sys.stderr, flush=True)
 
 
 # The defaults of `python -m popalign.classify`, also those of the training-time validation's classifier.

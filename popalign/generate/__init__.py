@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
+from popalign.locks import output_lock
 from popalign.prompts import read_prompt_table
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
                          file_sha256, read_csv_checked, remove_orphaned_temporary_files)
@@ -101,6 +102,12 @@ def plan_images(prompts: pd.DataFrame, images_per_neutral_prompt: int, images_pe
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
+def effective_guidance(guidance: float) -> float:
+    """The guidance scale as the pipeline applies it: diffusers runs classifier-free guidance only above 1, so every
+    value <= 1 draws the same images (no guidance) and is recorded as one setting, 1.0."""
+    return guidance if guidance > 1.0 else 1.0
+
+
 def generation_record(settings: GenerationSettings) -> dict:
     """What generation_config.json holds: the settings plus `weights_sha256`, the digest of the fine-tuned
     weights they point at (fine_tuned_weights_sha256), derived here because the path alone cannot tell
@@ -131,6 +138,10 @@ def validate_generation_settings(settings: GenerationSettings) -> None:
     check_model_location("model", settings.model)
     check_model_location("unet", settings.unet, hub_allowed=False)
     check_model_location("lora", settings.lora, hub_allowed=False)
+    if settings.unet:
+        from popalign.pipelines import check_unet_folder
+
+        check_unet_folder("--unet", settings.unet, settings.model)
 
 
 def image_decodes(path: Path) -> bool:
@@ -162,6 +173,8 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings, write: bo
         # A key an older folder lacks reads as its default: adding a setting does not orphan old folders.
         defaults = {**json.loads(json.dumps(asdict(GenerationSettings(model="")))), "weights_sha256": ""}
         saved = {key: saved.get(key, defaults[key]) for key in current}
+        if isinstance(saved["guidance"], (int, float)):  # a folder recorded before guidance <= 1 was written as 1.0
+            saved["guidance"] = effective_guidance(saved["guidance"])
         changed = [key for key in current if saved[key] != current[key]]
         if changed and not holds_images(out_dir):
             if write:
@@ -181,15 +194,46 @@ def remove_partial_files(out_dir: Path) -> int:
 
 
 def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: GenerationSettings):
-    """Run the pipeline on one batch; each image gets a CPU generator seeded with its own seed."""
+    """Run the pipeline on one batch; each image gets a CPU generator seeded with its own seed. Returns PIL images;
+    InputError when the model draws nothing (blank_batch_problem), before any of the batch is written."""
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+    # As arrays first: a model that drew NaN is seen before the conversion to 8 bits hides it as black.
     result = pipeline(prompt=prompts, negative_prompt=negative, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance, width=settings.width, height=settings.height,
-                      generator=generators)
-    return result.images
+                      generator=generators, output_type="np")
+    problem = blank_batch_problem(result.images)
+    if problem is not None:
+        weights = "".join(f" --{flag} {value}" for flag, value in (("unet", settings.unet), ("lora", settings.lora)) if value)
+        raise InputError(f"the model draws nothing: every image of a batch is {problem} (prompt {prompts[0]!r}); check the "
+                         f"weights of --pretrained_model_name_or_path {settings.model}{weights} (a training that diverged?)")
+    return to_pil_images(result.images)
+
+
+def blank_batch_problem(pixels) -> str | None:
+    """What is wrong with a batch of drawn images (N, H, W, C floats in [0, 1]) in which nothing is drawn: 'not finite'
+    when every image holds NaN or infinity, 'one colour' when every image is a single flat colour; None when any image
+    of the batch shows something."""
+    import numpy as np
+
+    pixels = np.asarray(pixels)
+    finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+    if not finite.any():
+        return "not finite (NaN or infinity)"
+    flat = np.array([np.ptp(image.reshape(-1, image.shape[-1]), axis=0).max() < 1 / 255 if ok else True
+                     for image, ok in zip(pixels, finite)])
+    if flat.all():
+        return "one flat colour"
+    return None
+
+
+def to_pil_images(pixels) -> list:
+    """The pipeline's own conversion of [0, 1] arrays to 8-bit PIL images (what output_type='pil' returns)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor.numpy_to_pil(pixels)
 
 
 def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_per_neutral_prompt: int,
@@ -214,6 +258,7 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     if images_per_neutral_prompt < 0 or images_per_identity_prompt < 0:
         raise InputError("--images_per_neutral_prompt and --images_per_identity_prompt must be >= 0")
     validate_generation_settings(settings)
+    settings = replace(settings, guidance=effective_guidance(settings.guidance))
     out_dir = Path(out_dir)
     check_output_location(out_dir, "--output_dir", folder=True)
     if (out_dir / MANIFEST_NAME).is_dir() or (out_dir / CONFIG_FILE).is_dir():
@@ -231,52 +276,54 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
             check_or_write_config(out_dir, settings, write=False)
         return manifest
     accelerator = make_accelerator()
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(out_dir)
-        check_or_write_config(out_dir, settings)
-        # An image under its final name that does not decode (a disk fault, a copy cut short) is made again.
-        broken = [out_dir / path for path in manifest["image_path"] if (out_dir / path).exists() and not image_decodes(out_dir / path)]
-        for path in broken:
-            path.unlink()
-        if broken:
-            print(f"{len(broken)} existing image(s) did not decode and will be generated again, e.g. {broken[0]}")
-    accelerator.wait_for_everyone()
+    # One run per folder: a second generation into it would draw the same images twice and race on its files.
+    with output_lock(out_dir, "generation", take=accelerator.is_main_process):
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_files(out_dir)
+            check_or_write_config(out_dir, settings)
+            # An image under its final name that does not decode (a disk fault, a copy cut short) is made again.
+            broken = [out_dir / path for path in manifest["image_path"] if (out_dir / path).exists() and not image_decodes(out_dir / path)]
+            for path in broken:
+                path.unlink()
+            if broken:
+                print(f"{len(broken)} existing image(s) did not decode and will be generated again, e.g. {broken[0]}")
+        accelerator.wait_for_everyone()
 
-    missing = manifest[[not (out_dir / path).exists() for path in manifest["image_path"]]]
-    # Round-robin over the missing images: any process count gives the same images.
-    my_share = missing.iloc[accelerator.process_index :: accelerator.num_processes]
-    if accelerator.is_main_process:
-        print(f"{len(manifest)} images planned, {len(manifest) - len(missing)} already exist, "
-              f"{len(missing)} to generate on {accelerator.num_processes} process(es)")
-    if len(my_share):
-        if pipeline is None:
-            dtype = resolve_dtype(settings.precision, accelerator.device)
-            pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
-                                                   settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
+        missing = manifest[[not (out_dir / path).exists() for path in manifest["image_path"]]]
+        # Round-robin over the missing images: any process count gives the same images.
+        my_share = missing.iloc[accelerator.process_index :: accelerator.num_processes]
+        if accelerator.is_main_process:
+            print(f"{len(manifest)} images planned, {len(manifest) - len(missing)} already exist, "
+                  f"{len(missing)} to generate on {accelerator.num_processes} process(es)")
+        if len(my_share):
+            if pipeline is None:
+                dtype = resolve_dtype(settings.precision, accelerator.device)
+                pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
+                                                       settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
 
-        def write_batch(images, relative_paths) -> None:
-            for image, relative_path in zip(images, relative_paths):
-                atomic_save_image(image, out_dir / relative_path)
+            def write_batch(images, relative_paths) -> None:
+                for image, relative_path in zip(images, relative_paths):
+                    atomic_save_image(image, out_dir / relative_path)
 
-        with tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process) as progress, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer") as writer:
-            writing = None  # (the previous batch's write, its image count): under way while this batch is drawn
+            with tqdm(total=len(my_share), desc="generating", unit="img", disable=not accelerator.is_local_main_process) as progress, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer") as writer:
+                writing = None  # (the previous batch's write, its image count): under way while this batch is drawn
 
-            def wait_for_write() -> None:
-                if writing is not None:
-                    future, count = writing
-                    future.result()  # on disk (the write's error, if any, is raised here)
-                    progress.update(count)
+                def wait_for_write() -> None:
+                    if writing is not None:
+                        future, count = writing
+                        future.result()  # on disk (the write's error, if any, is raised here)
+                        progress.update(count)
 
-            for start in range(0, len(my_share), batch_size):
-                batch = my_share.iloc[start : start + batch_size]
-                images = render_batch(pipeline, list(batch["prompt"]), [int(seed) for seed in batch["seed"]], settings)
+                for start in range(0, len(my_share), batch_size):
+                    batch = my_share.iloc[start : start + batch_size]
+                    images = render_batch(pipeline, list(batch["prompt"]), [int(seed) for seed in batch["seed"]], settings)
+                    wait_for_write()
+                    writing = (writer.submit(write_batch, images, list(batch["image_path"])), len(batch))
                 wait_for_write()
-                writing = (writer.submit(write_batch, images, list(batch["image_path"])), len(batch))
-            wait_for_write()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_csv(out_dir / MANIFEST_NAME, manifest)
-        print(f"wrote {out_dir / MANIFEST_NAME} ({len(manifest)} images)")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_csv(out_dir / MANIFEST_NAME, manifest)
+            print(f"wrote {out_dir / MANIFEST_NAME} ({len(manifest)} images)")
     return manifest

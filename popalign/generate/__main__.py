@@ -10,7 +10,7 @@ import sys
 from popalign.generate import GenerationSettings, generate_images
 from popalign.image_folder import PROMPT_KINDS
 from popalign.pipelines import SpeedOptions
-from popalign.io import ArgumentParser, InputError, exit_2_on_input_error
+from popalign.io import ArgumentParser, InputError, exit_2_on_input_error, parse_seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images_per_prompt_csv", default="",
                         help="prompt_id,images: counts of the prompts it lists (popalign.evaluate.precision's rounds; the others keep the above)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; every value <= 1 means none and is recorded as 1.0")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--scheduler", default="default", help="default (the checkpoint's), euler, euler_ancestral, ddim, dpmsolver++, unipc, pndm, ddpm")
     parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; image seed = f(seed, prompt, image index)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="base seed (0 <= seed < 2**32); image seed = f(seed, prompt, image index)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass on each process")
     speed = parser.add_argument_group("speed (how the pipeline runs, not what it draws; docs/cost.md)")
     speed.add_argument("--channels_last", action="store_true", help="U-Net and VAE in channels-last memory format")

@@ -24,6 +24,9 @@ face carries no label and adds no class to a draw.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,7 +39,8 @@ import pandas as pd
 from popalign import image_folder
 from popalign.attributes import AttributeSet
 from popalign.image_folder import PROMPT_KINDS
-from popalign.io import InputError, atomic_write_csv, atomic_write_json, csv_row_number, read_csv_checked
+from popalign.io import InputError, atomic_write_texts, csv_row_number, read_csv_checked
+from popalign.locks import output_lock
 
 # The statistic that decides a pair: distinct classified genders and races in a draw.
 DIVERSITY_AXES = ("gender", "race")
@@ -389,6 +393,10 @@ def generate_preferences(
                              for prompt in populations.neutral_prompts},
         "winner_label_shares": winner_shares,
     }
-    atomic_write_csv(output_path, pairs)
-    atomic_write_json(summary_path_for(output_path), summary)
+    pairs_text = pairs.to_csv(index=False, quoting=csv.QUOTE_MINIMAL)
+    # The summary names the pairs file it describes by content; both are written in full before either is renamed into
+    # place, under a lock, so two runs never leave one's pairs beside the other's summary.
+    summary["pairs_sha256"] = hashlib.sha256(pairs_text.encode("utf-8")).hexdigest()
+    with output_lock(output_path.parent, output_path.name):
+        atomic_write_texts({output_path: pairs_text, summary_path_for(output_path): json.dumps(summary, indent=2, sort_keys=True) + "\n"})
     return summary

@@ -10,7 +10,7 @@ import sys
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.distributed import global_rank
-from popalign.io import ArgumentParser, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, check_output_location, exit_2_on_input_error, parse_seed
 from popalign.preferences import DIVERSE_DRAWS, generate_preferences, summary_path_for
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="outputs/preferences/pairs.csv")
     parser.add_argument("--num_iterations", type=int, default=20000, help="draws; each emits population_size pairs (the original: 20000)")
     parser.add_argument("--population_size", type=int, default=5, help="images drawn per side per iteration (the original: 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the draws (0 <= seed < 2**32)")
     parser.add_argument("--keep_no_face", action="store_true",
                         help="keep images where no face was detected (default: excluded, as in the original)")
     parser.add_argument("--require_attribute_match", action="store_true",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import string
 from typing import Sequence
 
 import pandas as pd
@@ -42,6 +43,28 @@ def person_phrase(occupation: str, identity_words: Sequence[str]) -> str:
     """'an Indian male engineer' from ('Indian', 'male') and 'engineer', with the right article."""
     words = [*identity_words, occupation]
     return f"{indefinite_article(words[0])} {' '.join(words)}"
+
+
+TEMPLATE_FIELDS = ("person", "activity")
+
+
+def check_template(template: str) -> None:
+    """A template holds plain text, `{person}` (required) and `{activity}`; `{{` and `}}` are literal braces.
+    InputError naming --template for a lone brace, another field, a format spec or conversion, or a field reached
+    through attributes or indexing (`{person.__class__}` would write Python's internals into the prompts)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise InputError(f"--template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parsed if name is not None]
+    for name, spec, conversion in fields:
+        if name not in TEMPLATE_FIELDS:
+            raise InputError(f"--template {template!r}: unknown field {{{name}}} (known: {{person}}, {{activity}}; "
+                             "a literal brace is {{ or }})")
+        if spec or conversion:
+            raise InputError(f"--template {template!r}: field {{{name}}} takes no format spec or conversion")
+    if "person" not in [name for name, _, _ in fields]:
+        raise InputError(f"--template {template!r}: must contain {{person}}")
 
 
 def render_prompt(template: str, occupation: str, activity: str, identity_words: Sequence[str] = ()) -> str:
@@ -131,8 +154,7 @@ def expand_prompts(
     for name in axes:
         if name not in attributes.attributes:
             raise InputError(f"--axes: unknown attribute {name!r} (known: {', '.join(attributes.names)})")
-    if "{person}" not in template:
-        raise InputError(f"--template {template!r}: must contain {{person}}")
+    check_template(template)
     restrictions = restrictions or {}
     ordered_axes = [name for name in attributes.word_order if name in axes]
     value_lists = [restrictions.get(name, attributes[name].labels) for name in ordered_axes]

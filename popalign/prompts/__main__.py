@@ -8,9 +8,11 @@ For the shell scripts, `python -m popalign.prompts splits FILE` and `python -m p
 
 import argparse
 import sys
+from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.io import ArgumentParser, atomic_write_csv, check_output_location, exit_2_on_input_error
+from popalign.locks import output_lock
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, occupation_splits, parse_restrictions, read_neutral_prompts, read_prompt_table
 
 
@@ -38,7 +40,9 @@ def main(argv=None) -> int:
     axes = [name.strip() for name in args.axes.split(",") if name.strip()]
     prompts = expand_prompts(read_neutral_prompts(args.input, args.split or None), attributes, axes, args.template,
                              parse_restrictions(args.restrict, attributes))
-    atomic_write_csv(args.output, prompts)
+    output = Path(args.output)
+    with output_lock(output.parent, output.name):
+        atomic_write_csv(output, prompts)
     neutral_count = int((prompts["kind"] == "neutral").sum())
     print(f"wrote {args.output}: {neutral_count} neutral prompts, {len(prompts) - neutral_count} identity-specific prompts")
     return 0

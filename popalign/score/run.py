@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from popalign.image_folder import QUALITY_COLUMNS, quality_path, read_manifest
 from popalign.image_jobs import ImageJob, SingleProcess, load_rgb, run_image_job
 from popalign.io import atomic_write_csv
+from popalign.locks import output_lock
 from popalign.score import build_scorer
 from popalign.score.base import QualityScorer
 
@@ -50,28 +51,29 @@ def score_folder_with(out_dir: str | Path, scorer: QualityScorer, options: dict 
     process = accelerator if accelerator is not None else SingleProcess()
     out_dir = Path(out_dir)
     pairs = read_manifest_prompts(out_dir)
-    settings = {"scorer": scorer.name, "description": scorer.description, "options": _jsonable(options or {})}
-    job = ImageJob(out_dir, f"quality_{scorer.name}")
-    job.check_settings(settings, lambda saved: (
-        f"{scorer.name} scores in {out_dir} were started with {saved}, not {settings}; "
-        f"use the same settings or delete {out_dir}/.quality_{scorer.name}.* and quality_{scorer.name}.csv"))
-    prompts = dict(pairs)
+    with output_lock(out_dir, f"quality_{scorer.name}", take=process.is_main_process):  # one run per scores file
+        settings = {"scorer": scorer.name, "description": scorer.description, "options": _jsonable(options or {})}
+        job = ImageJob(out_dir, f"quality_{scorer.name}")
+        job.check_settings(settings, lambda saved: (
+            f"{scorer.name} scores in {out_dir} were started with {saved}, not {settings}; "
+            f"use the same settings or delete {out_dir}/.quality_{scorer.name}.* and quality_{scorer.name}.csv"))
+        prompts = dict(pairs)
 
-    def score_batch(batch_paths: list[str]) -> list[dict]:
-        batch_prompts = [prompts[image_path] for image_path in batch_paths]
-        scores = scorer.score([load_rgb(out_dir / image_path) for image_path in batch_paths], batch_prompts)
-        return [{"prompt": prompt, "score": score} for prompt, score in zip(batch_prompts, scores)]
+        def score_batch(batch_paths: list[str]) -> list[dict]:
+            batch_prompts = [prompts[image_path] for image_path in batch_paths]
+            scores = scorer.score([load_rgb(out_dir / image_path) for image_path in batch_paths], batch_prompts)
+            return [{"prompt": prompt, "score": score} for prompt, score in zip(batch_prompts, scores)]
 
-    rows = run_image_job(job, [image_path for image_path, _ in pairs], settings, score_batch, scorer.batch_size, process,
-                         f"quality ({scorer.name})")
-    final_path = quality_path(out_dir, scorer.name)
-    if process.is_main_process:
-        frame = pd.DataFrame.from_records(
-            [(image_path, prompt, rows[image_path]["score"], scorer.name, scorer.description) for image_path, prompt in pairs],
-            columns=QUALITY_COLUMNS,
-        )
-        atomic_write_csv(final_path, frame)
-        tqdm.write(f"{len(frame)} images, mean {scorer.name} {frame['score'].mean():.4f} -> {final_path}")
+        rows = run_image_job(job, [image_path for image_path, _ in pairs], settings, score_batch, scorer.batch_size, process,
+                             f"quality ({scorer.name})")
+        final_path = quality_path(out_dir, scorer.name)
+        if process.is_main_process:
+            frame = pd.DataFrame.from_records(
+                [(image_path, prompt, rows[image_path]["score"], scorer.name, scorer.description) for image_path, prompt in pairs],
+                columns=QUALITY_COLUMNS,
+            )
+            atomic_write_csv(final_path, frame)
+            tqdm.write(f"{len(frame)} images, mean {scorer.name} {frame['score'].mean():.4f} -> {final_path}")
     # No process returns before the file exists.
     process.wait_for_everyone()
     return final_path

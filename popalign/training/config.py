@@ -2,7 +2,7 @@
 
 Defaults are the values of the original PopAlign SDXL run (full U-Net, beta 5000, lr 5e-7 with
 200 warmup steps, 750 steps, one pair per process, bf16, gradient checkpointing, 8-bit AdamW, the
-fp16-fixed SDXL VAE for encoding, caption dropout 0.2), so `train_popalign.py --pairs_file P
+fp16-fixed SDXL VAE for encoding an SDXL base, caption dropout 0.2), so `train_popalign.py --pairs_file P
 --output_dir O` reproduces it; 4_train.sh has the same defaults (tests/test_defaults.py).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH
-from popalign.io import ArgumentParser, InputError
+from popalign.io import ArgumentParser, InputError, parse_seed
 from popalign.losses import ANCHORS
 from popalign.training.objectives import objective_named, objective_names
 TIMESTEP_SHARING = ("pair", "batch")
@@ -56,8 +56,9 @@ class TrainConfig:
     # model: what is fine-tuned
     pretrained_model: str = field(default="stabilityai/stable-diffusion-xl-base-1.0",
         metadata=_help("diffusers pipeline folder or hub id"))
-    vae: str = field(default="madebyollin/sdxl-vae-fp16-fix",
-        metadata=_help("VAE folder or hub id used to encode images (the original's: SDXL's VAE fixed to run in fp16); empty = the pipeline's own VAE"))
+    vae: str = field(default="auto",
+        metadata=_help("VAE folder or hub id used to encode images; 'auto' = for an SDXL base SDXL's VAE fixed to run in fp16 "
+                       "(madebyollin/sdxl-vae-fp16-fix, the original's), for any other base its own VAE; empty = the base model's own VAE"))
     variant: str = field(default="", metadata=_help("weight variant to load (e.g. fp16); empty = default weights"))
     lora_rank: int = field(default=0,
         metadata=_help("0 = full U-Net fine-tuning; R > 0 = LoRA of rank R on the attention projections"))
@@ -119,7 +120,7 @@ class TrainConfig:
         metadata=_help("autocast precision; the frozen reference U-Net is stored in it", choices=MIXED_PRECISIONS))
     gradient_checkpointing: bool = field(default=True,
         metadata=_help("recompute U-Net activations in the backward pass (less memory, ~30%% slower)"))
-    seed: int = field(default=0, metadata=_help("seed of data order, noise, timesteps, caption dropout and LoRA init"))
+    seed: int = field(default=0, metadata=_help("seed of data order, noise, timesteps, caption dropout and LoRA init (0 <= seed < 2**32)", type=parse_seed))
     torch_threads: int = field(default=1,
         metadata=_help("CPU threads per process (1 keeps several processes from oversubscribing the cores)"))
 
@@ -152,7 +153,7 @@ class TrainConfig:
                        "lets each validation's weights be kept as the best"))
     num_validation_images: int = field(default=16, metadata=_help("images drawn per neutral validation prompt"))
     num_validation_identity_images: int = field(default=4, metadata=_help("images drawn per identity-specific validation prompt"))
-    validation_seed: int = field(default=0, metadata=_help("base seed of the validation images (the same images at every validation)"))
+    validation_seed: int = field(default=0, metadata=_help("base seed of the validation images (the same images at every validation)", type=parse_seed))
     validation_classifier: str = field(default="deepface", metadata=_help("classifier of the validation images (as step 2: deepface, clip, toy)"))
     validation_attributes: str = field(default=str(DEFAULT_ATTRIBUTES_PATH), metadata=_help("attribute definition JSON of the validation prompts"))
     validation_scorer: str = field(default="clip", metadata=_help("quality scorer of the validation images (as eval.sh's; empty = none)"))
@@ -198,6 +199,9 @@ class TrainConfig:
         for name in ("best_checkpoint_accuracy_margin", "best_checkpoint_quality_margin"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("seed", "validation_seed"):  # the command line's parse_seed; a config built in code is checked here
+            if not 0 <= getattr(self, name) < 2**32:
+                raise InputError(f"--{name} must be in [0, 2**32) (got {getattr(self, name)})")
         if self.validation_guidance_scale < 0:
             raise InputError(f"--validation_guidance_scale must be >= 0 (got {self.validation_guidance_scale})")
         objective_named(self.loss)  # an unknown --loss is an error naming the known ones
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="on|off")
         else:
-            kwargs["type"] = type(default)
+            kwargs["type"] = item.metadata.get("type", type(default))
         if item.name in ("pairs_file", "output_dir"):
             kwargs["required"] = True
         names = [f"--{item.name}"]

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -184,6 +185,59 @@ def load_text_encoders(pretrained_model: str, kind: str, variant: str, device: t
         encoders.append(encoder)
         fingerprints.append(module_fingerprint(f"{pretrained_model}/{encoder_folder}|max_length={tokenizers[-1].model_max_length}", encoder))
     return TextEncoderStack(kind=kind, tokenizers=tokenizers, encoders=encoders, fingerprint="+".join(fingerprints))
+
+
+SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE fine-tuned not to overflow in fp16 (the original's)
+AUTO_VAE = "auto"
+
+
+def _model_config(what: str, source: str, model_class: str, subfolder: str | None = None) -> dict:
+    """A model's config.json, read alone (no weights): from a local folder, checked to hold `model_class`, or from the
+    hub's cache. InputError naming the source when it cannot be read."""
+    import diffusers
+
+    local = Path(source) / subfolder if subfolder else Path(source)
+    if local.is_dir():
+        from popalign.pipelines import read_model_config
+
+        return read_model_config(what, local, model_class)
+    return dict(_load(what, source, lambda: getattr(diffusers, model_class).load_config(source, subfolder=subfolder)))
+
+
+def resolve_vae(pretrained_model: str, vae: str) -> str:
+    """--pretrained_vae_model_name_or_path as the run uses it: 'auto' is the fp16-fixed SDXL VAE for an SDXL base and
+    the base model's own VAE ('') for any other; any other value stays as given."""
+    if vae != AUTO_VAE:
+        return vae
+    unet_config = _model_config("--pretrained_model_name_or_path", pretrained_model, "UNet2DConditionModel", "unet")
+    return SDXL_FP16_FIX_VAE if model_kind(unet_config) == SDXL else ""
+
+
+def check_vae_fits_unet(pretrained_model: str, vae: str) -> None:
+    """The encoding VAE makes the latents the U-Net is trained on: its latent channels must be the U-Net's input
+    channels, and a VAE other than the base model's own must scale its latents as the base model's does (SDXL's 0.13025
+    is not SD 1.5's 0.18215). InputError naming --pretrained_vae_model_name_or_path otherwise."""
+    flag = "--pretrained_vae_model_name_or_path"
+    unet_config = _model_config("--pretrained_model_name_or_path", pretrained_model, "UNet2DConditionModel", "unet")
+    own_vae_path = Path(pretrained_model) / "vae" / "config.json"
+    if vae:
+        vae_config = _model_config(flag, vae, "AutoencoderKL")
+        own = None
+        if own_vae_path.is_file() or not Path(pretrained_model).exists():
+            try:
+                own = _model_config("--pretrained_model_name_or_path", pretrained_model, "AutoencoderKL", "vae")
+            except InputError:  # a hub pipeline cached without its VAE: nothing to compare with
+                own = None
+    else:
+        vae_config, own = _model_config("--pretrained_model_name_or_path", pretrained_model, "AutoencoderKL", "vae"), None
+    channels, expected = vae_config.get("latent_channels", 4), unet_config.get("in_channels", 4)
+    source = vae or f"{pretrained_model}/vae"
+    if channels != expected:
+        raise InputError(f"{flag} {source}: a VAE of {channels} latent channels, but the U-Net of {pretrained_model} takes {expected}")
+    if own is not None and own.get("scaling_factor") != vae_config.get("scaling_factor"):
+        raise InputError(f"{flag} {source}: scales its latents by {vae_config.get('scaling_factor')}, but the base model's own VAE "
+                         f"by {own.get('scaling_factor')}: the U-Net of {pretrained_model} was trained on the latter (use the "
+                         "base model's VAE, '' or auto)")
 
 
 def load_vae(pretrained_model: str, vae: str, variant: str, device: torch.device):

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from popalign.distributed import global_rank
-from popalign.io import InputError, atomic_write_text, check_model_location, check_output_location, remove_orphaned_temporary_files
+from popalign.io import (InputError, atomic_write_text, check_model_location, check_output_location, clear_for_writer, fresh_folder,
+                         open_for_append, refuse_symlink, remove_orphaned_temporary_files)
+from popalign.locks import output_lock
 from popalign.losses import per_sample_denoising_error, with_prior_preservation
 from popalign.training.checkpoints import (
     CONFIG_NAME,
@@ -50,8 +52,8 @@ from popalign.training.encodings import TrainingBatch, assemble_batch, build_enc
 from popalign.training.objectives import Layout
 from popalign.training.validation import (TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
                                           validation_fingerprint)
-from popalign.training.models import (SD, SDXL, TEXT_ENCODER_NAMES, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, denoising_target,
-                                     load_noise_scheduler, load_text_encoders, load_unet, model_kind)
+from popalign.training.models import (AUTO_VAE, SD, SDXL, TEXT_ENCODER_NAMES, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, check_vae_fits_unet, denoising_target,
+                                     load_noise_scheduler, load_text_encoders, load_unet, model_kind, resolve_vae)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Every schedule starts with a linear warmup; "constant" is the original's constant-after-warmup.
@@ -236,6 +238,7 @@ def save_lora_in_diffusers_format(kind: str, folder: Path, unwrapped_unet=None, 
             arguments[f"{name}_lora_layers"] = layers(model)
             arguments[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     saver = {SDXL: StableDiffusionXLLoraLoaderMixin, SD: StableDiffusionLoraLoaderMixin}[kind]
+    clear_for_writer(Path(folder) / "pytorch_lora_weights.safetensors")  # written fresh, never through a link
     saver.save_lora_weights(str(folder), **arguments)
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
@@ -303,6 +306,10 @@ EMA_FOLDER = "unet_ema"
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig, ema=None) -> None:
     """All processes write their part of the state; the main process names it and prunes old ones (never the best so far)."""
+    if accelerator.is_main_process:  # a killed run's partial folder is removed: every file is written fresh, never through a link
+        refuse_symlink(partial_checkpoint_dir(output_dir, step))
+        shutil.rmtree(partial_checkpoint_dir(output_dir, step), ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -356,7 +363,8 @@ def save_final_weights(accelerator, run: "PreparedRun", output_dir: Path) -> Pat
             # FSDP's module holds flattened shards; rebuild a plain U-Net from the gathered weights.
             model = type(model).from_config(model.config)
             model.load_state_dict(state_dict)
-        model.save_pretrained(str(output_dir / "unet"))
+        with fresh_folder(output_dir / "unet") as folder:
+            model.save_pretrained(str(folder))
     accelerator.wait_for_everyone()
     return output_dir / "unet"
 
@@ -410,7 +418,10 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     output_dir = Path(config.output_dir)
     check_output_location(output_dir, "--output_dir", folder=True)
     check_model_location("pretrained_model_name_or_path", config.pretrained_model)
-    check_model_location("vae", config.vae)
+    if config.vae != AUTO_VAE:
+        check_model_location("pretrained_vae_model_name_or_path", config.vae)
+    config.vae = resolve_vae(config.pretrained_model, config.vae)  # what the run records and compares: the VAE it uses
+    check_vae_fits_unet(config.pretrained_model, config.vae)
     check_8bit_adam(config, device)
     records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
     check_validation_inputs(config, training_captions={record.caption for record in records})
@@ -646,7 +657,7 @@ def log_step(run: PreparedRun, logged: dict[str, float]) -> None:
     accelerator, output_dir = run.accelerator, Path(run.config.output_dir)
     accelerator.log({f"train/{name}": value for name, value in logged.items()}, step=run.global_step)
     if accelerator.is_main_process:
-        with open(output_dir / METRICS_NAME, "a", encoding="utf-8") as stream:
+        with open_for_append(output_dir / METRICS_NAME) as stream:
             stream.write(json.dumps({"step": run.global_step, **logged}) + "\n")
     if not math.isfinite(logged["loss"]):
         # Before any checkpoint of this step: the last one written is from before the weights went bad.
@@ -706,9 +717,11 @@ def run_training(run: PreparedRun) -> TrainResult:
         saved = save_final_weights(accelerator, run, output_dir)
         if run.ema is not None and accelerator.is_main_process:
             # The EMA weights become <output_dir>/unet (what evaluation and the model card load); the raw ones stay beside.
+            refuse_symlink(output_dir / "unet_raw")
             shutil.rmtree(output_dir / "unet_raw", ignore_errors=True)
             os.replace(output_dir / "unet", output_dir / "unet_raw")
-            run.ema.save_pretrained(str(output_dir / "unet"))
+            with fresh_folder(output_dir / "unet") as folder:
+                run.ema.save_pretrained(str(folder))
         if accelerator.is_main_process:
             from popalign.training.model_card import write_model_card
 
@@ -723,7 +736,7 @@ def run_training(run: PreparedRun) -> TrainResult:
                 from huggingface_hub import create_repo, upload_folder
 
                 repo_id = create_repo(config.hub_model_id or output_dir.name, exist_ok=True).repo_id
-                upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*", "*.partial"])
+                upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*", "*.partial", ".*.lock"])
                 say(f"pushed {output_dir} to the Hub as {repo_id}")
         say(f"saved {saved}")
     accelerator.end_training()
@@ -748,4 +761,7 @@ def train(config: TrainConfig) -> TrainResult:
             print(f"{weights} is already trained with these settings and pairs; nothing to do "
                   f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
         return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
-    return run_training(prepare_run(config, checked_inputs))
+    # One run per folder (two at once would interleave metrics.jsonl and race on the checkpoints). Under a launch the
+    # global main process holds it; the others write only through it or their own parts of a checkpoint.
+    with output_lock(config.output_dir, "training", take=global_rank() == 0):
+        return run_training(prepare_run(config, checked_inputs))
