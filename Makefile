@@ -18,6 +18,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	# bitsandbytes (8-bit AdamW, the original recipe's optimizer) only where it can run: a machine with a CUDA GPU.
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install --quiet "bitsandbytes>=0.45"; fi
+	# Debian's chromium for the study page's browser tests (as root with apt-get; elsewhere they skip saying why, and fail under CI).
+	if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	touch $@
 
 demo: install

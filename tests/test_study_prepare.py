@@ -84,17 +84,44 @@ def test_plans_are_fixed_balanced_and_checked():
     assert {entry["left"] for plan in plans for entry in plan} == {"a", "b"}
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "popalign.study", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders):
+@pytest.fixture
+def run(capsys):
+    """The command line in this process (argparse's own errors included): exit code and stderr."""
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        return _Result(code, capsys.readouterr().err)
+    return run
+
+
+def test_the_command_line_runs_as_a_module_without_torch(tmp_path, folders):
+    """`python -m popalign.study` in its own process: it works, and neither it nor the server and analysis modules
+    (which popalign.evaluate's report imports) load torch."""
+    code = ("import sys, runpy; sys.argv = ['x', 'prepare', '--image_dirs', *sys.argv[1:3], '--output_dir', sys.argv[3]]\n"
+            "import popalign.study.server, popalign.study.analyze, popalign.study.report\n"
+            "try:\n    runpy.run_module('popalign.study', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, folders.values()), str(tmp_path / "study")],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "tasks (2 models)" in result.stdout and (tmp_path / "study" / "tasks.json").is_file()
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders, run):
     out = tmp_path / "study"
     # A seed that differs between the models: the file and row are named.
     manifest = pd.read_csv(folders["popalign"] / "manifest.csv", dtype=str, keep_default_na=False)
     manifest.loc[3, "seed"] = "999"
     manifest.to_csv(folders["popalign"] / "manifest.csv", index=False)
-    result = _run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out))
+    result = run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "manifest.csv: row 5:" in result.stderr and "seed" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".study.*"))
@@ -110,19 +137,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders):
         (["--image_dirs", *map(str, folders.values()), "--image_tasks", "two"], "--image_tasks"),
     ]
     for flags, expected in cases:
-        result = _run("prepare", *flags, "--output_dir", str(out))
+        result = run("prepare", *flags, "--output_dir", str(out))
         assert result.returncode == 2, (flags, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and expected in result.stderr, flags
         assert not out.exists()
     # A study is never overwritten: a second prepare into it fails and leaves it as it was.
-    assert _run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out)).returncode == 0
+    assert run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out)).returncode == 0
     before = {path.name: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    result = _run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out), "--seed", "1")
+    result = run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out), "--seed", "1")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert before == {path.name: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     # analyze and serve: a folder that is not a study.
     for command in (["analyze", "--study", str(tmp_path / "nothing")], ["serve", "--study", str(tmp_path / "nothing")]):
-        result = _run(*command)
+        result = run(*command)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nothing" in result.stderr
 
 
