@@ -190,3 +190,11 @@ def test_fifty_raters_at_once_lose_nothing(tmp_path):
     with sqlite3.connect(study / "votes.sqlite") as connection:
         assert connection.execute("SELECT COUNT(*), COUNT(DISTINCT join_index) FROM raters").fetchone() == (50, 50)
     print(f"50 raters x 13 votes (each sent twice): {elapsed:.1f} s")
+
+
+def test_one_server_per_study(server, study_dir, capsys):
+    from popalign.study.__main__ import main
+
+    assert main(["serve", "--study", str(study_dir), "--port", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "another run" in error and ".serve.lock" in error

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from popalign.io import ArgumentParser, InputError, atomic_write_json, atomic_write_text, check_output_location, \
     exit_2_on_input_error
+from popalign.locks import output_lock
 from popalign.study import ANALYSIS_DIR
 
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
         from popalign.study.server import serve
 
         read_study(args.study)  # a bad folder is one line, before the server starts
-        serve(args.study, args.host, args.port, args.admin_token, args.links)
+        with output_lock(args.study, "serve"):  # one server per study: its raters' plans are numbered in join order
+            serve(args.study, args.host, args.port, args.admin_token, args.links)
         return 0
     if args.num_resamples < 1:
         raise InputError(f"--num_resamples must be >= 1, got {args.num_resamples}")
@@ -105,8 +107,9 @@ def main(argv=None) -> int:
     votes = read_votes_csv(args.votes) if args.votes else None
     analysis = analyze_study(args.study, votes, args.num_resamples, args.seed)
     lines = analysis_markdown_lines(analysis, heading="# Human study")
-    atomic_write_json(output_dir / "analysis.json", _json_safe(analysis))
-    atomic_write_text(output_dir / "analysis.md", "\n".join(lines) + "\n")
+    with output_lock(output_dir, "analysis"):
+        atomic_write_json(output_dir / "analysis.json", _json_safe(analysis))
+        atomic_write_text(output_dir / "analysis.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

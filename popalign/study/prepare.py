@@ -303,9 +303,13 @@ def prepare_study(folders: dict[str, Path], output_dir: str | Path, settings: St
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staged, 0o777 & ~umask)  # mkdtemp's folder is private to its owner
-        if output_dir.exists():
-            output_dir.rmdir()  # checked empty above
-        os.replace(staged, output_dir)
+        try:
+            if output_dir.exists():
+                output_dir.rmdir()  # checked empty above
+            os.replace(staged, output_dir)
+        except OSError:
+            raise InputError(f"--output_dir {output_dir}: something was written there while the study was prepared; "
+                             "give a new folder") from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from popalign.evaluate.precision import wilson_interval
+
 
 def two_way_resample_counts(num_raters: int, num_prompts: int, num_resamples: int,
                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +89,8 @@ def two_way_bootstrap_win_rate(first_wins: Sequence[float], rater_index: Sequenc
         rate_b^R = sum_v c_b(r(v)) first_wins[v] / sum_v c_b(r(v))        (raters resampled)
         rate_b^P = sum_v d_b(p(v)) first_wins[v] / sum_v d_b(p(v))        (prompts resampled)
         V = two_way_variance(rate^R, rate^P, rate (1 - rate) / n)
-        [low, high] = two_way_interval(rate, V, R, P) clipped to [0, 1]
+        [low, high] = two_way_interval(rate, V, R, P), widened to hold the Wilson interval of the n votes
+                      (popalign.evaluate.precision.wilson_interval), clipped to [0, 1]
 
     Votes of one rater, or on one prompt, are not independent draws (a rater has a taste, a prompt a difficulty);
     a Wilson interval over votes ignores that and is too narrow when they vary. Simulated coverage of the 95%
@@ -112,7 +115,9 @@ def two_way_bootstrap_win_rate(first_wins: Sequence[float], rater_index: Sequenc
     low, high = two_way_interval(rate, variance, len(np.unique(raters)), len(np.unique(prompts)), confidence)
     if math.isnan(low):
         return (rate, low, high)
-    return (rate, max(0.0, low), min(1.0, high))
+    # Never narrower than the votes alone allow: near 0 or 1 (all votes alike) the variance collapses to 0.
+    wilson_low, wilson_high = wilson_interval(int(wins.sum()), wins.size, confidence)
+    return (rate, max(0.0, min(low, wilson_low)), min(1.0, max(high, wilson_high)))
 
 
 def bradley_terry_strengths(wins: np.ndarray, prior_ties: float = 0.5, max_iterations: int = 10000,
