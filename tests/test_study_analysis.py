@@ -1,7 +1,6 @@
 """A study without people: synthetic raters vote on a prepared study through their real plans, and the analysis
 recovers what they were told to prefer, and leaves out the raters who click at random."""
 
-import math
 
 import numpy as np
 import pytest

@@ -147,6 +147,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders, run)
     result = run("prepare", "--image_dirs", *map(str, folders.values()), "--output_dir", str(out), "--seed", "1")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert before == {path.name: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    # serve: a study missing an image, or its admin token, stops before anything listens.
+    token = (out / "private" / "admin_token").read_text()
+    (out / "private" / "admin_token").unlink()
+    result = run("serve", "--study", str(out), "--port", "1")
+    assert result.returncode == 2 and "admin_token" in result.stderr and result.stderr.count("\n") == 1
+    (out / "private" / "admin_token").write_text(token)
+    missing = next((out / "images").iterdir())
+    missing.unlink()
+    result = run("serve", "--study", str(out), "--port", "1")
+    assert result.returncode == 2 and missing.stem in result.stderr and result.stderr.count("\n") == 1
     # analyze and serve: a folder that is not a study.
     for command in (["analyze", "--study", str(tmp_path / "nothing")], ["serve", "--study", str(tmp_path / "nothing")]):
         result = run(*command)

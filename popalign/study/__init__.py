@@ -45,8 +45,6 @@ QUESTIONS = {
 IMAGE_QUESTIONS = ("better", "prompt")
 POPULATION_QUESTIONS = ("varied",)
 GOLD_QUESTION = "better"
-TASK_KINDS = ("image", "population", "gold")
-CHOICES = ("left", "right", "tie")
 
 
 def read_json(path: Path) -> dict:

@@ -10,7 +10,6 @@ page (votes in <study>/votes.sqlite); analyze: <study>/analysis/analysis.md and 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path

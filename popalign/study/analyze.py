@@ -27,7 +27,7 @@ import numpy as np
 from popalign.evaluate.metrics import holm_adjusted, paired_test, paired_verdict
 from popalign.evaluate.precision import wilson_interval
 from popalign.io import InputError, csv_row_number
-from popalign.study import QUESTIONS, read_key, read_study
+from popalign.study import read_key, read_study
 from popalign.study.stats import (bradley_terry_strengths, failed_checks, krippendorff_alpha_nominal, rater_excluded,
                                   two_way_bootstrap_win_rate, two_way_interval, two_way_resample_counts, two_way_variance)
 from popalign.study.votes import VOTE_COLUMNS, read_votes
@@ -55,9 +55,9 @@ def read_votes_csv(path: str | Path) -> list[dict]:
     return votes
 
 
-def rater_checks(votes: Sequence[dict], tasks_by_id: dict) -> dict[str, dict]:
-    """Per rater: gold checks passed (bool each), repeated pairs answered consistently (bool each), excluded or not
-    is decided by the caller. A gold pair's option a is the intact picture."""
+def rater_checks(votes: Sequence[dict]) -> dict[str, dict]:
+    """Per rater: gold checks passed (bool each) and repeated pairs answered as the first time (bool each); the
+    caller applies the exclusion rule. A gold pair's option a is the intact picture."""
     by_rater: dict[str, list[dict]] = defaultdict(list)
     for vote in votes:
         by_rater[vote["rater"]].append(vote)
@@ -195,7 +195,7 @@ def analyze_study(study_dir: str | Path, votes: Sequence[dict] | None = None, nu
     settings = study["settings"]
     confidence = settings["confidence"]
     models = key["models"]
-    checks = rater_checks(votes, tasks_by_id)
+    checks = rater_checks(votes)
     for rater, info in checks.items():
         info["failed"] = failed_checks(info["gold_passed"], info["repeats_consistent"])
         info["excluded"] = rater_excluded(info["gold_passed"], info["repeats_consistent"], settings["max_failed_checks"])

@@ -17,14 +17,16 @@ import csv
 import io
 import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, Field
 
-from popalign.study import ADMIN_TOKEN_FILE, IMAGES_DIR, PRIVATE_DIR, QUESTIONS, VOTES_FILE, read_study
+from popalign.io import InputError
+from popalign.study import ADMIN_TOKEN_FILE, IMAGES_DIR, PRIVATE_DIR, QUESTIONS, TASKS_FILE, VOTES_FILE, read_study
 from popalign.study.page import rating_page, welcome_page
 from popalign.study.votes import VOTE_COLUMNS, VoteStore
 
@@ -38,7 +40,11 @@ class Vote(BaseModel):
 
 
 def read_admin_token(study_dir: str | Path) -> str:
-    return (Path(study_dir) / PRIVATE_DIR / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+    path = Path(study_dir) / PRIVATE_DIR / ADMIN_TOKEN_FILE
+    token = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    if not token:
+        raise InputError(f"{path}: no admin token there (give one with --admin_token)")
+    return token
 
 
 def create_app(study_dir: str | Path, admin_token: str):
@@ -50,8 +56,11 @@ def create_app(study_dir: str | Path, admin_token: str):
     image_files: dict[str, Path] = {}
     for task in tasks:
         for option in ("a", "b"):
-            image_files[task[option]] = study_dir / IMAGES_DIR / f"{task[option]}.png"
-    image_bytes: dict[str, bytes] = {image_id: path.read_bytes() for image_id, path in image_files.items()}
+            path = study_dir / IMAGES_DIR / f"{task[option]}.png"
+            if not path.is_file():
+                raise InputError(f"{study_dir / TASKS_FILE}: task {task['id']} shows image {task[option]}, which "
+                                 f"{study_dir / IMAGES_DIR} does not have")
+            image_files[task[option]] = path
     grid_size = settings["settings"]["grid_size"]
     store = VoteStore(study_dir / VOTES_FILE, settings["pool"], settings["gold"], settings["settings"])
 
@@ -104,10 +113,10 @@ def create_app(study_dir: str | Path, admin_token: str):
 
     @app.get("/images/{image_id}")
     def image(image_id: str):
-        content = image_bytes.get(image_id)
-        if content is None:
+        path = image_files.get(image_id)
+        if path is None:
             raise HTTPException(status_code=404, detail="no such image")
-        return Response(content, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/export")
     def export(request: Request):
@@ -132,8 +141,9 @@ def serve(study_dir: str | Path, host: str, port: int, admin_token: str | None =
     import uvicorn
 
     token = admin_token or read_admin_token(study_dir)
-    app = create_app(study_dir, token)
-    shown_host = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
+    app = create_app(study_dir, token)  # checks the study's files before anything listens
+    # Listening on every interface: the links name this machine as others on the network reach it.
+    shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else "localhost" if host == "127.0.0.1" else host
     print(f"study {study_dir}: http://{shown_host}:{port}/r/<rater id>  (ids: letters, digits, '_', '-')", flush=True)
     for _ in range(links):
         print(f"  http://{shown_host}:{port}/r/{secrets.token_urlsafe(6).replace('-', 'x').replace('_', 'y')}", flush=True)
