@@ -157,3 +157,10 @@ def test_analyze_command_reads_an_export(two_model_study, tmp_path, capsys):
         writer.writerows(votes)
     assert main(["analyze", "--study", str(two_model_study), "--votes", str(export), "--output_dir", str(out)]) == 2
     assert "t9999" in capsys.readouterr().err
+
+
+def test_report_of_a_study_nobody_voted_on_yet(two_model_study):
+    lines = human_study_section(two_model_study, num_resamples=10)
+    assert lines[0] == "## Human study" and "0 raters voted, 0 kept; 0 votes counted" in lines[2]
+    assert "nan" not in "\n".join(lines)
+    assert sum(line.endswith("| n/a |") for line in lines) == 3  # no verdict without votes

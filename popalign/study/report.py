@@ -30,9 +30,11 @@ def analysis_markdown_lines(analysis: dict, heading: str = "## Human study") -> 
     """Markdown lines of an analysis (popalign.study.analyze.analyze_study's result)."""
     level = int(analysis["confidence"] * 100)
     raters = analysis["raters"]
+    seconds = analysis["median_seconds_per_vote"]
+    median = "" if seconds is None or math.isnan(seconds) else f"; median {seconds:.1f} s a vote"
     lines = [heading, "",
              f"{raters['total']} raters voted, {raters['kept']} kept; {analysis['votes_counted']} votes counted "
-             f"(attention checks and excluded raters left out; median {analysis['median_seconds_per_vote']:.1f} s a vote). "
+             f"(attention checks and excluded raters left out{median}). "
              f"Exclusion rule, fixed before the study: {analysis['exclusion_rule']}", ""]
     if raters["excluded"]:
         lines += [f"Excluded: {', '.join(_cell(rater) for rater in raters['excluded'])}.", ""]
