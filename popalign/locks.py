@@ -88,8 +88,11 @@ def output_lock(folder: str | Path, name: str, take: bool = True) -> Iterator[Pa
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "command": [sys.executable, *sys.argv]}
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        try:
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        except OSError:  # a full disk: the lock holds all the same, and the stage's own write names the fault
+            pass
         yield path
     finally:
         try:

@@ -41,3 +41,12 @@ def tiny_clip_path(tmp_path_factory) -> Path:
     from popalign.tiny_models import build_tiny_clip_model
 
     return build_tiny_clip_model(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def small_run_world(tmp_path_factory) -> Path:
+    """A small valid run of every stage on the toy base (tests/bad_input_world.py), built once per session and shared:
+    copy it before changing anything in it."""
+    from bad_input_world import build_world_apart
+
+    return build_world_apart(tmp_path_factory.mktemp("small_run") / "world")

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, build_world_apart, reset_accelerate, stage_arguments, stage_mains
+from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, reset_accelerate, stage_arguments, stage_mains
 from popalign.attributes import load_attributes
 from popalign.io import InputError
 
@@ -31,15 +31,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-@pytest.fixture(scope="module")
-def valid_world(tmp_path_factory):
-    return build_world_apart(tmp_path_factory.mktemp("bad_input") / "world")
-
-
 @pytest.fixture
-def world(valid_world, tmp_path, monkeypatch):
+def world(small_run_world, tmp_path, monkeypatch):
     copy = tmp_path / "world"
-    shutil.copytree(valid_world, copy, symlinks=True)
+    shutil.copytree(small_run_world, copy, symlinks=True)
     monkeypatch.chdir(copy)
     for name, value in TOY_ENVIRONMENT.items():
         monkeypatch.setenv(name, value)

@@ -29,6 +29,7 @@ from popalign.training.checkpoints import (
     FINISHED_NAME,
     LORA_CHECKPOINT_NAME,
     METRICS_NAME,
+    SETTINGS_CHANGES_NAME,
     checkpoint_weights,
     clear_finished,
     describe_differences,
@@ -47,13 +48,17 @@ from popalign.training.checkpoints import (
     trim_metrics,
 )
 from popalign.training.config import TrainConfig
+from popalign.training.model_card import MODEL_CARD_NAME
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs, with_embedded_captions
 from popalign.training.objectives import Layout
-from popalign.training.validation import (TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
+from popalign.training.validation import (VALIDATION_NAME, TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
                                           validation_fingerprint)
 from popalign.training.models import (AUTO_VAE, SD, SDXL, TEXT_ENCODER_NAMES, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, check_vae_fits_unet, denoising_target,
                                      load_noise_scheduler, load_text_encoders, load_unet, model_kind, resolve_vae)
+
+# The files of a run folder that the trainer writes under a fixed name (atomically or by appending).
+RUN_FILE_NAMES = (CONFIG_NAME, METRICS_NAME, FINISHED_NAME, SETTINGS_CHANGES_NAME, VALIDATION_NAME, MODEL_CARD_NAME)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Every schedule starts with a linear warmup; "constant" is the original's constant-after-warmup.
@@ -417,6 +422,8 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     config.validate()
     output_dir = Path(config.output_dir)
     check_output_location(output_dir, "--output_dir", folder=True)
+    for name in RUN_FILE_NAMES:  # the run's own files are read back and appended to: a link there would send them elsewhere
+        refuse_symlink(output_dir / name)
     check_model_location("pretrained_model_name_or_path", config.pretrained_model)
     if config.vae != AUTO_VAE:
         check_model_location("pretrained_vae_model_name_or_path", config.vae)
