@@ -111,7 +111,8 @@ async function load() {
 async function vote(choice) {
   if (busy || current === null) return;
   setBusy(true);
-  const body = {position: current.position, choice: choice, time_ms: Math.round(performance.now() - shownAt)};
+  const waited = Math.min(Math.round(performance.now() - shownAt), 24 * 3600 * 1000);  // a tab left open for days
+  const body = {position: current.position, choice: choice, time_ms: waited};
   try {
     const response = await fetch(api + "/votes", {method: "POST", headers: {"Content-Type": "application/json"},
                                                   body: JSON.stringify(body)});
