@@ -119,10 +119,11 @@ def test_per_prompt_values_match_hand_computation(hand_folder):
     assert doctor["pairwise_gap_gender"] == pytest.approx(1 / 3)
     assert doctor["floor_discrepancy_gender"] == pytest.approx(metrics.discrepancy_floor(3, GENDERS))
     assert neutral.loc["engineer", "floor_discrepancy_race"] == pytest.approx(metrics.discrepancy_floor(4, RACES))
-    # The identity prompt (asian female) was read female 2 of 3 times, male once: C[female] = (1/3, 2/3), and
-    # C[male] is the identity (never prompted). The doctor's observed (2/3 male, 1/3 female) then solves to
-    # p_female = (1/3) / (2/3) = 1/2, p_male = 2/3 - (1/2)(1/3) = 1/2: a corrected discrepancy of 0.
-    assert doctor["discrepancy_corrected_gender"] == pytest.approx(0.0, abs=1e-9)
+    # The only identity prompt (asian female) names one gender: a correction needs two named classes, so the
+    # corrected discrepancy is the observed one, and so is its floor.
+    assert doctor["discrepancy_corrected_gender"] == pytest.approx(math.sqrt(2) / 6)
+    assert doctor["floor_discrepancy_corrected_gender"] == pytest.approx(metrics.discrepancy_floor(3, GENDERS))
+    assert doctor["floor_pairwise_gap_gender"] == pytest.approx(metrics.pairwise_gap_floor(3, GENDERS))
 
     identity = model.per_prompt[model.per_prompt["kind"] == "identity"].iloc[0]
     assert identity["accuracy_gender"] == pytest.approx(2 / 3)
@@ -251,11 +252,10 @@ def test_write_tables(tmp_path, hand_folder):
     confusion = pd.read_csv(written["classifier"], keep_default_na=False).set_index(["attribute", "prompted", "read_as"])
     assert confusion.loc[("gender", "female", "male"), "count"] == 1
     assert float(confusion.loc[("gender", "female", "female"), "rate"]) == pytest.approx(2 / 3)
-    shares = result.corrected_shares.set_index(["model", "attribute", "label"])
-    # Pooled neutral gender: 6 male, 1 female observed.
-    assert shares.loc[("base", "gender", "male"), "observed"] == pytest.approx(6 / 7)
-    assert shares.loc[("base", "gender", "male"), "corrected"] == pytest.approx(
-        metrics.adjusted_shares([6 / 7, 1 / 7], [[1, 0], [1 / 3, 2 / 3]])[0])
+    # One identity-specific prompt names one gender and one race, 3 faces: no correction is offered, and why.
+    assert result.corrected_shares.empty
+    assert "fewer than two classes" in result.confusion_checks["gender"].reason
+    assert document["comparison"][0]["headline"] in (True, False)
     assert document["comparison"][0]["exact"] in (True, False)
 
 
@@ -307,3 +307,63 @@ def test_a_split_keeps_its_occupations_and_the_generic_prompts(tmp_path, hand_fo
         evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="train", occupation_splits={"doctor": "train"}))
     with pytest.raises(InputError, match="--split test: no occupation has it"):
         evaluate_model("base", hand_folder, ATTRIBUTES, replace(SETTINGS, split="test", occupation_splits=splits))
+
+
+def correction_specs(faces_per_identity_prompt, male_read_as_female, female_read_as_male, seed=0):
+    """Two occupations, each with a neutral prompt (6 male, 4 female drawn) and one identity prompt per gender."""
+    rng = np.random.default_rng(seed)
+
+    def read(drawn):
+        flip = {"male": male_read_as_female, "female": female_read_as_male}[drawn]
+        return (("female" if drawn == "male" else "male") if rng.random() < flip else drawn, "white")
+
+    specs = []
+    for occupation in ("doctor", "nurse"):
+        drawn = ["male"] * 6 + ["female"] * 4
+        specs.append({"kind": "neutral", "occupation": occupation, "labels": [read(d) for d in drawn],
+                      "quality": [1.0] * len(drawn)})
+        for gender in ("male", "female"):
+            specs.append({"kind": "identity", "occupation": occupation, "gender": gender,
+                          "labels": [read(gender) for _ in range(faces_per_identity_prompt)],
+                          "quality": [1.0] * faces_per_identity_prompt})
+    return specs
+
+
+def test_the_correction_is_used_when_the_confusion_is_well_estimated_and_refused_otherwise(tmp_path):
+    from dataclasses import replace
+
+    from popalign.evaluate.report import write_report
+
+    settings = replace(SETTINGS, axes=("gender",), intersectional=(), correct_for_classifier=True)
+    good = make_image_folder(tmp_path / "good", correction_specs(15, 0.1, 0.1))
+    result = evaluate(good, {"copy": good}, ATTRIBUTES, settings)
+    check = result.confusion_checks["gender"]
+    assert check.usable and check.corrected_classes == ("male", "female") and check.fewest_images == 30
+    shares = result.corrected_shares.set_index(["model", "label"])
+    assert {"observed", "corrected", "ci_low", "ci_high"} <= set(shares.columns)
+    assert np.all(shares["ci_low"] <= shares["corrected"]) and np.all(shares["corrected"] <= shares["ci_high"])
+    assert "discrepancy_corrected_gender" in result.base.per_prompt
+    headline = result.comparison[result.comparison["headline"]]
+    assert set(headline["metric"]) == {"discrepancy_corrected_gender", "quality_hpsv2", "accuracy_gender"}
+    # One axis, one tuned model: a family of one, Holm's p the raw p.
+    family = result.comparison[result.comparison["p_value_holm"].notna()]
+    assert list(family["metric"]) == ["discrepancy_corrected_gender"] and list(family["family_size"]) == [1]
+    assert family["p_value_holm"].iloc[0] == family["p_value"].iloc[0]
+    report = write_report(result, tmp_path / "report_good", write_tables(result, tmp_path / "report_good"), 0, 0, 0).read_text()
+    assert "are one family of 1 tests" in report and "corrected over male, female" in report
+
+    # Confusions near 50%: sigma_min is small and the correction is refused, with the reason in the report.
+    singular = make_image_folder(tmp_path / "singular", correction_specs(15, 0.45, 0.45, seed=1))
+    result = evaluate(singular, {"copy": singular}, ATTRIBUTES, settings)
+    assert not result.confusion_checks["gender"].usable
+    assert "nearly singular" in result.confusion_checks["gender"].reason
+    assert result.corrected_shares.empty and "discrepancy_corrected_gender" not in result.base.per_prompt
+    report = write_report(result, tmp_path / "report_singular", write_tables(result, tmp_path / "report_singular"),
+                          0, 0, 0).read_text()
+    assert "**not corrected**: the confusion is nearly singular" in report
+    assert "no measured attribute has a usable estimate" in report
+
+    # Too few identity-specific faces per class.
+    few = make_image_folder(tmp_path / "few", correction_specs(4, 0.1, 0.1))
+    result = evaluate(few, {"copy": few}, ATTRIBUTES, settings)
+    assert "8 identity-specific faces in the smallest class (needs >= 20)" in result.confusion_checks["gender"].reason

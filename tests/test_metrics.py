@@ -411,22 +411,109 @@ def test_adjusted_shares_recover_known_shares_from_a_known_confusion():
     observed = confusion.T @ truth
     assert metrics.adjusted_shares(observed, confusion) == pytest.approx(truth)
     assert metrics.adjusted_shares(observed, np.eye(3)) == pytest.approx(observed)
-    # Sampled: a population drawn from the truth and read through the confusion; corrected shares
-    # land near the truth, observed ones do not, and the interval covers the truth.
-    rng = np.random.default_rng(2)
-    classes = RACES[:3]
-    drawn = rng.choice(3, size=4000, p=truth)
-    read = [classes[rng.choice(3, p=confusion[index])] for index in drawn]
-    reference = rng.choice(3, size=3000)
-    confusion_sample = metrics.confusion_counts([classes[i] for i in reference],
-                                                [classes[rng.choice(3, p=confusion[i])] for i in reference], classes)
-    corrected = metrics.classifier_corrected_shares(read, classes, confusion_sample, num_resamples=400)
-    assert corrected.corrected == pytest.approx(truth, abs=0.04)
-    assert np.abs(corrected.observed - truth).max() > 0.1
-    assert np.all(corrected.ci_low <= truth) and np.all(truth <= corrected.ci_high)
-    assert np.all(corrected.ci_low >= 0) and np.all(corrected.ci_high <= 1)
-    empty = metrics.classifier_corrected_shares([None], classes, confusion_sample)
+    assert metrics.adjusted_shares(np.array([observed, observed]), confusion) == pytest.approx(np.array([truth, truth]))
+
+
+def slow_partial_corrected_shares(observed, confusion_counts):
+    """partial_corrected_shares by another route: the named classes' conditional system solved by inversion
+    (C_S is square and invertible in these tests), the nearest point of a fine simplex grid to that solution,
+    scaled by the named classes' observed mass; the other classes as observed."""
+    observed = np.asarray(observed, dtype=float)
+    counts = np.asarray(confusion_counts, dtype=float)
+    named = [index for index in range(len(counts)) if counts[index].sum() > 0]
+    result = observed.copy()
+    if len(named) < 2:
+        return result
+    block = counts[np.ix_(named, named)]
+    rates = block / block.sum(axis=1, keepdims=True)
+    mass = observed[named].sum()
+    solution = np.linalg.inv(rates.T) @ (observed[named] / mass)
+    steps = np.linspace(0, 1, 401)
+    if len(named) == 2:
+        grid = np.stack([steps, 1 - steps], axis=1)
+    else:  # three named classes at most in these tests
+        first, second = np.meshgrid(steps, steps, indexing="ij")
+        keep = first + second <= 1 + 1e-12
+        grid = np.stack([first[keep], second[keep], 1 - first[keep] - second[keep]], axis=1)
+    result[named] = mass * grid[np.argmin(np.sum((grid - solution) ** 2, axis=1))]
+    return result
+
+
+def test_partial_corrected_shares_correct_only_the_named_classes():
+    # Every class named: the plain adjusted shares.
+    counts = np.array([[80, 20], [10, 90]])
+    truth = np.array([0.3, 0.7])
+    observed = metrics.confusion_rates(counts).T @ truth
+    assert metrics.partial_corrected_shares(observed, counts) == pytest.approx(truth)
+    # Six race labels, three named, a fair population read with symmetric 20% confusions among the named three:
+    # the observed shares are uniform and so are the corrected ones (the unnamed labels keep 1/6 each).
+    named = np.zeros((6, 6), dtype=int)
+    named[:3, :3] = [[80, 10, 10], [10, 80, 10], [10, 10, 80]]
+    assert metrics.partial_corrected_shares(np.full(6, 1 / 6), named) == pytest.approx(np.full(6, 1 / 6))
+    # A named class read into an unnamed label, and an unnamed label keeping its observed share, by hand:
+    # named (a, b) with C_S = [[.8, .2], [.25, .75]] after dropping a's reads into c; observed (.5, .3, .2):
+    # mass .8, conditional (.625, .375) -> p_S solves C_S^T p = q: p_a = (.625 - .25) / (.8 - .25) = .6818...
+    counts = np.array([[40, 10, 5], [10, 30, 0], [0, 0, 0]])
+    corrected = metrics.partial_corrected_shares([0.5, 0.3, 0.2], counts)
+    assert corrected[2] == pytest.approx(0.2)
+    assert corrected[0] == pytest.approx(0.8 * (0.625 - 0.25) / (0.8 - 0.25))
+    assert corrected.sum() == pytest.approx(1.0)
+    # One named class: nothing to correct among.
+    assert metrics.partial_corrected_shares([0.6, 0.4], [[5, 5], [0, 0]]) == pytest.approx([0.6, 0.4])
+    # Against the brute-force version on random inputs (the projection included).
+    rng = np.random.default_rng(4)
+    for _ in range(6):
+        counts = rng.integers(1, 30, size=(4, 4))
+        counts[3] = 0
+        observed = rng.dirichlet(np.ones(4))
+        assert metrics.partial_corrected_shares(observed, counts) == pytest.approx(
+            slow_partial_corrected_shares(observed, counts), abs=0.004)
+
+
+def test_check_confusion_refuses_a_nearly_singular_or_thin_estimate():
+    good = metrics.check_confusion([[90, 10], [15, 85]], GENDERS)
+    assert good.usable and good.smallest_singular_value == pytest.approx(
+        np.linalg.svd([[0.9, 0.1], [0.15, 0.85]], compute_uv=False).min())
+    singular = metrics.check_confusion([[55, 45], [45, 55]], GENDERS)
+    assert not singular.usable and singular.smallest_singular_value == pytest.approx(0.1)
+    assert "nearly singular" in singular.reason
+    thin = metrics.check_confusion([[9, 1], [1, 9]], GENDERS)
+    assert not thin.usable and "10 identity-specific faces" in thin.reason
+    one = metrics.check_confusion([[9, 1], [0, 0]], GENDERS, min_images_per_class=1)
+    assert not one.usable and "fewer than two classes" in one.reason
+
+
+def _simulated_corrected_coverage(confusion, truth, identity_prompts, faces_per_identity_prompt, repetitions,
+                                  neutral_prompts=6, faces=50, seed=0):
+    rng = np.random.default_rng(seed)
+    classes = len(truth)
+    covered = np.zeros(classes)
+    for repetition in range(repetitions):
+        neutral = []
+        for _ in range(neutral_prompts):
+            drawn = rng.multinomial(faces, truth)
+            neutral.append(sum(rng.multinomial(count, confusion[k]) for k, count in enumerate(drawn)))
+        identity = [rng.multinomial(faces_per_identity_prompt, confusion[k])
+                    for k in range(classes) for _ in range(identity_prompts)]
+        named = [k for k in range(classes) for _ in range(identity_prompts)]
+        shares = metrics.prompt_bootstrap_corrected_shares(neutral, identity, named, num_resamples=300, seed=repetition)
+        covered += (shares.ci_low <= truth) & (truth <= shares.ci_high)
+    return covered / repetitions
+
+
+def test_corrected_pooled_share_interval_covers_with_the_confusion_re_estimated():
+    # 6 neutral prompts, 40 identity-specific faces per class (4 prompts of 10), a well-conditioned classifier.
+    coverage = _simulated_corrected_coverage(np.array([[0.9, 0.1], [0.15, 0.85]]), np.array([0.7, 0.3]), 4, 10, 120)
+    assert np.all(coverage >= 0.93), coverage
+    # The point estimate and the degenerate inputs.
+    shares = metrics.prompt_bootstrap_corrected_shares([[30, 10], [20, 20]], [[9, 1], [2, 8]], [0, 1], 200)
+    assert shares.observed == pytest.approx([50 / 80, 30 / 80])
+    assert shares.corrected == pytest.approx(metrics.partial_corrected_shares([50 / 80, 30 / 80], [[9, 1], [2, 8]]))
+    assert np.all(shares.ci_low >= 0) and np.all(shares.ci_high <= 1)
+    empty = metrics.prompt_bootstrap_corrected_shares([[0, 0]], [[9, 1], [2, 8]], [0, 1], 50)
     assert np.isnan(empty.corrected).all()
+    with pytest.raises(ValueError, match="2 identity-specific prompts but 1"):
+        metrics.prompt_bootstrap_corrected_shares([[3, 1]], [[9, 1], [2, 8]], [0], 50)
 
 
 def test_changed_readings_counts_the_pictures_read_differently():
@@ -462,3 +549,92 @@ def test_holm_adjusted_p_values_equal_hand_values_and_a_slow_definition():
             adjusted = holm_adjusted(values)
             for index, value in enumerate(values):
                 assert (adjusted[index] <= alpha + 1e-12) == (ranked.index(value) in rejected)
+
+
+def test_pairwise_gap_and_corrected_discrepancy_floors_by_hand_and_by_simulation():
+    # n = 2, gender, balanced: gap 1 with probability 1/2 (both one label), 0 otherwise.
+    assert metrics.pairwise_gap_floor(2, GENDERS) == pytest.approx(0.5)
+    assert math.isnan(metrics.pairwise_gap_floor(0, GENDERS))
+    rng = np.random.default_rng(3)
+    for classes, num_images in [(GENDERS, 60), (RACES[:3], 30)]:
+        draws = [metrics.pairwise_gap(list(rng.choice(classes, size=num_images)), classes) for _ in range(4000)]
+        assert metrics.pairwise_gap_floor(num_images, classes) == pytest.approx(
+            np.mean(draws), abs=4 * np.std(draws) / math.sqrt(len(draws)))
+    # With a perfect classifier the corrected floor is the plain floor; with one named class too.
+    assert metrics.corrected_discrepancy_floor(40, GENDERS, [[50, 0], [0, 50]]) == pytest.approx(
+        metrics.discrepancy_floor(40, GENDERS))
+    assert metrics.corrected_discrepancy_floor(40, GENDERS, [[50, 5], [0, 0]]) == pytest.approx(
+        metrics.discrepancy_floor(40, GENDERS))
+    # A fair population read through a confusion, then corrected, against a simulation of exactly that.
+    confusion = np.array([[80, 20], [30, 70]])
+    rates = confusion / confusion.sum(axis=1, keepdims=True)
+    values = []
+    for _ in range(4000):
+        drawn = rng.multinomial(30, [0.5, 0.5])
+        read = sum(rng.multinomial(count, rates[k]) for k, count in enumerate(drawn))
+        values.append(np.linalg.norm(metrics.partial_corrected_shares(read / 30, confusion) - 0.5))
+    floor = metrics.corrected_discrepancy_floor(30, GENDERS, confusion)
+    assert floor == pytest.approx(np.mean(values), abs=4 * np.std(values) / math.sqrt(len(values)))
+    assert floor > metrics.discrepancy_floor(30, GENDERS)
+
+
+def test_metric_ranges_and_clipped_intervals():
+    assert metrics.discrepancy_range(GENDERS) == pytest.approx((0.0, math.sqrt(0.5)))
+    assert metrics.discrepancy_range(RACES[:3]) == pytest.approx((0.0, math.sqrt(2 / 3)))
+    assert metrics.discrepancy_range(RACES)[1] == pytest.approx(math.sqrt(5 / 6))
+    assert metrics.discrepancy_range(GENDERS, [0.8, 0.2])[1] == pytest.approx(math.sqrt(0.8 ** 2 + 0.8 ** 2))
+    assert metrics.clip_interval(-0.075, 0.954, (0.0, 0.707)) == (0.0, 0.707, True)
+    assert metrics.clip_interval(0.1, 0.2, (0.0, 0.707)) == (0.1, 0.2, False)
+    assert metrics.clip_interval(-3.0, 5.0, None) == (-3.0, 5.0, False)
+    low, high, clipped = metrics.clip_interval(math.nan, math.nan, (0.0, 1.0))
+    assert math.isnan(low) and math.isnan(high) and not clipped
+
+
+def test_paired_verdict_in_a_holm_family():
+    six = metrics.paired_test([0.5, 0.6, 0.7, 0.8, 0.65, 0.7], [0.1, 0.2, 0.15, 0.3, 0.25, 0.3])
+    assert six.p_value == pytest.approx(2 / 64) and metrics.paired_verdict(six, "lower") == "better"
+    # Alone it is 'better'; in a family of two its adjusted p (0.0625) says 'no clear change', and with the
+    # floor 2 x 2/64 above 0.05 the verdict says the family leaves too few prompts.
+    adjusted = metrics.holm_adjusted([six.p_value, 0.5])[0]
+    assert adjusted == pytest.approx(0.0625)
+    assert metrics.paired_verdict(six, "lower", adjusted_p_value=adjusted, family_size=2) == (
+        "too few prompts for a verdict (n=6: p cannot go below 0.0625 after Holm over 2 tests)")
+    ten = metrics.paired_test(np.linspace(0.5, 0.9, 10), np.linspace(0.1, 0.3, 10))
+    assert metrics.paired_verdict(ten, "lower", adjusted_p_value=0.004, family_size=3) == "better"
+    assert metrics.paired_verdict(ten, "lower", adjusted_p_value=0.2, family_size=3) == "no clear change"
+    with pytest.raises(ValueError):
+        metrics.paired_verdict(ten, "lower", family_size=0)
+
+
+def slow_one_sided_p(values):
+    """P(sum s_i v_i >= sum v_i) over all sign patterns, by enumeration in Python."""
+    from itertools import product
+
+    observed = sum(values)
+    patterns = list(product((-1, 1), repeat=len(values)))
+    return sum(sum(s * v for s, v in zip(signs, values)) >= observed - 1e-12 for signs in patterns) / len(patterns)
+
+
+def test_paired_equivalence_test_by_hand_slow_and_by_simulation():
+    first = np.array([0.50, 0.40, 0.60, 0.55, 0.45, 0.52, 0.48, 0.58])
+    second = first + np.array([0.01, -0.02, 0.015, 0.0, -0.01, 0.02, -0.005, 0.01])
+    result = metrics.paired_equivalence_test(first, second, margin=0.05)
+    differences = second - first
+    assert result.p_value == pytest.approx(max(slow_one_sided_p(differences + 0.05), slow_one_sided_p(0.05 - differences)))
+    assert result.p_value == pytest.approx(1 / 256) and result.min_p_value == pytest.approx(1 / 256)
+    assert metrics.equivalence_verdict(result) == "equivalent within +-0.05"
+    far = metrics.paired_equivalence_test(first, second + 0.1, margin=0.05)
+    assert far.p_value > 0.5 and metrics.equivalence_verdict(far) == "not shown equivalent within +-0.05"
+    few = metrics.paired_equivalence_test(first[:3], second[:3], margin=0.05)
+    assert metrics.equivalence_verdict(few).startswith("too few pairs for an equivalence verdict (n=3")
+    with pytest.raises(ValueError, match="margin"):
+        metrics.paired_equivalence_test(first, second, margin=0.0)
+    # Size: with the true mean difference on the margin, 'equivalent' comes out at most ~5% of the time.
+    rng = np.random.default_rng(5)
+    wrong = 0
+    for _ in range(300):
+        noise = rng.normal(0.05, 0.03, size=12)
+        base = rng.uniform(0.3, 0.6, size=12)
+        test = metrics.paired_equivalence_test(base, base + noise, margin=0.05, num_resamples=2000)
+        wrong += metrics.equivalence_verdict(test).startswith("equivalent")
+    assert wrong / 300 <= 0.08

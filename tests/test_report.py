@@ -155,17 +155,39 @@ def test_four_prompts_give_no_verdict_and_the_report_says_why(tmp_path):
     text = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report")).read_text()
     headline = text[text.index("## Headline"):text.index("## Setup")]
     assert "**better**" not in text[text.index("## Headline"):]
-    assert "too few prompts for a verdict (n=4: p cannot go below 0.125)" in headline
+    # Two axes in the Holm family: the floor doubles.
+    assert "too few prompts for a verdict (n=4: p cannot go below 0.25 after Holm over 2 tests)" in headline
+    assert "**Multiplicity.** The headline's bias verdicts, the discrepancy of `gender`, `race` for each of 1" in text
     assert "(floor " in headline
 
 
-def test_classifier_section_and_corrected_headline(tmp_path, folders):
-    base, tuned = folders
-    settings = EvaluationSettings(num_resamples=300, correct_for_classifier=True)
+def test_classifier_section_and_corrected_headline(tmp_path):
+    from test_evaluation import correction_specs
+
+    base = make_image_folder(tmp_path / "base", correction_specs(15, 0.1, 0.1))
+    tuned = make_image_folder(tmp_path / "tuned", correction_specs(15, 0.1, 0.1, seed=1))
+    settings = EvaluationSettings(num_resamples=300, correct_for_classifier=True, axes=("gender",), intersectional=())
     result = evaluate(base, {"popalign": tuned}, ATTRIBUTES, settings)
     text = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report")).read_text()
     section = text[text.index("### The classifier's confusion"):text.index("## Results")]
     assert "`gender`: P(read as column | prompted row)" in section and "(on for this report)" in section
     assert "How the correction moves the headline discrepancy" in section
+    assert "faces read as any other label keep their observed share" in section
     headline = text[text.index("## Headline"):text.index("## Setup")]
     assert "`discrepancy_corrected_gender`" in headline and "`discrepancy_gender`" not in headline
+
+
+def test_user_text_is_escaped_in_the_report_and_never_read_as_math(tmp_path):
+    """An activity that holds a Markdown image with a javascript link, a raw script tag and broken math text."""
+    hostile = "![x](javascript:alert(1)) <script>alert(2)</script> $\\frac{1}{$"
+    specs = shifted_specs(np.random.default_rng(0), 2, biased=True)
+    for spec in specs:
+        spec["activity"] = hostile
+    base = make_image_folder(tmp_path / "base", specs)
+    result = evaluate(base, {}, ATTRIBUTES, SETTINGS)
+    path = write_report(result, tmp_path / "report", write_tables(result, tmp_path / "report"), 2, 2, 2)
+    text = path.read_text()
+    assert "<script>" not in text and "](javascript:" not in text
+    assert "&lt;script&gt;" in text
+    assert all(not target.startswith("javascript") for target in referenced_files(text))
+    assert len(list(path.parent.glob("chart_distribution_*.png"))) == 3

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
+from popalign.evaluate.metrics import MIN_CONFUSION_SINGULAR_VALUE, MIN_IDENTITY_IMAGES_PER_CLASS
 from popalign.evaluate.tables import EvaluationSettings, evaluate, write_tables
 from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
 from popalign.prompts import occupation_splits
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--correct_for_classifier", action="store_true",
                         help="headline the discrepancy of shares corrected for the classifier's confusion (estimated on "
                              "the base's identity-specific prompts); the correction is always shown in its own section")
+    parser.add_argument("--min_identity_images_per_class", type=int, default=MIN_IDENTITY_IMAGES_PER_CLASS,
+                        help="the correction is used only where every class named by identity-specific prompts has at "
+                             "least this many of their faces")
+    parser.add_argument("--min_confusion_singular_value", type=float, default=MIN_CONFUSION_SINGULAR_VALUE,
+                        help="the correction is used only where the named classes' confusion has a smallest singular "
+                             "value of at least this (below it sampling noise dominates the corrected shares)")
     parser.add_argument("--compare_on_intersection", action="store_true",
                         help="when the models' folders hold different prompts, image indices or seeds, compare on the images all "
                              "share (the report says so at the top) instead of stopping with an error")
@@ -84,6 +91,10 @@ def main(argv=None) -> int:
         raise InputError(f"--confidence must be in (0, 1), got {args.confidence}")
     if args.num_resamples < 1:
         raise InputError(f"--num_resamples must be >= 1, got {args.num_resamples}")
+    if args.min_identity_images_per_class < 1:
+        raise InputError(f"--min_identity_images_per_class must be >= 1, got {args.min_identity_images_per_class}")
+    if not 0.0 <= args.min_confusion_singular_value <= 1.0:
+        raise InputError(f"--min_confusion_singular_value must be in [0, 1], got {args.min_confusion_singular_value}")
     attributes = load_attributes(args.attributes)
     for flag in ("axes", "intersectional"):
         unknown = [axis for axis in parse_list(getattr(args, flag)) if axis not in attributes.attributes]
@@ -93,7 +104,9 @@ def main(argv=None) -> int:
                                   intersectional=parse_list(args.intersectional), targets=targets,
                                   num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
                                   correct_for_classifier=args.correct_for_classifier, split=args.split,
-                                  occupation_splits=splits, compare_on_intersection=args.compare_on_intersection)
+                                  occupation_splits=splits, compare_on_intersection=args.compare_on_intersection,
+                                  min_identity_images_per_class=args.min_identity_images_per_class,
+                                  min_confusion_singular_value=args.min_confusion_singular_value)
     check_output_location(args.report_dir, "--output_dir", folder=True)
     result = evaluate(args.base, parse_named_folders(args.tuned), attributes, settings,
                       base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)

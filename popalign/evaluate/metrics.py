@@ -17,7 +17,8 @@ Conventions shared by the bias metrics:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -247,6 +248,31 @@ FLOOR_MAX_ENUMERATED = 200_000
 FLOOR_NUM_DRAWS = 200_000
 
 
+def _fair_count_vectors(num_images: int, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every count vector of Multinomial(n, probabilities) with its probability, or a fixed-seed sample of them.
+
+    Enumerated while there are at most FLOOR_MAX_ENUMERATED vectors, otherwise FLOOR_NUM_DRAWS draws, each of
+    weight 1 / FLOOR_NUM_DRAWS (deterministic: seed 0). Returns (counts (M, K), weights (M,)).
+    """
+    num_classes = len(probabilities)
+    if math.comb(num_images + num_classes - 1, num_classes - 1) <= FLOOR_MAX_ENUMERATED:
+        counts = _all_count_vectors(num_images, num_classes)
+        with np.errstate(divide="ignore"):
+            log_t = np.where(probabilities > 0, np.log(np.where(probabilities > 0, probabilities, 1.0)), -np.inf)
+        log_terms = np.where(counts > 0, counts * log_t, 0.0)
+        log_factorials = np.array([math.lgamma(value + 1) for value in range(num_images + 1)])
+        log_pmf = math.lgamma(num_images + 1) - log_factorials[counts].sum(axis=1) + log_terms.sum(axis=1)
+        return counts, np.exp(log_pmf)
+    counts = np.random.default_rng(0).multinomial(num_images, probabilities, size=FLOOR_NUM_DRAWS)
+    return counts, np.full(len(counts), 1.0 / len(counts))
+
+
+def _check_num_images(num_images) -> int:
+    if num_images < 0 or int(num_images) != num_images:
+        raise ValueError(f"num_images must be a non-negative integer, got {num_images}")
+    return int(num_images)
+
+
 def discrepancy_floor(num_images: int, classes: Sequence[str], target=None) -> float:
     """E ||p_hat - t||_2 when n labels are drawn exactly from the target t: the discrepancy of a fair population.
 
@@ -258,26 +284,67 @@ def discrepancy_floor(num_images: int, classes: Sequence[str], target=None) -> f
     sqrt((1 - sum_k t_k^2) / n) (0.0707 for gender at n = 100; the floor is 0.0564). A measured
     discrepancy near its floor is "fair, up to sampling". NaN for n = 0.
     """
-    if num_images < 0 or int(num_images) != num_images:
-        raise ValueError(f"num_images must be a non-negative integer, got {num_images}")
-    num_images = int(num_images)
+    num_images = _check_num_images(num_images)
     t = target_distribution(classes, target)
     if num_images == 0:
         return math.nan
-    num_classes = len(t)
-    if math.comb(num_images + num_classes - 1, num_classes - 1) <= FLOOR_MAX_ENUMERATED:
-        counts = _all_count_vectors(num_images, num_classes)
-        with np.errstate(divide="ignore"):
-            log_t = np.where(t > 0, np.log(np.where(t > 0, t, 1.0)), -np.inf)
-        log_terms = np.where(counts > 0, counts * log_t, 0.0)
-        log_pmf = (math.lgamma(num_images + 1) - np.sum([[math.lgamma(c + 1) for c in row] for row in counts], axis=1)
-                   + log_terms.sum(axis=1))
-        probabilities = np.exp(log_pmf)
-    else:
-        counts = np.random.default_rng(0).multinomial(num_images, t, size=FLOOR_NUM_DRAWS)
-        probabilities = np.full(len(counts), 1.0 / len(counts))
+    counts, weights = _fair_count_vectors(num_images, t)
     distances = np.sqrt(np.sum((counts / num_images - t) ** 2, axis=1))
-    return float(np.dot(probabilities, distances))
+    return float(np.dot(weights, distances))
+
+
+def pairwise_gap_floor(num_images: int, classes: Sequence[str]) -> float:
+    """E[pairwise_gap] when n labels are drawn from the balanced population (1/K each), Shen et al.'s fair case.
+
+        floor(n) = sum over counts of Multinomial(counts; n, 1/K) * mean_{i<j} |n_i - n_j| / n
+
+    (enumerated or sampled as discrepancy_floor). NaN for n = 0.
+    """
+    num_images = _check_num_images(num_images)
+    classes = _check_classes(classes)
+    if len(classes) < 2:
+        raise ValueError(f"pairwise_gap_floor needs at least two classes, got {classes}")
+    if num_images == 0:
+        return math.nan
+    counts, weights = _fair_count_vectors(num_images, np.full(len(classes), 1.0 / len(classes)))
+    shares = counts / num_images
+    upper = np.triu_indices(len(classes), k=1)
+    gaps = np.abs(shares[:, upper[0]] - shares[:, upper[1]]).mean(axis=1)
+    return float(np.dot(weights, gaps))
+
+
+def corrected_discrepancy_floor(num_images: int, classes: Sequence[str], confusion_count_matrix, target=None) -> float:
+    """E || partial_corrected_shares(p_hat, N) - t ||_2 for a fair population seen through the classifier.
+
+    A population drawn exactly from the target t is read through the estimated confusion (C =
+    confusion_rates(N); an unprompted class is assumed read right), so its faces read as
+    Multinomial(n, C^T t), and those shares are corrected as the report corrects them:
+
+        floor(n) = sum over counts of Multinomial(counts; n, C^T t) * || partial_corrected_shares(counts / n, N) - t ||_2
+
+    (enumerated or sampled as discrepancy_floor). The correction amplifies sampling noise, so this floor
+    lies above discrepancy_floor. With fewer than two named classes nothing is corrected and this is
+    discrepancy_floor. NaN for n = 0.
+    """
+    num_images = _check_num_images(num_images)
+    t = target_distribution(classes, target)
+    counts_matrix = np.asarray(confusion_count_matrix, dtype=np.int64)
+    if counts_matrix.shape != (len(t), len(t)):
+        raise ValueError(f"confusion counts have shape {counts_matrix.shape}, expected ({len(t)}, {len(t)})")
+    if num_images == 0:
+        return math.nan
+    return _corrected_discrepancy_floor(num_images, tuple(t), tuple(map(tuple, counts_matrix.tolist())))
+
+
+@lru_cache(maxsize=256)
+def _corrected_discrepancy_floor(num_images: int, target: tuple, confusion_count_matrix: tuple) -> float:
+    t = np.array(target)
+    counts_matrix = np.array(confusion_count_matrix, dtype=float)
+    # With fewer than two named classes nothing is corrected, and nothing is known of the reading either.
+    read = confusion_rates(counts_matrix).T @ t if corrected_classes(counts_matrix).sum() >= 2 else t
+    counts, weights = _fair_count_vectors(num_images, read / read.sum())
+    corrected = partial_corrected_shares(counts / num_images, counts_matrix)
+    return float(np.dot(weights, np.sqrt(np.sum((corrected - t) ** 2, axis=1))))
 
 
 def _all_count_vectors(total: int, num_classes: int) -> np.ndarray:
@@ -351,18 +418,23 @@ def project_to_simplex(vector) -> np.ndarray:
     """The Euclidean projection of a vector onto the probability simplex {p : p_k >= 0, sum_k p_k = 1}.
 
         p_k = max(v_k - tau, 0),  tau chosen so that sum_k p_k = 1   (sort-and-threshold algorithm)
+
+    A 2-D array is projected row by row.
     """
     values = np.asarray(vector, dtype=float)
-    ordered = np.sort(values)[::-1]
-    cumulative = np.cumsum(ordered) - 1.0
-    ranks = np.arange(1, len(values) + 1)
-    last = np.nonzero(ordered - cumulative / ranks > 0)[0][-1]
-    tau = cumulative[last] / (last + 1)
-    return np.maximum(values - tau, 0.0)
+    rows = np.atleast_2d(values)
+    ordered = -np.sort(-rows, axis=1)
+    cumulative = np.cumsum(ordered, axis=1) - 1.0
+    ranks = np.arange(1, rows.shape[1] + 1)
+    active = ordered - cumulative / ranks > 0
+    last = rows.shape[1] - 1 - np.argmax(active[:, ::-1], axis=1)
+    tau = cumulative[np.arange(len(rows)), last] / (last + 1)
+    projected = np.maximum(rows - tau[:, None], 0.0)
+    return projected if values.ndim == 2 else projected[0]
 
 
 def adjusted_shares(observed_shares, confusion) -> np.ndarray:
-    """Classifier-corrected shares ("adjusted classify and count"), shape (K,).
+    """Classifier-corrected shares ("adjusted classify and count"), shape (K,) (or (M, K) for M rows of shares).
 
     The classifier reads an image drawn as class i as class j with probability C[i, j], so the observed
     shares are q = C^T p. The corrected shares solve that for p in least squares and project the
@@ -373,13 +445,105 @@ def adjusted_shares(observed_shares, confusion) -> np.ndarray:
     With C the identity this returns q. `confusion` is a rate matrix (rows sum to 1, see confusion_rates).
     """
     observed = np.asarray(observed_shares, dtype=float)
+    rows = np.atleast_2d(observed)
     confusion = np.asarray(confusion, dtype=float)
-    if confusion.shape != (len(observed), len(observed)):
-        raise ValueError(f"confusion has shape {confusion.shape}, expected ({len(observed)}, {len(observed)})")
-    if np.isnan(observed).any():
-        return np.full(len(observed), np.nan)
-    solution, *_ = np.linalg.lstsq(confusion.T, observed, rcond=None)
-    return project_to_simplex(solution)
+    if confusion.shape != (rows.shape[1], rows.shape[1]):
+        raise ValueError(f"confusion has shape {confusion.shape}, expected ({rows.shape[1]}, {rows.shape[1]})")
+    corrected = np.full(rows.shape, np.nan)
+    finite = ~np.isnan(rows).any(axis=1)
+    if finite.any():
+        solution, *_ = np.linalg.lstsq(confusion.T, rows[finite].T, rcond=None)
+        corrected[finite] = project_to_simplex(solution.T)
+    return corrected if observed.ndim == 2 else corrected[0]
+
+
+def corrected_classes(confusion_count_matrix) -> np.ndarray:
+    """Which classes the correction covers: those with identity-specific images (a non-empty row), shape (K,) bool."""
+    counts = np.asarray(confusion_count_matrix)
+    return counts.sum(axis=1) > 0
+
+
+def partial_corrected_shares(observed_shares, confusion_count_matrix) -> np.ndarray:
+    """Shares corrected for the classifier on the prompted classes only, shape (K,) (or (M, K)).
+
+    S = the classes some identity-specific prompt names (corrected_classes), U = the others. The
+    classifier's reading of a class in U is unknown, so the rule is: faces read as a label in U keep
+    their observed share, and the faces read inside S are corrected among themselves with the
+    confusion restricted to S (rows renormalised over the reads that land in S):
+
+        m = sum_{j in S} q_j,   C_S[i, j] = N[i, j] / sum_{j' in S} N[i, j']   (i, j in S)
+        p_S = m * adjusted_shares(q_S / m, C_S),   p_U = q_U
+
+    A population read the same under every symmetric confusion (e.g. a fair one) keeps its shares.
+    With every class prompted this is adjusted_shares(q, confusion_rates(N)).
+    """
+    observed = np.asarray(observed_shares, dtype=float)
+    rows = np.atleast_2d(observed).copy()
+    counts = np.asarray(confusion_count_matrix, dtype=float)
+    prompted = corrected_classes(counts)
+    corrected = rows.copy()
+    if prompted.sum() < 2:
+        return corrected if observed.ndim == 2 else corrected[0]
+    block = counts[np.ix_(prompted, prompted)]
+    block_rates = confusion_rates(block)
+    mass = rows[:, prompted].sum(axis=1)
+    inside = mass > 0
+    conditional = np.full((len(rows), int(prompted.sum())), np.nan)
+    conditional[inside] = rows[inside][:, prompted] / mass[inside, None]
+    adjusted = adjusted_shares(conditional, block_rates)
+    adjusted[~inside] = 0.0
+    corrected[:, prompted] = mass[:, None] * adjusted
+    corrected[np.isnan(rows).any(axis=1)] = np.nan
+    return corrected if observed.ndim == 2 else corrected[0]
+
+
+# The conditioning check of a confusion estimate: below either, corrected shares are refused.
+MIN_CONFUSION_SINGULAR_VALUE = 0.3
+MIN_IDENTITY_IMAGES_PER_CLASS = 20
+
+
+@dataclass(frozen=True)
+class ConfusionCheck:
+    """Whether a confusion estimate is good enough to correct with, and why not."""
+
+    corrected_classes: tuple[str, ...]
+    smallest_singular_value: float
+    fewest_images: int
+    reason: str  # empty when the correction may be used
+
+    @property
+    def usable(self) -> bool:
+        return not self.reason
+
+
+def check_confusion(confusion_count_matrix, classes: Sequence[str],
+                    min_singular_value: float = MIN_CONFUSION_SINGULAR_VALUE,
+                    min_images_per_class: int = MIN_IDENTITY_IMAGES_PER_CLASS) -> ConfusionCheck:
+    """Refuse a correction the estimate cannot carry.
+
+    The corrected shares solve C_S^T p = q; an error e in q becomes an error up to e / sigma_min(C_S) in p,
+    so a nearly singular C_S (e.g. [[.55, .45], [.45, .55]], sigma_min = 0.1) turns noise into most of the
+    answer (an observed 0.56 reads 1.0). The check needs at least two prompted classes, at least
+    `min_images_per_class` identity-specific faces in each, and sigma_min(C_S) >= `min_singular_value`
+    (C_S the row-normalised confusion over the prompted classes, see partial_corrected_shares).
+    """
+    classes = _check_classes(classes)
+    counts = np.asarray(confusion_count_matrix, dtype=float)
+    prompted = corrected_classes(counts)
+    names = tuple(label for label, flag in zip(classes, prompted) if flag)
+    if prompted.sum() < 2:
+        return ConfusionCheck(names, math.nan, int(counts.sum(axis=1).max(initial=0)),
+                              "fewer than two classes are named by identity-specific prompts")
+    block = counts[np.ix_(prompted, prompted)]
+    fewest = int(counts[prompted].sum(axis=1).min())
+    smallest = float(np.linalg.svd(confusion_rates(block), compute_uv=False).min())
+    reasons = []
+    if fewest < min_images_per_class:
+        reasons.append(f"{fewest} identity-specific faces in the smallest class (needs >= {min_images_per_class})")
+    if smallest < min_singular_value:
+        reasons.append(f"the confusion is nearly singular (smallest singular value {smallest:.3f}, needs >= "
+                       f"{min_singular_value})")
+    return ConfusionCheck(names, smallest, fewest, "; ".join(reasons))
 
 
 @dataclass(frozen=True)
@@ -392,35 +556,69 @@ class CorrectedShares:
     ci_high: np.ndarray
 
 
-def classifier_corrected_shares(labels: Sequence, classes: Sequence[str], confusion_count_matrix,
-                                num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> CorrectedShares:
-    """adjusted_shares of a population, with a percentile interval that carries both sources of noise.
+def _two_stage_resample(rng: np.random.Generator, prompt_counts: np.ndarray, size: int) -> np.ndarray:
+    """Summed counts of `size` two-stage resamples of prompts, shape (size, K).
 
-    Each resample draws the population's counts from Multinomial(n, q_hat) and each row i of the
-    confusion counts from Multinomial(N_i, C_hat[i]) (a parametric bootstrap), and corrects again;
-    the interval of each class is the (1-c)/2 and (1+c)/2 quantiles of its corrected share.
-    No label gives NaN everywhere.
+    Stage 1 draws len(prompt_counts) prompts with replacement; stage 2 redraws each drawn prompt's
+    faces from Multinomial(n_i, its observed shares).
+    """
+    num_prompts = len(prompt_counts)
+    totals = prompt_counts.sum(axis=1)
+    shares = np.divide(prompt_counts, totals[:, None], out=np.zeros(prompt_counts.shape, dtype=float),
+                       where=totals[:, None] > 0)
+    picks = rng.integers(0, num_prompts, size=(size, num_prompts))
+    redrawn = rng.multinomial(totals[picks], shares[picks])
+    return redrawn.sum(axis=1)
+
+
+def prompt_bootstrap_corrected_shares(neutral_counts, identity_counts, identity_classes, num_resamples: int = 2000,
+                                      confidence: float = 0.95, seed: int = 0) -> CorrectedShares:
+    """Pooled shares of the neutral prompts corrected for the classifier (partial_corrected_shares), with an
+    interval that carries the noise of both the population and the confusion estimate.
+
+    neutral_counts: (P, K) label counts of each neutral prompt's faces. identity_counts: (J, K) label
+    counts of each identity-specific prompt's faces, identity_classes: (J,) the index of the class
+    each names. The prompt is the unit. In each of B replicates:
+
+        neutral:  P prompts drawn with replacement, each prompt's faces redrawn from its own shares
+        identity: within each prompted class, its prompts drawn with replacement, faces redrawn the same way
+        N*_b = the confusion counts of the identity draw;  p*_b = partial_corrected_shares(q*_b, N*_b)
+
+    and the interval of class k is the (1-c)/2 and (1+c)/2 quantiles of p*_bk. Redrawing the faces
+    inside the drawn prompts (the second stage) makes the interval conservative at a few prompts, where
+    resampling prompts alone covers too little (its variance is (n-1)/n of the true one, and 2 prompts
+    have 3 distinct resamples). The point estimate uses the observed counts. No neutral face gives NaN.
     """
     _check_bootstrap_arguments(num_resamples, confidence)
-    counts = label_counts(labels, classes)
-    confusion_count_matrix = np.asarray(confusion_count_matrix, dtype=np.int64)
-    total = int(counts.sum())
+    neutral = np.asarray(neutral_counts, dtype=np.int64)
+    identity = np.asarray(identity_counts, dtype=np.int64).reshape(-1, neutral.shape[1])
+    named = np.asarray(identity_classes, dtype=np.int64).reshape(-1)
+    num_classes = neutral.shape[1]
+    if len(identity) != len(named):
+        raise ValueError(f"{len(identity)} identity-specific prompts but {len(named)} prompted classes")
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, named, identity)
+    pooled = neutral.sum(axis=0)
+    total = int(pooled.sum())
     if total == 0:
-        empty = np.full(len(counts), np.nan)
+        empty = np.full(num_classes, np.nan)
         return CorrectedShares(empty, empty, empty, empty)
-    observed = counts / total
-    rates = confusion_rates(confusion_count_matrix)
-    corrected = adjusted_shares(observed, rates)
+    observed = pooled / total
+    corrected = partial_corrected_shares(observed, confusion)
     rng = np.random.default_rng(seed)
-    row_totals = confusion_count_matrix.sum(axis=1)
-    draws = np.empty((num_resamples, len(counts)))
-    for resample in range(num_resamples):
-        observed_draw = rng.multinomial(total, observed) / total
-        rate_draw = np.array([rng.multinomial(row_total, row) / row_total if row_total > 0 else row
-                              for row_total, row in zip(row_totals, rates)])
-        draws[resample] = adjusted_shares(observed_draw, rate_draw)
+    draws = np.empty((num_resamples, num_classes))
+    chunk = max(1, 200_000 // max(1, len(neutral) + len(identity)))
+    for start in range(0, num_resamples, chunk):
+        size = min(num_resamples, start + chunk) - start
+        neutral_draw = _two_stage_resample(rng, neutral, size)
+        confusion_draw = np.zeros((size, num_classes, num_classes), dtype=np.int64)
+        for label in np.unique(named):
+            confusion_draw[:, label, :] = _two_stage_resample(rng, identity[named == label], size)
+        shares = neutral_draw / np.maximum(neutral_draw.sum(axis=1, keepdims=True), 1)
+        for index in range(size):
+            draws[start + index] = partial_corrected_shares(shares[index], confusion_draw[index])
     alpha = 1.0 - confidence
-    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2], axis=0)
+    low, high = np.nanquantile(draws, [alpha / 2, 1 - alpha / 2], axis=0)
     return CorrectedShares(observed, corrected, low, high)
 
 
@@ -499,6 +697,30 @@ def bootstrap_mean_ci(values: Sequence[float], num_resamples: int = 10000, confi
     if standard_error <= rounding:
         low = high = mean
     return (mean, float(low), float(high))
+
+
+def discrepancy_range(classes: Sequence[str], target=None) -> tuple[float, float]:
+    """The values ||p - t||_2 can take over the simplex: [0, max_k ||e_k - t||_2] (a vertex is farthest).
+
+    For a uniform target the maximum is sqrt(1 - 1/K): 0.707 for 2 classes, 0.816 for 3, 0.913 for 6.
+    """
+    t = target_distribution(classes, target)
+    vertices = np.eye(len(t))
+    return 0.0, float(np.sqrt(np.sum((vertices - t) ** 2, axis=1)).max())
+
+
+def clip_interval(low: float, high: float, bounds: tuple[float, float] | None) -> tuple[float, float, bool]:
+    """An interval cut to the range its quantity can take: (max(low, lo), min(high, hi), whether it was cut).
+
+    The quantity lies in [lo, hi], so cutting never removes it from an interval that held it: coverage
+    is unchanged. NaN bounds and None leave the interval as it is.
+    """
+    if bounds is None or any(math.isnan(value) for value in (low, high)):
+        return low, high, False
+    lower, upper = bounds
+    clipped_low = low if math.isnan(lower) else max(low, lower)
+    clipped_high = high if math.isnan(upper) else min(high, upper)
+    return float(clipped_low), float(clipped_high), bool(clipped_low != low or clipped_high != high)
 
 
 def changed_readings(first_readings: Sequence[Sequence], second_readings: Sequence[Sequence]) -> tuple[int, int]:
@@ -588,19 +810,27 @@ def paired_test(base_values: Sequence[float], tuned_values: Sequence[float], con
     return PairedTestResult(float(mean_difference), float(low), float(high), p_value, int(count), exact, min_p_value)
 
 
-def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.95) -> str:
+def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.95,
+                   adjusted_p_value: float | None = None, family_size: int = 1) -> str:
     """'better' / 'worse' / 'no clear change' from the paired test at level 1 - confidence, or why there is none.
 
     A verdict needs both: p <= 1 - confidence and the interval of the mean difference excluding 0 on
     the same side. With too few prompts for the test to reach that level (min_p_value above it), the
     answer says so instead. `better` is 'lower', 'higher' or 'neither' (then 'higher' / 'lower').
+    In a family of m tests corrected by Holm (holm_adjusted), pass the test's adjusted p-value and m:
+    the verdict reads the adjusted p, and the floor becomes min(1, m * min_p_value), the smallest
+    adjusted p-value the test could reach.
     """
     if result.num_pairs == 0 or any(math.isnan(value) for value in (result.mean_difference, result.p_value)):
         return "n/a"
+    if family_size < 1:
+        raise ValueError(f"family_size must be >= 1, got {family_size}")
     alpha = 1.0 - confidence
+    p_value = result.p_value if adjusted_p_value is None else adjusted_p_value
+    floor = min(1.0, family_size * result.min_p_value)
     if result.mean_difference == 0 and result.ci_low == 0 and result.ci_high == 0:
         return f"no prompt changed (n={result.num_pairs})"  # every difference is 0: nothing to test
-    if result.min_p_value > alpha:
+    if floor > alpha:
         # An exact test's floor is 2 / 2^n; prompts whose difference is exactly 0 (e.g. one identity only in both
         # models) carry no sign and each doubles it.
         unchanged = round(math.log2(result.min_p_value * 2 ** result.num_pairs / 2)) if result.exact else 0
@@ -608,14 +838,99 @@ def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.
             count = f"n={result.num_pairs}, at most one of them changed"
         else:
             count = f"n={result.num_pairs}" + (f", {unchanged} of them unchanged" if unchanged > 0 else "")
-        return f"too few prompts for a verdict ({count}: p cannot go below {result.min_p_value:.3g})"
+        family = f" after Holm over {family_size} tests" if family_size > 1 else ""
+        return f"too few prompts for a verdict ({count}: p cannot go below {floor:.3g}{family})"
     interval_excludes_zero = not (math.isnan(result.ci_low) or result.ci_low <= 0 <= result.ci_high)
-    if result.p_value > alpha or not interval_excludes_zero:
+    if p_value > alpha or not interval_excludes_zero:
         return "no clear change"
     if better == "neither":
         return "higher" if result.mean_difference > 0 else "lower"
     improved = (result.mean_difference < 0) if better == "lower" else (result.mean_difference > 0)
     return "better" if improved else "worse"
+
+
+@dataclass(frozen=True)
+class EquivalenceResult:
+    """Two one-sided paired tests (TOST) of |mean difference| < margin; difference = second - first.
+
+    ci_low / ci_high: the 1 - 2 alpha interval of the mean difference (equivalence at level alpha holds
+    when it lies inside (-margin, margin) and p_value <= alpha). min_p_value: the smallest p the
+    sign-flip tests could give with these pairs.
+    """
+
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    margin: float
+    num_pairs: int
+    min_p_value: float
+
+
+def _one_sided_sign_flip_p(values: np.ndarray, num_resamples: int, seed: int, max_exact_pairs: int) -> tuple[float, float]:
+    """P(sum_i s_i v_i >= sum_i v_i) over random signs s (exact up to max_exact_pairs), and its floor (1 / 2^n)."""
+    count = values.size
+    observed = float(values.sum())
+    tolerance = 1e-9 * max(1.0, float(np.abs(values).sum()))
+    if count <= max_exact_pairs:
+        patterns = ((np.arange(2 ** count)[:, None] >> np.arange(count)[None, :]) & 1) * 2 - 1
+        sums = patterns @ values
+        return float(np.mean(sums >= observed - tolerance)), float(np.mean(sums >= sums.max() - tolerance))
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    chunk = max(1, 2_000_000 // count)
+    for start in range(0, num_resamples, chunk):
+        signs = rng.integers(0, 2, size=(min(num_resamples, start + chunk) - start, count)) * 2 - 1
+        extreme += int(np.sum(signs @ values >= observed - tolerance))
+    return (1 + extreme) / (1 + num_resamples), 1.0 / (1 + num_resamples)
+
+
+def paired_equivalence_test(first_values: Sequence[float], second_values: Sequence[float], margin: float,
+                            confidence: float = 0.95, num_resamples: int = 100000, seed: int = 0,
+                            max_exact_pairs: int = MAX_EXACT_PAIRS) -> EquivalenceResult:
+    """Is the mean paired difference d_i = second_i - first_i within (-margin, margin)? Two one-sided tests.
+
+        H0_low:  mean d <= -margin    tested by the sign-flip test of d_i + margin  (upper tail)
+        H0_high: mean d >= +margin    tested by the sign-flip test of margin - d_i  (upper tail)
+        p = max(p_low, p_high)        equivalence at level alpha when p <= alpha
+
+    Each one-sided test assumes the shifted differences are symmetric about 0 at the boundary of its
+    H0 (as the superiority test does under its H0). The margin must be declared before the data are seen.
+    The interval is bootstrap_mean_ci of the differences at level 1 - 2 alpha (the TOST's own interval).
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    _check_bootstrap_arguments(num_resamples, confidence)
+    first = _finite_values(first_values, "first_values")
+    second = _finite_values(second_values, "second_values")
+    if first.shape != second.shape:
+        raise ValueError(f"first_values has {first.size} entries, second_values has {second.size}: they must pair up")
+    if first.size == 0:
+        return EquivalenceResult(math.nan, math.nan, math.nan, math.nan, float(margin), 0, math.nan)
+    differences = second - first
+    alpha = 1.0 - confidence
+    mean, low, high = bootstrap_mean_ci(differences, min(num_resamples, 10000), 1.0 - 2.0 * alpha, seed)
+    p_low, floor = _one_sided_sign_flip_p(differences + margin, num_resamples, seed, max_exact_pairs)
+    p_high, _ = _one_sided_sign_flip_p(margin - differences, num_resamples, seed + 1, max_exact_pairs)
+    return EquivalenceResult(float(mean), float(low), float(high), float(max(p_low, p_high)), float(margin),
+                             int(differences.size), float(floor))
+
+
+def equivalence_verdict(result: EquivalenceResult, confidence: float = 0.95, adjusted_p_value: float | None = None,
+                        family_size: int = 1) -> str:
+    """'equivalent within +-margin' / 'not shown equivalent', or why no verdict is possible (as paired_verdict)."""
+    if result.num_pairs == 0 or math.isnan(result.p_value):
+        return "n/a"
+    alpha = 1.0 - confidence
+    floor = min(1.0, family_size * result.min_p_value)
+    if floor > alpha:
+        family = f" after Holm over {family_size} tests" if family_size > 1 else ""
+        return f"too few pairs for an equivalence verdict (n={result.num_pairs}: p cannot go below {floor:.3g}{family})"
+    p_value = result.p_value if adjusted_p_value is None else adjusted_p_value
+    inside = -result.margin < result.ci_low and result.ci_high < result.margin
+    if p_value <= alpha and inside:
+        return f"equivalent within +-{result.margin:.3g}"
+    return f"not shown equivalent within +-{result.margin:.3g}"
 
 
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:

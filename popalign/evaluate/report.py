@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from popalign.evaluate.tables import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
-                                 intersectional_name)
+                                      headline_correction_applies, intersectional_name, is_headline_metric)
 from popalign.image_folder import PROMPT_KINDS  # noqa: E402
 from popalign.io import atomic_write_text  # noqa: E402
 
@@ -73,6 +74,8 @@ KIND_TITLES = {
     "generic": "Generic prompts (no person): is image quality outside the trained domain preserved?",
 }
 GRID_THUMBNAIL = 160
+# Chart text is user text (prompts, labels): never read as math ($...$) or any other markup.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
 def format_value(value) -> str:
@@ -83,14 +86,64 @@ def format_value(value) -> str:
     return f"{value:.3g}"
 
 
-def format_interval(mean, low, high) -> str:
-    return f"{format_value(mean)} [{format_value(low)}, {format_value(high)}]"
+CLIPPED_MARK = "†"
+
+
+def format_interval(mean, low, high, clipped: bool = False) -> str:
+    """mean [low, high], marked when the interval was cut to the metric's range."""
+    return f"{format_value(mean)} [{format_value(low)}, {format_value(high)}]" + (CLIPPED_MARK if clipped is True else "")
+
+
+# Characters that Markdown or HTML read as syntax.
+_MARKDOWN_SPECIAL = frozenset("\\`*_{}[]()#+-.!~$=:\"'")  # `|` is escaped by the table writer
+_HTML_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def markdown_text(value) -> str:
+    """User text (a prompt, an occupation, a folder) as literal Markdown text: every syntax character
+    backslash-escaped, `<` `>` `&` as HTML entities, line breaks as spaces, so no link, image, tag or
+    table cell can be made of it."""
+    characters = " ".join(str(value).splitlines())
+    return "".join(_HTML_ENTITIES.get(character, "\\" + character if character in _MARKDOWN_SPECIAL else character)
+                   for character in characters)
+
+
+def markdown_code(value) -> str:
+    """User text as a Markdown code span: fenced by more backticks than its longest run, line breaks as
+    spaces (inside a code span nothing is markup or HTML; `|` is escaped by the table writer)."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") or not text else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
 
 
 def format_p_value(p_value) -> str:
     if p_value is None or math.isnan(p_value):
         return "n/a"
     return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
+def format_p_value_with_holm(test) -> str:
+    """A comparison row's p-value, and its Holm-adjusted one when the row belongs to the headline family."""
+    adjusted = test["p_value_holm"]
+    if adjusted is None or (isinstance(adjusted, float) and math.isnan(adjusted)):
+        return format_p_value(test["p_value"])
+    return f"{format_p_value(test['p_value'])} (Holm {format_p_value(adjusted)})"
+
+
+def multiplicity_line(result: EvaluationResult) -> str:
+    """Which verdicts form the corrected family, and how."""
+    family = result.comparison[result.comparison["p_value_holm"].notna()]
+    if family.empty:
+        return "**Multiplicity.** No bias comparison was made, so no family of tests to correct."
+    size = int(family["family_size"].max())
+    axes = ", ".join(markdown_code(axis) for axis in result.settings.axes)
+    return (f"**Multiplicity.** The headline's bias verdicts, the discrepancy of {axes} for each of "
+            f"{len(result.tuned)} tuned model(s)"
+            + (f" on split {markdown_code(result.settings.split)}" if result.settings.split else "")
+            + f", are one family of {size} tests: their verdicts read Holm-adjusted p-values (family-wise error "
+            f"{1 - result.settings.confidence:.2g}). Every other verdict, the headline's accuracy and quality included, "
+            "is at its own level, uncorrected: read those outside the headline as exploratory.")
 
 
 def format_verdict(verdict: str) -> str:
@@ -125,6 +178,12 @@ def select_chart_prompts(base: ModelEvaluation, metric: str, count: int) -> list
 def plot_distributions(models: Sequence[ModelEvaluation], prompt_id: str, axes: Sequence[str], title: str,
                        targets: dict, path: Path) -> None:
     """Grouped bars: for each attribute, the share of each label per model; the dashed line is the target."""
+    with plt.rc_context(PLAIN_TEXT):
+        _plot_distributions(models, prompt_id, axes, title, targets, path)
+
+
+def _plot_distributions(models: Sequence[ModelEvaluation], prompt_id: str, axes: Sequence[str], title: str,
+                        targets: dict, path: Path) -> None:
     figure_width = max(5.0, sum(1.6 + 0.7 * len(_labels(models[0], axis)) for axis in axes))
     figure, panels = plt.subplots(1, len(axes), figsize=(figure_width, 3.8), squeeze=False,
                                   gridspec_kw={"width_ratios": [len(_labels(models[0], axis)) + 1 for axis in axes]})
@@ -173,6 +232,12 @@ def plot_image_grid(models: Sequence[ModelEvaluation], prompt_id: str, num_image
 
     Returns False (and writes nothing) when the models share no image index for this prompt.
     """
+    with plt.rc_context(PLAIN_TEXT):
+        return _plot_image_grid(models, prompt_id, num_images, axes, path)
+
+
+def _plot_image_grid(models: Sequence[ModelEvaluation], prompt_id: str, num_images: int, axes: Sequence[str],
+                     path: Path) -> bool:
     rows_per_model = [model.images[model.images["prompt_id"] == prompt_id].set_index("image_index") for model in models]
     shared = sorted(set.intersection(*(set(rows.index) for rows in rows_per_model)))[:num_images]
     if not shared:
@@ -213,15 +278,16 @@ def _results_table(result: EvaluationResult, kind: str) -> str:
                    "p", "change"]
     rows = []
     for metric, base_row in base_summary.iterrows():
-        row = [f"`{metric}`", base_row["better"],
-               format_with_floor(format_interval(base_row["mean"], base_row["ci_low"], base_row["ci_high"]), base_row["floor"]),
+        row = [markdown_code(metric), base_row["better"],
+               format_with_floor(format_interval(base_row["mean"], base_row["ci_low"], base_row["ci_high"],
+                                                 base_row["ci_clipped"]), base_row["floor"]),
                format_value(base_row["pooled"])]
         for model in result.tuned:
             tuned_summary = summaries[model.name]
             if metric in tuned_summary.index:
                 tuned_row = tuned_summary.loc[metric]
-                row += [format_with_floor(format_interval(tuned_row["mean"], tuned_row["ci_low"], tuned_row["ci_high"]),
-                                          tuned_row["floor"]),
+                row += [format_with_floor(format_interval(tuned_row["mean"], tuned_row["ci_low"], tuned_row["ci_high"],
+                                                          tuned_row["ci_clipped"]), tuned_row["floor"]),
                         format_value(tuned_row["pooled"])]
             else:
                 row += ["n/a", "n/a"]
@@ -231,25 +297,16 @@ def _results_table(result: EvaluationResult, kind: str) -> str:
                 row += ["n/a", "n/a", "n/a"]
             else:
                 test = comparison.iloc[0]
-                row += [f"{format_interval(test['difference'], test['ci_low'], test['ci_high'])} (n={test['num_pairs']})",
-                        format_p_value(test["p_value"]), format_verdict(test["verdict"])]
+                row += [f"{format_interval(test['difference'], test['ci_low'], test['ci_high'], test['ci_clipped'])} "
+                        f"(n={test['num_pairs']})", format_p_value_with_holm(test), format_verdict(test["verdict"])]
         rows.append(row)
     return _markdown_table(header, rows)
 
 
-def is_headline_metric(metric: str, kind: str, correct_for_classifier: bool) -> bool:
-    """The headline's metrics: the neutral prompts' discrepancy (corrected for the classifier when asked, and
-    when a correction exists) and quality, identity accuracy, generic quality."""
-    if kind == "neutral" and metric.startswith("discrepancy_"):
-        return metric.startswith(f"{CORRECTED_DISCREPANCY}_") == correct_for_classifier
-    prefixes = {"neutral": ("quality_",), "identity": ("accuracy_",), "generic": ("quality_",)}
-    return metric.startswith(prefixes[kind])
-
-
 def _headline_lines(result: EvaluationResult) -> list[str]:
     """One line per tuned model and key metric: the bias of neutral prompts, identity accuracy, quality."""
-    correct = result.settings.correct_for_classifier and (
-        result.comparison["metric"].str.startswith(f"{CORRECTED_DISCREPANCY}_").any())
+    correct = headline_correction_applies(result.settings, {name: None for name, check in result.confusion_checks.items()
+                                                            if check.usable})
     lines = []
     for model in result.tuned:
         rows = result.comparison[result.comparison["model"] == model.name]
@@ -260,12 +317,12 @@ def _headline_lines(result: EvaluationResult) -> list[str]:
             floor = summary["floor"].get((test["kind"], test["metric"]), math.nan)
             lines.append(f"- `{model.name}`, {test['kind']} prompts, `{test['metric']}` ({test['better']} is better): "
                          f"{format_value(test['base_mean'])} -> {format_with_floor(format_value(test['tuned_mean']), floor)}, "
-                         f"difference {format_interval(test['difference'], test['ci_low'], test['ci_high'])} "
-                         f"(n={test['num_pairs']} prompts), p {format_p_value(test['p_value'])}: "
+                         f"difference {format_interval(test['difference'], test['ci_low'], test['ci_high'], test['ci_clipped'])} "
+                         f"(n={test['num_pairs']} prompts), p {format_p_value_with_holm(test)}: "
                          f"{format_verdict(test['verdict'])}")
     if result.settings.correct_for_classifier and not correct:
-        lines.append("- `--correct_for_classifier` was asked, but no identity-specific prompts estimate the "
-                     "classifier's confusion: the discrepancies above are the observed ones.")
+        lines.append("- `--correct_for_classifier` was asked, but no measured attribute has a usable estimate of the "
+                     "classifier's confusion (see the classifier section): the discrepancies above are the observed ones.")
     return lines or ["No tuned model was given: the tables below describe the base model alone."]
 
 
@@ -275,7 +332,7 @@ def model_card_evaluation(result: EvaluationResult, model_name: str, report_path
     prompts = result.comparison.loc[result.comparison["model"] == model_name, "num_pairs"]
     return "\n".join([f"Against `{result.base.name}` on the same prompts and seeds ({int(prompts.max()) if len(prompts) else 0} "
                       "prompts at most per metric); differences with their 95% interval over prompts, exact paired sign-flip "
-                      "test:", "", *lines, "", f"Full report: `{report_path}`."])
+                      "test:", "", *lines, "", f"Full report: {markdown_code(report_path)}."])
 
 
 def _classifier_lines(result: EvaluationResult) -> list[str]:
@@ -283,24 +340,39 @@ def _classifier_lines(result: EvaluationResult) -> list[str]:
     if result.confusion.empty:
         return ["No identity-specific prompts were evaluated, so the classifier's confusion is not estimated and "
                 "no correction is offered."]
+    settings = result.settings
     lines = [f"Estimated on `{result.base.name}`'s identity-specific images, the prompted label as the reference "
              "(images without a face left out). A model that draws the wrong identity counts here as a classifier "
-             "error, so this over-states the classifier's error. Corrected shares solve observed = C^T p for p in "
-             "least squares and project onto the simplex (adjusted classify-and-count); their interval is a "
-             "parametric bootstrap over both the neutral images and the confusion counts. The headline uses them "
-             "only with `--correct_for_classifier`"
-             + (" (on for this report)." if result.settings.correct_for_classifier else " (off for this report)."), ""]
+             "error, so this over-states the classifier's error. Only the classes that identity-specific prompts "
+             "name are corrected: faces read as any other label keep their observed share, and the faces read as a "
+             "named class are corrected among themselves, solving observed = C^T p for p in least squares over the "
+             "named classes and projecting onto the simplex (adjusted classify-and-count). A correction is used only "
+             f"where every named class has at least {settings.min_identity_images_per_class} identity-specific faces "
+             f"and the named classes' confusion has a smallest singular value of at least "
+             f"{settings.min_confusion_singular_value} (below it, sampling noise dominates the corrected shares). "
+             "The interval of a corrected share resamples the neutral and the identity-specific prompts (the prompt "
+             "is the unit) and redraws the faces inside each, re-estimating the confusion in every replicate. The "
+             "headline uses corrected discrepancies only with `--correct_for_classifier`"
+             + (" (on for this report)." if settings.correct_for_classifier else " (off for this report)."), ""]
+    for attribute, check in result.confusion_checks.items():
+        named = ", ".join(markdown_text(label) for label in check.corrected_classes)
+        if check.usable:
+            lines.append(f"- {markdown_code(attribute)}: corrected over {named} (smallest singular value "
+                         f"{check.smallest_singular_value:.3f}, at least {check.fewest_images} faces per class).")
+        else:
+            lines.append(f"- {markdown_code(attribute)}: **not corrected**: {check.reason}.")
+    lines.append("")
     for attribute, rows in result.confusion.groupby("attribute", sort=False):
         labels = list(dict.fromkeys(rows["prompted"]))
         table_rows = []
         for prompted in labels:
             cells = rows[rows["prompted"] == prompted].set_index("read_as")
-            table_rows.append([prompted, int(cells["count"].sum()),
+            table_rows.append([markdown_text(prompted), int(cells["count"].sum()),
                                *(format_value(cells.loc[read, "rate"]) for read in labels)])
-        lines += [f"`{attribute}`: P(read as column | prompted row)", "",
-                  _markdown_table(["prompted", "faces", *labels], table_rows), ""]
+        lines += [f"{markdown_code(attribute)}: P(read as column | prompted row)", "",
+                  _markdown_table(["prompted", "faces", *(markdown_text(label) for label in labels)], table_rows), ""]
     if not result.corrected_shares.empty:
-        share_rows = [[f"`{row.model}`", row.attribute, row.label, format_value(row.observed),
+        share_rows = [[f"`{row.model}`", markdown_text(row.attribute), markdown_text(row.label), format_value(row.observed),
                        format_interval(row.corrected, row.ci_low, row.ci_high)]
                       for row in result.corrected_shares.itertuples()]
         lines += ["Pooled shares of the neutral prompts' faces:", "",
@@ -341,11 +413,11 @@ def _distinct(manifest: pd.DataFrame, column: str) -> str:
 
 def _generation_cells(manifest: pd.DataFrame) -> list[str]:
     """Pipeline, fine-tuned weights and sampling settings of a folder, from its manifest columns."""
-    fine_tuned = "; ".join(f"{column} `{_distinct(manifest, column)}`" for column in ("unet", "lora")
+    fine_tuned = "; ".join(f"{column} {markdown_code(_distinct(manifest, column))}" for column in ("unet", "lora")
                            if _distinct(manifest, column))
-    settings = [f"{column} {_distinct(manifest, column)}" for column in
+    settings = [f"{column} {markdown_text(_distinct(manifest, column))}" for column in
                 ("steps", "guidance", "width", "height", "scheduler", "precision", "base_seed") if _distinct(manifest, column)]
-    return [f"`{_distinct(manifest, 'model')}`", fine_tuned or "-", "; ".join(settings)]
+    return [markdown_code(_distinct(manifest, 'model')), fine_tuned or "-", "; ".join(settings)]
 
 
 def _setup_lines(result: EvaluationResult) -> list[str]:
@@ -354,7 +426,7 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
     for model in [result.base, *result.tuned]:
         for folder in model.folders:
             manifest = model.images[model.images["folder"] == str(folder)]
-            model_rows.append([model.name, f"`{folder}`", ", ".join(sorted(set(manifest["kind"]))),
+            model_rows.append([model.name, markdown_code(folder), ", ".join(sorted(set(manifest["kind"]))),
                                *_generation_cells(manifest)])
     lines.append(_markdown_table(["name", "image folder", "prompts", "pipeline", "fine-tuned weights", "generation"],
                                  model_rows))
@@ -368,7 +440,7 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
     lines.append(f"- Classifier `{classifier}`: {description}")
     settings = result.base.classifier_settings.get("settings")
     if settings:
-        lines.append(f"  Settings: `{json.dumps(settings, sort_keys=True)}`.")
+        lines.append(f"  Settings: {markdown_code(json.dumps(settings, sort_keys=True))}.")
     scorers = sorted(set().union(*(model.scorers for model in [result.base, *result.tuned])))
     if not scorers:
         lines.append("- Quality scorers: none were run (no `quality_<scorer>.csv` files).")
@@ -377,12 +449,12 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
         descriptions = sorted(set().union(*(info["description"] for info in infos)))
         if not descriptions:
             descriptions = [SCORER_DESCRIPTIONS.get(scorer, "no description registered for this scorer.")]
-        lines.append(f"- Quality `quality_{scorer}`: {' / '.join(descriptions)}"
+        lines.append(f"- Quality {markdown_code('quality_' + scorer)}: {' / '.join(markdown_text(text) for text in descriptions)}"
                      + (" (the models' files disagree: compare with care)" if len(descriptions) > 1 else ""))
     targets = {axis: dict(target) for axis, target in result.settings.targets.items()}
     lines.append(f"- Bias metrics on the attributes {', '.join(f'`{axis}`' for axis in result.settings.axes)}"
                  + (f" and jointly `{intersectional_name(result.settings.intersectional)}`" if result.settings.intersectional else "")
-                 + f"; target distribution: {('uniform, except ' + json.dumps(targets)) if targets else 'uniform'}.")
+                 + f"; target distribution: {('uniform, except ' + markdown_code(json.dumps(targets))) if targets else 'uniform'}.")
     lines.append(f"- Intervals of means over prompts: the union of the t-interval and the studentized (bootstrap-t) "
                  f"interval, {result.settings.num_resamples} resamples, {result.settings.confidence:.0%} confidence, "
                  f"seed {result.settings.seed}. Tests: exact paired sign-flip test over prompts (all 2^n sign patterns "
@@ -409,8 +481,8 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
                   "prompts, image indices and seeds, so only the images every model has were kept; images left out: "
                   f"{dropped}.", ""]
     if result.settings.split:
-        lines += [f"**Split `{result.settings.split}`**: only the neutral and identity-specific prompts of the "
-                  f"occupations in this split ({', '.join(sorted(o for o, split in result.settings.occupation_splits.items() if split == result.settings.split))}); "
+        lines += [f"**Split {markdown_code(result.settings.split)}**: only the neutral and identity-specific prompts of the "
+                  f"occupations in this split ({', '.join(markdown_text(o) for o in sorted(o for o, split in result.settings.occupation_splits.items() if split == result.settings.split))}); "
                   "generic prompts as they are.", ""]
     level = result.settings.confidence
     lines += [
@@ -424,7 +496,9 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
         "2 / 2^n (0.125 at 4 prompts, 0.031 at 6), and with too few prompts the report says so instead of a "
         "verdict. Bias metrics count only images with a detected face and use the fixed class list (a "
         "population of one class is maximally biased): lower is better. Accuracy and quality: higher is "
-        "better.", ""]
+        f"better. An interval marked {CLIPPED_MARK} was cut to the range its quantity can take (a discrepancy "
+        "cannot be below 0 nor above its maximum, an accuracy not above 1), which keeps its coverage.", "",
+        multiplicity_line(result), ""]
     lines += ["## Headline", "", *_headline_lines(result), ""]
     lines += ["## Setup", "", *_setup_lines(result), "", "### Images and faces", "", _counts_table(result), ""]
     lines += ["### The classifier's confusion", "", *_classifier_lines(result)]
@@ -450,7 +524,7 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
         for prompt_id in chosen:
             prompt = result.base.per_prompt.set_index("prompt_id").loc[prompt_id, "prompt"]
             plot_distributions(models, prompt_id, axes, prompt, targets, report_dir / f"chart_distribution_{prompt_id}.png")
-            lines += [f"![{prompt}](chart_distribution_{prompt_id}.png)", ""]
+            lines += [f"![{markdown_text(prompt)}](chart_distribution_{prompt_id}.png)", ""]
 
     else:
         chosen = []

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -55,9 +55,10 @@ BIAS_METRICS = {
     "pairwise_gap": lambda labels, classes, target: metrics.pairwise_gap(labels, classes),
 }
 # The discrepancy of the classifier-corrected shares (per-prompt column discrepancy_corrected_<attribute>), and the
-# discrepancy a fair population of the prompt's size would read (floor_discrepancy_<attribute>, not a metric).
+# value a fair population of the prompt's size would read (floor_<metric>, not a metric) for the metrics that have one.
 CORRECTED_DISCREPANCY = "discrepancy_corrected"
-DISCREPANCY_FLOOR = "floor_discrepancy"
+FLOOR_PREFIX = "floor_"
+DISCREPANCY_FLOOR = f"{FLOOR_PREFIX}discrepancy"
 BIAS_PREFIXES = tuple(f"{name}_" for name in BIAS_METRICS)
 # Which per-prompt columns are metrics of which prompt kind (columns are named <metric>_<attribute>).
 KIND_METRIC_PREFIXES = {
@@ -91,6 +92,8 @@ class EvaluationSettings:
     split: str = ""
     occupation_splits: Mapping[str, str] = field(default_factory=dict)
     compare_on_intersection: bool = False
+    min_confusion_singular_value: float = metrics.MIN_CONFUSION_SINGULAR_VALUE
+    min_identity_images_per_class: int = metrics.MIN_IDENTITY_IMAGES_PER_CLASS
 
 
 @dataclass
@@ -126,6 +129,8 @@ class EvaluationResult:
     confusion: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Pooled neutral shares per model, attribute and label: observed, corrected, corrected interval.
     corrected_shares: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # attribute -> whether its confusion estimate may be used to correct (metrics.check_confusion), and why not.
+    confusion_checks: dict[str, metrics.ConfusionCheck] = field(default_factory=dict)
     # With compare_on_intersection: model name -> images left out because no other model has their twin.
     left_out: dict[str, int] = field(default_factory=dict)
 
@@ -145,6 +150,46 @@ def metric_direction(metric: str, kind: str) -> str:
     if metric.startswith(("accuracy_", "quality_", "face_detection_rate")):
         return "higher"
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def metric_bounds(metric: str, attributes: AttributeSet, settings: EvaluationSettings) -> tuple[float, float] | None:
+    """The range a metric's true value can take (intervals are cut to it), or None where it is unbounded (quality).
+
+    discrepancy (observed or corrected) in [0, max_k ||e_k - t||]; its unbiased square in [0, that squared];
+    total variation in [0, 1 - min_k t_k]; KL in [0, -log min_k t_k]; the pairwise gap in [0, 2 / K];
+    accuracy and detection rate in [0, 1].
+    """
+    if metric.startswith(("accuracy_", "face_detection_rate")):
+        return (0.0, 1.0)
+    if metric.startswith("quality_"):
+        return None
+    for name in sorted(BIAS_METRICS, key=len, reverse=True):
+        if metric.startswith(f"{name}_"):
+            attribute = metric[len(name) + 1:]
+            if name == "discrepancy" and attribute.startswith("corrected_"):
+                attribute = attribute[len("corrected_"):]
+            classes = bias_class_lists(attributes, settings)[attribute]
+            target = metrics.target_distribution(classes, settings.targets.get(attribute))
+            largest = metrics.discrepancy_range(classes, target)[1]
+            with np.errstate(divide="ignore"):
+                return {"discrepancy": (0.0, largest), "sq_discrepancy_unbiased": (0.0, largest ** 2),
+                        "total_variation": (0.0, float(1.0 - target.min())),
+                        "kl": (0.0, float(-np.log(target.min()))), "pairwise_gap": (0.0, 2.0 / len(classes))}[name]
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range of a difference of two values in [lo, hi]: [lo - hi, hi - lo]."""
+    return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
+
+
+def is_headline_metric(metric: str, kind: str, correct_for_classifier: bool) -> bool:
+    """The headline's metrics: the neutral prompts' discrepancy (corrected for the classifier when asked, and
+    when a correction exists) and quality, identity accuracy, generic quality."""
+    if kind == "neutral" and metric.startswith("discrepancy_"):
+        return metric.startswith(f"{CORRECTED_DISCREPANCY}_") == correct_for_classifier
+    prefixes = {"neutral": ("quality_",), "identity": ("accuracy_",), "generic": ("quality_",)}
+    return metric.startswith(prefixes[kind])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,14 +328,18 @@ def _bias_values(images: pd.DataFrame, attributes: AttributeSet, settings: Evalu
         for metric_name, function in BIAS_METRICS.items():
             values[f"{metric_name}_{name}"] = function(labels, classes, target)
         if name in confusions:
-            corrected = metrics.adjusted_shares(metrics.empirical_distribution(labels, classes),
-                                                metrics.confusion_rates(confusions[name]))
+            corrected = metrics.partial_corrected_shares(metrics.empirical_distribution(labels, classes), confusions[name])
             values[f"{CORRECTED_DISCREPANCY}_{name}"] = (
                 math.nan if np.isnan(corrected).any()
                 else float(np.linalg.norm(corrected - metrics.target_distribution(classes, target))))
     for name, labels, classes in bias_populations(images, attributes, settings):
-        values[f"{DISCREPANCY_FLOOR}_{name}"] = metrics.discrepancy_floor(
-            int(metrics.label_counts(labels, classes).sum()), classes, settings.targets.get(name))
+        faces = int(metrics.label_counts(labels, classes).sum())
+        target = settings.targets.get(name)
+        values[f"{FLOOR_PREFIX}discrepancy_{name}"] = metrics.discrepancy_floor(faces, classes, target)
+        values[f"{FLOOR_PREFIX}pairwise_gap_{name}"] = metrics.pairwise_gap_floor(faces, classes)
+        if name in confusions:
+            values[f"{FLOOR_PREFIX}{CORRECTED_DISCREPANCY}_{name}"] = metrics.corrected_discrepancy_floor(
+                faces, classes, confusions[name], target)
     return values
 
 
@@ -419,23 +468,29 @@ def summary_table(images: pd.DataFrame, per_prompt: pd.DataFrame, attributes: At
             finite = np.isfinite(values)
             mean, low, high = metrics.bootstrap_mean_ci(values[finite], settings.num_resamples, settings.confidence,
                                                         settings.seed)
-            floor_column = metric.replace("discrepancy_", f"{DISCREPANCY_FLOOR}_", 1)
+            low, high, clipped = metrics.clip_interval(low, high, metric_bounds(metric, attributes, settings))
+            floor_column = f"{FLOOR_PREFIX}{metric}"
             floor = (float(kind_prompts[floor_column].to_numpy(dtype=float)[finite].mean())
-                     if metric.startswith("discrepancy_") and floor_column in kind_prompts and finite.any() else math.nan)
+                     if floor_column in kind_prompts and finite.any() else math.nan)
             rows.append({"kind": kind, "metric": metric, "better": metric_direction(metric, kind),
                          "num_prompts": int(finite.sum()), "mean": mean, "ci_low": low, "ci_high": high,
-                         "pooled": pooled.get(metric, math.nan), "floor": floor})
-    return pd.DataFrame(rows, columns=["kind", "metric", "better", "num_prompts", "mean", "ci_low", "ci_high", "pooled",
-                                       "floor"])
+                         "ci_clipped": clipped, "pooled": pooled.get(metric, math.nan), "floor": floor})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, settings: EvaluationSettings) -> pd.DataFrame:
+SUMMARY_COLUMNS = ["kind", "metric", "better", "num_prompts", "mean", "ci_low", "ci_high", "ci_clipped", "pooled", "floor"]
+
+
+def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, attributes: AttributeSet,
+                    settings: EvaluationSettings) -> pd.DataFrame:
     """Exact paired sign-flip test over prompts of tuned - base, for every metric both models have.
 
     Prompts pair by prompt_id (the same prompt text); prompts missing from either model, or where
     either value is undefined, are left out (`num_pairs` says how many entered). `verdict` is
     metrics.paired_verdict at the settings' confidence: 'better' / 'worse' only where the test
-    can reach that level with these prompts and does, and the interval agrees.
+    can reach that level with these prompts and does, and the interval agrees. The difference's
+    interval is cut to the range a difference of the metric can take (`ci_clipped`). The verdicts
+    here are each at their own level; holm_headline_family adjusts the headline ones as one family.
     """
     rows = []
     for kind in PROMPT_KINDS:
@@ -452,18 +507,61 @@ def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, settings: Eva
             result = metrics.paired_test(base_values[both], tuned_values[both], settings.confidence,
                                          max(settings.num_resamples, 1), settings.seed)
             better = metric_direction(metric, kind)
+            low, high, clipped = metrics.clip_interval(result.ci_low, result.ci_high,
+                                                       difference_bounds(metric_bounds(metric, attributes, settings)))
+            result = replace(result, ci_low=low, ci_high=high)
             rows.append({"model": tuned.name, "kind": kind, "metric": metric, "better": better,
                          "num_pairs": result.num_pairs,
                          "base_mean": float(base_values[both].mean()) if both.any() else math.nan,
                          "tuned_mean": float(tuned_values[both].mean()) if both.any() else math.nan,
-                         "difference": result.mean_difference, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                         "difference": result.mean_difference, "ci_low": low, "ci_high": high, "ci_clipped": clipped,
                          "p_value": result.p_value, "exact": result.exact, "min_p_value": result.min_p_value,
+                         "headline": False, "p_value_holm": math.nan, "family_size": 1,
                          "verdict": metrics.paired_verdict(result, better, settings.confidence)})
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 COMPARISON_COLUMNS = ["model", "kind", "metric", "better", "num_pairs", "base_mean", "tuned_mean", "difference",
-                      "ci_low", "ci_high", "p_value", "exact", "min_p_value", "verdict"]
+                      "ci_low", "ci_high", "ci_clipped", "p_value", "exact", "min_p_value", "headline", "p_value_holm",
+                      "family_size", "verdict"]
+
+
+def headline_correction_applies(settings: EvaluationSettings, confusions: Mapping[str, np.ndarray]) -> bool:
+    """The headline reads the corrected discrepancy: asked for, and some measured axis has a usable correction."""
+    return settings.correct_for_classifier and any(axis in confusions for axis in settings.axes)
+
+
+def is_family_metric(metric: str, kind: str, settings: EvaluationSettings, correct_for_classifier: bool) -> bool:
+    """The headline's bias verdicts, corrected together: the neutral prompts' discrepancy of each measured axis
+    (corrected for the classifier when the headline is)."""
+    name = f"{CORRECTED_DISCREPANCY}_" if correct_for_classifier else "discrepancy_"
+    return kind == "neutral" and metric in {f"{name}{axis}" for axis in settings.axes}
+
+
+def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings, correct_for_classifier: bool) -> pd.DataFrame:
+    """Mark the headline rows (is_headline_metric), and re-read the verdicts of the family (is_family_metric:
+    axes x tuned models of this evaluation, i.e. one split) at Holm-adjusted p-values (metrics.holm_adjusted).
+
+    Other rows, the headline's accuracy and quality included, keep their unadjusted verdicts.
+    """
+    comparison = comparison.copy()
+    if comparison.empty:
+        return comparison
+    comparison["headline"] = [is_headline_metric(row.metric, row.kind, correct_for_classifier)
+                              for row in comparison.itertuples()]
+    in_family = np.array([is_family_metric(row.metric, row.kind, settings, correct_for_classifier)
+                          for row in comparison.itertuples()], dtype=bool)
+    family = np.flatnonzero(in_family & comparison["p_value"].notna().to_numpy())
+    adjusted = metrics.holm_adjusted(comparison["p_value"].to_numpy(dtype=float)[family])
+    for index, p_adjusted in zip(family, adjusted):
+        row = comparison.iloc[index]
+        result = metrics.PairedTestResult(row["difference"], row["ci_low"], row["ci_high"], row["p_value"],
+                                          int(row["num_pairs"]), bool(row["exact"]), row["min_p_value"])
+        comparison.iloc[index, comparison.columns.get_loc("p_value_holm")] = p_adjusted
+        comparison.iloc[index, comparison.columns.get_loc("family_size")] = len(family)
+        comparison.iloc[index, comparison.columns.get_loc("verdict")] = metrics.paired_verdict(
+            result, row["better"], settings.confidence, p_adjusted, len(family))
+    return comparison
 
 
 def image_pairing(base_images: pd.DataFrame, tuned_images: pd.DataFrame) -> dict:
@@ -492,6 +590,44 @@ def check_targets(settings: EvaluationSettings, attributes: AttributeSet) -> Non
             raise InputError(f"targets: {name}: {error}") from None
 
 
+def identity_prompt_reads(images: pd.DataFrame, attributes: AttributeSet,
+                          settings: EvaluationSettings) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per measured attribute (and the intersectional pair): how each identity-specific prompt's faces were read.
+
+    Returns name -> (counts (J, K): the read labels of each of the J prompts that name the attribute(s),
+    named (J,): the index of the class each prompt names). An attribute no identity-specific prompt
+    names is left out (no correction for it).
+    """
+    identity = images[images["kind"] == "identity"]
+    names = [(axis, (axis,)) for axis in settings.axes]
+    if settings.intersectional:
+        names.append((intersectional_name(settings.intersectional), tuple(settings.intersectional)))
+    reads = {}
+    for name, axes in names:
+        prompted_rows = identity[(identity[list(axes)] != "").all(axis=1)] if not identity.empty else identity
+        if prompted_rows.empty:
+            continue
+        classes = metrics.product_classes(*(attributes[axis].labels for axis in axes))
+        counts, named = [], []
+        for _, prompt_rows in prompted_rows.groupby("prompt_id", sort=False):
+            prompt_counts = metrics.confusion_counts(
+                metrics.joint_labels(*(list(prompt_rows[axis]) for axis in axes)),
+                metrics.joint_labels(*(list(prompt_rows[f"predicted_{axis}"]) for axis in axes)), classes)
+            row = int(np.argmax(prompt_counts.sum(axis=1))) if prompt_counts.any() else classes.index(
+                metrics.joint_labels(*([prompt_rows[axis].iloc[0]] for axis in axes))[0])
+            counts.append(prompt_counts[row])
+            named.append(row)
+        reads[name] = (np.array(counts, dtype=np.int64).reshape(-1, len(classes)), np.array(named, dtype=np.int64))
+    return reads
+
+
+def confusion_from_reads(counts: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """The confusion counts N[i, j] (metrics.confusion_counts) summed from identity_prompt_reads' per-prompt reads."""
+    confusion = np.zeros((counts.shape[1], counts.shape[1]), dtype=np.int64)
+    np.add.at(confusion, named, counts)
+    return confusion
+
+
 def classifier_confusions(images: pd.DataFrame, attributes: AttributeSet,
                           settings: EvaluationSettings) -> dict[str, np.ndarray]:
     """Confusion counts (metrics.confusion_counts) of every measured attribute and of the intersectional pair.
@@ -501,20 +637,16 @@ def classifier_confusions(images: pd.DataFrame, attributes: AttributeSet,
     The estimate mixes the classifier's errors with the model's own misdrawn identities, so it is
     an upper bound on the classifier's error.
     """
-    identity = images[images["kind"] == "identity"]
-    names = [(axis, (axis,)) for axis in settings.axes]
-    if settings.intersectional:
-        names.append((intersectional_name(settings.intersectional), tuple(settings.intersectional)))
-    confusions = {}
-    for name, axes in names:
-        prompted_rows = identity[(identity[list(axes)] != "").all(axis=1)] if not identity.empty else identity
-        if prompted_rows.empty:
-            continue
-        classes = metrics.product_classes(*(attributes[axis].labels for axis in axes))
-        confusions[name] = metrics.confusion_counts(
-            metrics.joint_labels(*(list(prompted_rows[axis]) for axis in axes)),
-            metrics.joint_labels(*(list(prompted_rows[f"predicted_{axis}"]) for axis in axes)), classes)
-    return confusions
+    return {name: confusion_from_reads(*reads) for name, reads in identity_prompt_reads(images, attributes, settings).items()}
+
+
+def confusion_checks(confusions: Mapping[str, np.ndarray], attributes: AttributeSet,
+                     settings: EvaluationSettings) -> dict[str, metrics.ConfusionCheck]:
+    """metrics.check_confusion of every estimated confusion, at the settings' thresholds."""
+    class_lists = bias_class_lists(attributes, settings)
+    return {name: metrics.check_confusion(counts, class_lists[name], settings.min_confusion_singular_value,
+                                          settings.min_identity_images_per_class)
+            for name, counts in confusions.items()}
 
 
 def select_split(images: pd.DataFrame, settings: EvaluationSettings) -> pd.DataFrame:
@@ -625,17 +757,23 @@ def evaluate(base_folders: Sequence[str | Path] | str | Path, tuned_folders: Map
     folders = {base_name: base_folders, **tuned_folders}
     images, left_out = like_with_like({name: load_model_images(paths, attributes, settings, scorers) for name, paths in folders.items()},
                                       settings.compare_on_intersection)
-    base = evaluate_model(base_name, base_folders, attributes, settings, scorers, images=images[base_name])
-    # One confusion matrix for every model: the classifier's, measured where the reference label is known.
-    confusions = classifier_confusions(base.images, attributes, settings)
-    tuned = [evaluate_model(name, paths, attributes, settings, scorers, confusions, images=images[name])
+    # One confusion matrix for every model: the classifier's, measured on the base where the reference label is
+    # known, and used for correcting only where it passes the conditioning check.
+    reads = identity_prompt_reads(images[base_name], attributes, settings)
+    confusions = {name: confusion_from_reads(*prompt_reads) for name, prompt_reads in reads.items()}
+    checks = confusion_checks(confusions, attributes, settings)
+    usable = {name: counts for name, counts in confusions.items() if checks[name].usable}
+    base = evaluate_model(base_name, base_folders, attributes, settings, scorers, usable, images=images[base_name])
+    tuned = [evaluate_model(name, paths, attributes, settings, scorers, usable, images=images[name])
              for name, paths in tuned_folders.items()]
-    comparisons = [compare_to_base(base, model, settings) for model in tuned]
+    comparisons = [compare_to_base(base, model, attributes, settings) for model in tuned]
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(columns=COMPARISON_COLUMNS)
+    comparison = holm_headline_family(comparison, settings, headline_correction_applies(settings, usable))
     pairing = {model.name: image_pairing(base.images, model.images) for model in tuned}
     return EvaluationResult(settings, attributes, base, tuned, comparison, pairing,
                             confusion_table(confusions, attributes, settings),
-                            corrected_shares_table([base, *tuned], confusions, attributes, settings), left_out)
+                            corrected_shares_table([base, *tuned], {name: reads[name] for name in usable}, attributes,
+                                                   settings), left_out=left_out, confusion_checks=checks)
 
 
 def confusion_table(confusions: Mapping[str, np.ndarray], attributes: AttributeSet,
@@ -652,20 +790,27 @@ def confusion_table(confusions: Mapping[str, np.ndarray], attributes: AttributeS
     return pd.DataFrame(rows, columns=["attribute", "prompted", "read_as", "count", "rate"])
 
 
-def corrected_shares_table(models: Sequence[ModelEvaluation], confusions: Mapping[str, np.ndarray],
+def corrected_shares_table(models: Sequence[ModelEvaluation], reads: Mapping[str, tuple[np.ndarray, np.ndarray]],
                            attributes: AttributeSet, settings: EvaluationSettings) -> pd.DataFrame:
-    """Pooled neutral shares per model, attribute and label: observed, corrected for the classifier, interval."""
+    """Pooled neutral shares per model, attribute and label: observed, corrected for the classifier, interval.
+
+    reads: identity_prompt_reads of the base, for the attributes whose confusion passed the check. The
+    interval resamples neutral and identity-specific prompts (metrics.prompt_bootstrap_corrected_shares).
+    """
     rows = []
     for model in models:
         neutral = model.images[model.images["kind"] == "neutral"]
         if neutral.empty:
             continue
-        for name, labels, classes in bias_populations(neutral, attributes, settings):
-            if name not in confusions:
+        for name, _, classes in bias_populations(neutral, attributes, settings):
+            if name not in reads:
                 continue
-            shares = metrics.classifier_corrected_shares(labels, classes, confusions[name],
-                                                         min(settings.num_resamples, 2000), settings.confidence,
-                                                         settings.seed)
+            prompt_labels = [{entry[0]: entry[1] for entry in bias_populations(prompt_images, attributes, settings)}[name]
+                             for _, prompt_images in neutral.groupby("prompt_id", sort=False)]
+            neutral_counts = np.array([metrics.label_counts(labels, classes) for labels in prompt_labels])
+            shares = metrics.prompt_bootstrap_corrected_shares(neutral_counts, *reads[name],
+                                                               min(settings.num_resamples, 2000), settings.confidence,
+                                                               settings.seed)
             for index, label in enumerate(classes):
                 rows.append({"model": model.name, "attribute": name, "label": label,
                              "observed": float(shares.observed[index]), "corrected": float(shares.corrected[index]),
