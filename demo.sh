@@ -100,7 +100,7 @@ fi
 # with a training split, each split also gets its own report (report_train, report_heldout).
 toy_races="$(python -c 'import sys; from popalign.attributes import load_attributes; print(",".join(load_attributes(sys.argv[1])["race"].labels))' "$TOY_ATTRIBUTES")"
 BASE_MODEL="$TOY_MODEL" TUNED_MODELS="$tuned" EVAL_PROMPTS="$TOY_OCCUPATIONS" GENERIC_PROMPTS="$TOY_GENERIC_PROMPTS" \
-ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 \
+ATTRIBUTES="$TOY_ATTRIBUTES" IDENTITY_RESTRICT="race=$toy_races" SEED=1 UPDATE_MODEL_CARDS=1 \
 IMAGES_PER_PROMPT="${EVAL_IMAGES_PER_NEUTRAL_PROMPT:-100}" IMAGES_PER_IDENTITY_PROMPT="${EVAL_IMAGES_PER_IDENTITY_PROMPT:-10}" \
 OUT_DIR="$OUT/eval" GUIDANCE="$EVAL_GUIDANCE" NUM_PROCESSES="$NUM_PROCESSES" \
 OCCUPATION_SPLITS="$([ -n "$TOY_TRAIN_SPLIT" ] && echo "$TOY_OCCUPATIONS")" \

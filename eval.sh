@@ -62,6 +62,7 @@ fi
 : "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign
                                       # patterns of the paired test beyond 16 prompts)
 : "${CORRECT_FOR_CLASSIFIER:=0}"       # 1: the headline reads discrepancies of classifier-corrected shares
+: "${UPDATE_MODEL_CARDS:=0}"            # 1: write the headline into each trained run's model card (README.md)
 : "${OCCUPATION_SPLITS:=}"               # a prompt file with a split column: also one report per split
                                       # (report_<split>/, e.g. the occupations trained on vs held out)
 # Processes: one per GPU. LAUNCH_ARGS may instead name an accelerate config (--config_file ...).
@@ -218,8 +219,10 @@ for folder in "${folders[@]}"; do score "$folder"; done
 scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")
 [ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
+card_args=()
+[ "$UPDATE_MODEL_CARDS" = 1 ] && card_args=(--update_model_cards)
 python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \
-  --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --output_dir "$OUT_DIR/report"
+  --attributes "$ATTRIBUTES" --num_resamples "$NUM_RESAMPLES" --output_dir "$OUT_DIR/report" "${card_args[@]}"
 if [ -n "$OCCUPATION_SPLITS" ]; then
   for split in $splits; do
     python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \

@@ -56,7 +56,7 @@ def eval_run(tiny_sd_path, tmp_path_factory):
         BASE_MODEL=tiny_sd_path, TUNED_MODELS=f"tuned=unet:{root / 'tuned_unet'}", EVAL_PROMPTS=root / "eval.csv",
         GENERIC_PROMPTS=root / "generic.csv", IMAGES_PER_PROMPT=3, IMAGES_PER_IDENTITY_PROMPT=1, STEPS=2, WIDTH=64, HEIGHT=64, BATCH_SIZE=4, CLASSIFIER="clip",
         CLIP_MODEL=scorer_options["clip"]["model"], SCORERS=SCORERS, SCORER_OPTIONS_JSON=root / "scorer_options.json",
-        NUM_RESAMPLES=300, OUT_DIR=root / "out")
+        NUM_RESAMPLES=300, OUT_DIR=root / "out", UPDATE_MODEL_CARDS=1)
     completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     return root / "out", completed
 
@@ -113,6 +113,13 @@ def test_the_tuned_run_model_card_gets_the_headline(eval_run):
     card = (out.parent / "README.md").read_text()
     assert "Not evaluated yet" not in card and "- `tuned`, neutral prompts, `discrepancy_gender`" in card
     assert f"Full report: `{(out / 'report' / 'report.md').resolve()}`" in card and card.endswith("## Intended uses\n\nTests.\n")
+    # A quick evaluation of the same folders into another report leaves the card alone unless asked.
+    quick = subprocess.run([sys.executable, "-m", "popalign.evaluate", "--base", str(out / "images" / "base"), "--tuned",
+                            f"tuned={out / 'images' / 'tuned'}", "--classifier", "clip", "--num_resamples", "50",
+                            "--chart_prompts", "0", "--grid_prompts", "0", "--output_dir", str(out.parent / "quick")],
+                           cwd=REPO_ROOT, capture_output=True, text=True, env=eval_environment())
+    assert quick.returncode == 0, quick.stderr[-2000:]
+    assert (out.parent / "README.md").read_text() == card and "updated the Evaluation section" not in quick.stdout
 
 
 def test_eval_sh_draws_identity_prompts_in_rounds_until_precise_enough(tmp_path):

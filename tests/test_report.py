@@ -191,3 +191,25 @@ def test_user_text_is_escaped_in_the_report_and_never_read_as_math(tmp_path):
     assert "&lt;script&gt;" in text
     assert all(not target.startswith("javascript") for target in referenced_files(text))
     assert len(list(path.parent.glob("chart_distribution_*.png"))) == 3
+
+
+def test_evaluate_adds_the_human_study_section_and_refuses_a_folder_that_is_not_a_study(folders, tmp_path):
+    from popalign.study.prepare import StudySettings, prepare_study
+    from test_study_world import make_image_folders
+
+    study_dir = tmp_path / "study"
+    prepare_study(make_image_folders(tmp_path / "study_images"), study_dir,
+                  StudySettings(image_tasks=6, population_tasks=2, grid_size=4, tasks_per_rater=8))
+    base, tuned = folders
+    command = [sys.executable, "-m", "popalign.evaluate", "--base", str(base), "--tuned", f"popalign={tuned}",
+               "--num_resamples", "100", "--chart_prompts", "0", "--grid_prompts", "0"]
+    completed = subprocess.run([*command, "--human_study", str(study_dir), "--report_dir", str(tmp_path / "report")],
+                               cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    section = text[text.index("## Human study"):text.index("## Machine-readable results")]
+    assert "0 raters voted" in section
+    completed = subprocess.run([*command, "--human_study", str(tmp_path), "--report_dir", str(tmp_path / "other")],
+                               cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 2 and len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert not (tmp_path / "other").exists()

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare_on_intersection", action="store_true",
                         help="when the models' folders hold different prompts, image indices or seeds, compare on the images all "
                              "share (the report says so at the top) instead of stopping with an error")
+    parser.add_argument("--human_study", default="", metavar="STUDY_DIR",
+                        help="a study folder of python -m popalign.study (prepared, served, voted on): adds its "
+                             "'Human study' section to report.md")
+    parser.add_argument("--update_model_cards", action="store_true",
+                        help="write this evaluation's headline into the model card (README.md) of each tuned model's "
+                             "training run; off by default, so that a quick evaluation never changes a run's card")
     parser.add_argument("--chart_prompts", type=int, default=6, help="neutral prompts charted one by one")
     parser.add_argument("--grid_prompts", type=int, default=3, help="neutral prompts shown as before/after image grids")
     parser.add_argument("--grid_images", type=int, default=6, help="images per model in each grid")
@@ -108,12 +114,24 @@ def main(argv=None) -> int:
                                   min_identity_images_per_class=args.min_identity_images_per_class,
                                   min_confusion_singular_value=args.min_confusion_singular_value)
     check_output_location(args.report_dir, "--output_dir", folder=True)
+    if args.human_study:
+        from popalign.study import read_study
+
+        read_study(args.human_study)  # a folder that is not a study stops here, before any work
     result = evaluate(args.base, parse_named_folders(args.tuned), attributes, settings,
                       base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
     written = write_tables(result, args.report_dir)
-    report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images)
+    extra_sections = []
+    if args.human_study:
+        from popalign.study.report import human_study_section
+
+        extra_sections = human_study_section(args.human_study, min(args.num_resamples, 2000), args.seed)
+    report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images,
+                               extra_sections)
     print(f"wrote {report_path}")
-    if not settings.split:
+    if args.update_model_cards and settings.split:
+        raise InputError("--update_model_cards: a card's headline comes from the evaluation of every prompt, not of one split")
+    if args.update_model_cards:
         for card in update_model_cards(result, report_path):
             print(f"updated the Evaluation section of {card}")
     return 0

@@ -463,8 +463,12 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
 
 
 def write_report(result: EvaluationResult, report_dir: str | Path, written_tables: dict[str, Path],
-                 num_chart_prompts: int = 6, num_grid_prompts: int = 3, images_per_grid: int = 6) -> Path:
-    """Write report.md and its PNGs into `report_dir`; returns the path of report.md."""
+                 num_chart_prompts: int = 6, num_grid_prompts: int = 3, images_per_grid: int = 6,
+                 extra_sections: Sequence[str] = ()) -> Path:
+    """Write report.md and its PNGs into `report_dir`; returns the path of report.md.
+
+    extra_sections: Markdown lines placed before the machine-readable results (e.g. the human study's section).
+    """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     models = [result.base, *result.tuned]
@@ -545,6 +549,8 @@ def write_report(result: EvaluationResult, report_dir: str | Path, written_table
                   "the same seed. Captions are the classifier's labels. Shown: the most biased neutral prompts "
                   "above, then the first identity-specific and the first generic prompt.", "", *grid_lines]
 
+    if extra_sections:
+        lines += [*extra_sections, ""]
     lines += ["## Machine-readable results", ""]
     for role, path in written_tables.items():
         lines.append(f"- [{path.name}]({path.name})")
