@@ -17,7 +17,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from popalign.io import InputError, atomic_write_json, open_for_append, read_jsonl, refuse_symlink, remove_orphaned_temporary_files
+from popalign.io import (InputError, atomic_write_json, open_for_append, read_jsonl, refuse_symlink, remove_orphaned_temporary_files,
+                         write_faults_named)
 
 
 class SingleProcess:
@@ -118,17 +119,19 @@ def run_image_job(job: ImageJob, image_paths: Sequence[str], settings: dict, pro
     pending = [image_path for image_path in image_paths if image_path not in finished]
     assigned = pending[process.process_index :: process.num_processes]
     # Closed also when a batch fails, so that the bar's line ends before the error is printed.
-    with tqdm(total=len(assigned), desc=progress_label, unit="image", disable=not process.is_main_process) as progress, \
-            job.open_part_for_append(process.process_index) as part:
+    part_path = job.part_path(process.process_index)
+    with tqdm(total=len(assigned), desc=progress_label, unit="image", disable=not process.is_main_process) as progress:
         for start in range(0, len(assigned), batch_size):
             batch_paths = assigned[start : start + batch_size]
             rows = process_batch(batch_paths)
             if len(rows) != len(batch_paths):
                 raise RuntimeError(f"{progress_label}: {len(rows)} results for {len(batch_paths)} images")
-            for image_path, row in zip(batch_paths, rows):
-                part.write(json.dumps({"image_path": image_path, **row}) + "\n")
-            part.flush()
-            os.fsync(part.fileno())
+            # Opened per batch, so that a failed write (a full disk) is named here and no buffered line is left
+            # to fail again when the file is closed.
+            with write_faults_named(part_path), job.open_part_for_append(process.process_index) as part:
+                part.write("".join(json.dumps({"image_path": image_path, **row}) + "\n" for image_path, row in zip(batch_paths, rows)))
+                part.flush()
+                os.fsync(part.fileno())
             progress.update(len(batch_paths))
     process.wait_for_everyone()
     rows = job.finished_rows()

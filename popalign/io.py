@@ -38,6 +38,34 @@ def write_fault_error(path: str | Path, error: OSError) -> "InputError | None":
     return None
 
 
+@contextlib.contextmanager
+def write_faults_named(path: str | Path):
+    """Around a write to `path` by this code or a library: a full disk, a file-size limit or missing rights become the
+    one-line InputError naming `path` (write_fault_error). Libraries that report the operating system's error inside
+    their own exception type are read too: safetensors' "(os error 28)", torch's serializer's failures."""
+    import re
+
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as error:
+        fault = write_fault_error(path, error)
+        if fault is not None:
+            raise fault from None
+        raise
+    except Exception as error:
+        text = str(error)
+        code = re.search(r"\(os error (\d+)\)|\bcode: (\d+)", text)
+        number = int(code.group(1) or code.group(2)) if code else None
+        if number in WRITE_FAULTS:
+            raise write_fault_error(path, OSError(number, os.strerror(number))) from None
+        if "file write failed" in text or "inline_container" in text:  # torch's serializer keeps no errno; the disk is the likely cause
+            raise InputError(f"{path}: cannot write (the write failed: {text.strip().splitlines()[0]}; is the disk full?); the files "
+                             "written before are kept: free space, then run the same command again") from None
+        raise
+
+
 def refuse_symlink(path: str | Path) -> None:
     """A stage writes its own files fresh in its folders; a symbolic link where one belongs would send the write
     elsewhere (outside the run), so it is an error naming it."""

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, reset_accelerate, stage_arguments, stage_mains
-from popalign.io import InputError
+from popalign.io import InputError, read_jsonl
 from popalign.toy.small_run import stage_command
 
 
@@ -208,6 +208,15 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_previous_files_stay(wor
         assert sorted(path.name for path in full.iterdir()) == ["filler", "pairs.csv", "pairs.summary.json"]
 
 
+def test_a_full_disk_under_the_training_encoding_cache_is_one_line(world, capsys):
+    with tmpfs(world / "full", "size=1m") as full:
+        fill(full)
+        code, lines = run_main("train", with_flags("train", output_dir="train/new", cache_dir="full/cache"), capsys)
+        assert code == 2, lines
+        assert lines[-1].startswith("error: full/cache/") and "cannot write (no space left on the device)" in lines[-1], lines
+        assert not any("Traceback" in line for line in lines)
+
+
 def test_a_file_size_limit_is_one_line_naming_the_file_and_the_previous_files_stay(world):
     """EFBIG, the error a write past RLIMIT_FSIZE gets (with SIGXFSZ ignored), in a process of its own."""
     previous = snapshot(world / "preferences")
@@ -222,6 +231,27 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_the_previous_files_st
     [line] = completed.stderr.strip().splitlines()
     assert line.startswith("error: preferences/pairs.csv: cannot write (file too large for the file system)"), line
     assert snapshot(world / "preferences") == previous
+
+
+def test_a_part_file_past_the_file_size_limit_is_one_line_and_the_lines_before_stay(world):
+    """Classification appends one line per image to its part file: past RLIMIT_FSIZE the append fails (EFBIG)."""
+    folder = world / "images/train"
+    (folder / "labels_toy.csv").unlink()
+    (folder / ".labels_toy.part0.jsonl").write_text("")
+    (folder / ".labels_toy.settings.json").unlink()
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    completed = subprocess.run(stage_command("classify", with_flags("classify", batch_size="4")), cwd=world, capture_output=True, text=True,
+                               env=subprocess_environment(PYTHONDONTWRITEBYTECODE="1"), preexec_fn=limit_file_size)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: images/train/.labels_toy.part0.jsonl: cannot write (file too large for the file system)"), last
+    assert "Traceback" not in completed.stderr
+    written = read_jsonl([folder / ".labels_toy.part0.jsonl"])  # a line cut at the limit is left out, as a resume reads it
+    assert written and len(written) < len(pd.read_csv(folder / "manifest.csv"))  # the batches before the limit are kept
 
 
 def test_a_read_only_output_folder_is_refused_before_any_work(world, capsys):

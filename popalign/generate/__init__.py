@@ -24,7 +24,7 @@ from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_
 from popalign.locks import output_lock
 from popalign.prompts import read_prompt_table
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
-                         file_sha256, read_csv_checked, remove_orphaned_temporary_files)
+                         file_sha256, read_csv_checked, refuse_symlink, remove_orphaned_temporary_files)
 
 CONFIG_FILE = "generation_config.json"
 
@@ -263,6 +263,8 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     check_output_location(out_dir, "--output_dir", folder=True)
     if (out_dir / MANIFEST_NAME).is_dir() or (out_dir / CONFIG_FILE).is_dir():
         raise InputError(f"--output_dir {out_dir}: a folder is in the way of {MANIFEST_NAME} or {CONFIG_FILE}")
+    for name in (MANIFEST_NAME, CONFIG_FILE):  # before any image is drawn, not when the manifest is written at the end
+        refuse_symlink(out_dir / name)
     prompts = read_prompt_table(prompts_csv)
     prompts = prompts[prompts["kind"].isin(kinds)].reset_index(drop=True)
     unknown = sorted(set(images_per_prompt or {}) - set(prompts["prompt_id"]))

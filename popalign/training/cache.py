@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from popalign.io import atomic_write_json, file_sha256
+from popalign.io import atomic_write_json, file_sha256, write_faults_named
 
 CROP_RULE = "resize-shorter-side+center-crop"
 
@@ -72,16 +72,17 @@ class EncodingCache:
 
     def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         target = self.path(kind, key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_name)
-            os.replace(tmp_name, target)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
+        with write_faults_named(target):  # a full disk is one line naming the entry; the entries before stay
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{key}.", suffix=".tmp")
+            os.close(handle)
+            try:
+                save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_name)
+                os.replace(tmp_name, target)
+            except BaseException:
+                if os.path.exists(tmp_name):
+                    os.unlink(tmp_name)
+                raise
 
     def read(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         return load_file(self.path(kind, key))

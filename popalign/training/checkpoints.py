@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from popalign.io import InputError, atomic_write_json, atomic_write_text, open_for_append
+from popalign.io import InputError, atomic_write_json, atomic_write_text, open_for_append, write_faults_named
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -261,7 +261,7 @@ def describe_differences(differences: dict[str, tuple]) -> str:
 
 def record_settings_change(output_dir: str | Path, checkpoint: Path, step: int, differences: dict[str, tuple]) -> None:
     """Append to <output_dir>/settings_changes.jsonl what a forced resume changed, and from which checkpoint."""
-    with open_for_append(Path(output_dir) / SETTINGS_CHANGES_NAME) as stream:
+    with write_faults_named(Path(output_dir) / SETTINGS_CHANGES_NAME), open_for_append(Path(output_dir) / SETTINGS_CHANGES_NAME) as stream:
         stream.write(json.dumps({"resumed_from": str(checkpoint), "step": step,
                                  "changes": {name: {"checkpoint": then, "now": now} for name, (then, now) in differences.items()}}) + "\n")
 

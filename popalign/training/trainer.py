@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from popalign.distributed import global_rank
 from popalign.io import (InputError, atomic_write_text, check_model_location, check_output_location, clear_for_writer, fresh_folder,
-                         open_for_append, refuse_symlink, remove_orphaned_temporary_files)
+                         open_for_append, refuse_symlink, remove_orphaned_temporary_files, write_faults_named)
 from popalign.locks import output_lock
 from popalign.losses import per_sample_denoising_error, with_prior_preservation
 from popalign.training.checkpoints import (
@@ -315,7 +315,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfi
         refuse_symlink(partial_checkpoint_dir(output_dir, step))
         shutil.rmtree(partial_checkpoint_dir(output_dir, step), ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
+    with write_faults_named(partial_checkpoint_dir(output_dir, step)):  # the checkpoints before stay whole
+        accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:  # diffusers layout; its config holds the EMA's own state (decay, step)
@@ -368,7 +369,7 @@ def save_final_weights(accelerator, run: "PreparedRun", output_dir: Path) -> Pat
             # FSDP's module holds flattened shards; rebuild a plain U-Net from the gathered weights.
             model = type(model).from_config(model.config)
             model.load_state_dict(state_dict)
-        with fresh_folder(output_dir / "unet") as folder:
+        with write_faults_named(output_dir / "unet"), fresh_folder(output_dir / "unet") as folder:
             model.save_pretrained(str(folder))
     accelerator.wait_for_everyone()
     return output_dir / "unet"
@@ -664,7 +665,7 @@ def log_step(run: PreparedRun, logged: dict[str, float]) -> None:
     accelerator, output_dir = run.accelerator, Path(run.config.output_dir)
     accelerator.log({f"train/{name}": value for name, value in logged.items()}, step=run.global_step)
     if accelerator.is_main_process:
-        with open_for_append(output_dir / METRICS_NAME) as stream:
+        with write_faults_named(output_dir / METRICS_NAME), open_for_append(output_dir / METRICS_NAME) as stream:
             stream.write(json.dumps({"step": run.global_step, **logged}) + "\n")
     if not math.isfinite(logged["loss"]):
         # Before any checkpoint of this step: the last one written is from before the weights went bad.

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from popalign.io import InputError, atomic_save_image, atomic_write_text, open_for_append
+from popalign.io import InputError, atomic_save_image, atomic_write_text, open_for_append, write_faults_named
 from popalign.training.models import TEXT_ENCODER_NAMES
 
 VALIDATION_NAME = "validation.jsonl"
@@ -272,7 +272,7 @@ class TrainingValidation:
         self.accelerator.log({f"validation/{name}": value for name, value in record.items()
                               if name != "step" and isinstance(value, float) and math.isfinite(value)}, step=step)
         written = {name: (None if isinstance(value, float) and not math.isfinite(value) else value) for name, value in record.items()}
-        with open_for_append(self.output_dir / VALIDATION_NAME) as stream:
+        with write_faults_named(self.output_dir / VALIDATION_NAME), open_for_append(self.output_dir / VALIDATION_NAME) as stream:
             stream.write(json.dumps(written, allow_nan=False) + "\n")
         self._write_grid(grid, step)
         return record
