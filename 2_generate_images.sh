@@ -31,6 +31,12 @@ fi
 : "${IMAGES_PER_NEUTRAL_PROMPT:=100}"  # the biased "base" population of each neutral prompt
 : "${IMAGES_PER_IDENTITY_PROMPT:=10}"  # the diverse population: 10 per identity-specific prompt
 : "${BATCH_SIZE:=4}"                   # images per forward pass on each process
+# Speed: how the pipeline runs, not what it draws (on or off; none changes the pixels beyond float rounding, and
+# none is recorded in generation_config.json). Measured in BENCHMARKS.md (benchmarks/gpu_check.sh on a GPU).
+: "${CHANNELS_LAST:=off}"              # U-Net and VAE in channels-last memory format (faster convolutions on tensor cores)
+: "${VAE_SLICING:=off}"                # decode a batch one image at a time (less memory at large BATCH_SIZE)
+: "${VAE_TILING:=off}"                 # decode in tiles (less memory at high resolution)
+: "${COMPILE_UNET:=off}"               # torch.compile the U-Net: minutes to compile on every process, then faster steps
 # Classification.
 : "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), toy
 : "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
@@ -39,12 +45,22 @@ fi
 : "${NUM_PROCESSES:=1}"
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 
+# The speed options as popalign.generate's flags; a value other than on or off stops here (exit 2).
+speed_args=()
+for option in CHANNELS_LAST:--channels_last VAE_SLICING:--vae_slicing VAE_TILING:--vae_tiling COMPILE_UNET:--compile_unet; do
+  variable="${option%%:*}"
+  case "${!variable}" in
+    on) speed_args+=("${option#*:}") ;;
+    off) ;;
+    *) echo "error: $variable=${!variable}: expected on or off" >&2; exit 2 ;;
+  esac
+done
 generate_args=(
   --pretrained_model_name_or_path "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
   --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED"
   --prompts_csv "$PROMPTS_CSV" --output_dir "$OUT_DIR"
   --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
-  --batch_size "$BATCH_SIZE"
+  --batch_size "$BATCH_SIZE" "${speed_args[@]}"
 )
 classify_args=(--output_dir "$OUT_DIR" --classifier "$CLASSIFIER" --detector "$DETECTOR" --batch_size "$CLASSIFY_BATCH_SIZE")
 # Both stages checked first in one process: a bad setting or file is one line and exit code 2, and nothing is written.

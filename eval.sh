@@ -51,6 +51,12 @@ fi
 : "${PRECISION:=auto}"                # auto = fp16 on GPU, fp32 on CPU
 : "${SEED:=0}"                        # the same base seed for every model, so images pair up
 : "${BATCH_SIZE:=4}"
+# Speed: how the pipeline runs, not what it draws (on or off; none changes the pixels beyond float rounding, and
+# none is recorded in generation_config.json). Measured in BENCHMARKS.md (benchmarks/gpu_check.sh on a GPU).
+: "${CHANNELS_LAST:=off}"              # U-Net and VAE in channels-last memory format (faster convolutions on tensor cores)
+: "${VAE_SLICING:=off}"                # decode a batch one image at a time (less memory at large BATCH_SIZE)
+: "${VAE_TILING:=off}"                 # decode in tiles (less memory at high resolution)
+: "${COMPILE_UNET:=off}"               # torch.compile the U-Net: minutes to compile on every process, then faster steps
 # Classification and quality.
 : "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), toy
 : "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
@@ -70,11 +76,21 @@ fi
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 : "${OUT_DIR:=outputs/eval}"
 
+# The speed options as popalign.generate's flags; a value other than on or off stops here (exit 2).
+speed_args=()
+for option in CHANNELS_LAST:--channels_last VAE_SLICING:--vae_slicing VAE_TILING:--vae_tiling COMPILE_UNET:--compile_unet; do
+  variable="${option%%:*}"
+  case "${!variable}" in
+    on) speed_args+=("${option#*:}") ;;
+    off) ;;
+    *) echo "error: $variable=${!variable}: expected on or off" >&2; exit 2 ;;
+  esac
+done
 # The sampling settings, the same for every model: only the weights differ.
 generate_args=(
   --pretrained_model_name_or_path "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --steps "$STEPS" --guidance "$GUIDANCE" --width "$WIDTH" --height "$HEIGHT" --scheduler "$SCHEDULER"
-  --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE"
+  --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE" "${speed_args[@]}"
 )
 
 classify_args=(--classifier "$CLASSIFIER" --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE")
