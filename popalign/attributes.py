@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ class Attribute:
     name: str
     prompt_words: dict[str, str]
     classifier_labels: dict[str, str] = field(default_factory=dict)
+    # label -> [from, to) in years, for an attribute a classifier estimates as a number of years (age); to may be inf.
+    years: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -30,6 +33,13 @@ class Attribute:
         if raw_label in self.prompt_words:
             return raw_label
         raise ValueError(f"classifier label {raw_label!r} is not a {self.name} label ({', '.join(self.labels)})")
+
+    def label_of_years(self, years: float) -> str:
+        """The label whose range [from, to) holds `years` (the attribute's 'years' ranges)."""
+        for label, (low, high) in self.years.items():
+            if low <= years < high:
+                return label
+        raise ValueError(f"{years} years is outside the {self.name} ranges {self.years}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ def load_attributes(path: str | Path = DEFAULT_ATTRIBUTES_PATH) -> AttributeSet:
             raise InputError(f"{path}: attribute {name!r} needs a non-empty 'values' mapping")
         if not isinstance(spec.get("classifier_labels", {}), dict):
             raise InputError(f"{path}: attribute {name!r}: 'classifier_labels' must map raw labels to labels")
-        attributes[name] = Attribute(name, dict(values), dict(spec.get("classifier_labels", {})))
+        attributes[name] = Attribute(name, dict(values), dict(spec.get("classifier_labels", {})),
+                                     _year_ranges(path, name, spec.get("years"), list(values)))
     if not isinstance(raw.get("word_order", []), list):
         raise InputError(f"{path}: 'word_order' must be a list of attribute names")
     word_order = list(raw.get("word_order", attributes))
@@ -76,3 +87,26 @@ def load_attributes(path: str | Path = DEFAULT_ATTRIBUTES_PATH) -> AttributeSet:
         raise InputError(f"{path}: word_order names unknown attribute(s) {', '.join(unknown)}")
     word_order += [name for name in attributes if name not in word_order]
     return AttributeSet(attributes, word_order)
+
+
+def _year_ranges(path: Path, name: str, years, labels: list[str]) -> dict[str, tuple[float, float]]:
+    """'years': {label: [from, to)} for every label, in label order, each range starting where the one before ends,
+    the first at 0; the last `to` may be null (no upper end)."""
+    if years is None:
+        return {}
+    where = f"{path}: attribute {name!r}: 'years'"
+    if not isinstance(years, dict) or list(years) != labels:
+        raise InputError(f"{where} must give a [from, to) range for each label, in the order of 'values' ({', '.join(labels)})")
+    ranges, expected_start = {}, 0.0
+    for index, (label, bounds) in enumerate(years.items()):
+        last = index == len(years) - 1
+        numbers_ok = isinstance(bounds, list) and len(bounds) == 2 and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in bounds if value is not None)
+        if not numbers_ok or bounds[0] is None or (bounds[1] is None and not last):
+            raise InputError(f"{where}: {label!r} must be [from, to] in years (only the last 'to' may be null), got {bounds!r}")
+        low, high = float(bounds[0]), math.inf if bounds[1] is None else float(bounds[1])
+        if low != expected_start or not high > low:
+            raise InputError(f"{where}: {label!r} is [{bounds[0]}, {bounds[1]}): ranges must start at 0, rise, and each "
+                             f"start where the one before ends ({expected_start:g})")
+        ranges[label], expected_start = (low, high), high
+    return ranges

@@ -14,6 +14,7 @@ CLASSIFIERS = {
     "deepface": "popalign.classify.deepface_backend:DeepFaceClassifier",
     "clip": "popalign.classify.clip_backend:ClipZeroShotClassifier",
     "toy": "popalign.toy.classifier:ToyClassifier",
+    "age_gender": "popalign.classify.age_gender_backend:AgeGenderClassifier",
 }
 
 
