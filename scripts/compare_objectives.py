@@ -1,4 +1,4 @@
-"""PopAlign, PopAlign with a per-pair anchor, Diffusion-DPO and SFT, each tuned with the same budget (toy world).
+"""PopAlign, PopAlign with a per-pair anchor, Diffusion-DPO and SFT, each tuned by the same rule (toy world).
 
     python scripts/compare_objectives.py --pairs_file outputs/toy_demo/preferences/pairs.csv \
         --output_dir outputs/toy_comparison
@@ -6,8 +6,10 @@
 Needs the pairs of a finished demo (`make demo`: built from the training split only). For each objective
 of popalign.toy.comparison.OBJECTIVES it trains every grid point (the demo's settings, --max_train_steps
 steps, seed = the first of --seeds), scores each on the validation occupations, picks one setting by the
-declared rule, trains it with every seed and scores those on the held-out occupations. Writes
-`<output_dir>/table.md` and `results.json`. Re-running resumes: finished trainings are skipped (their
+declared rule, trains it with every seed (at least popalign.toy.comparison.MIN_SEEDS) and scores those on the
+held-out occupations, then tests each objective against PopAlign per held-out prompt (superiority and
+equivalence against the declared margins, each family Holm-corrected). Writes `<output_dir>/table.md` and
+`results.json`. Re-running resumes: finished trainings are skipped (their
 finished.json) and measurements already written are kept.
 """
 
@@ -62,13 +64,17 @@ def main(argv=None) -> int:
     comparison.add_toy_study_arguments(parser, output_dir="outputs/toy_comparison")
     parser.add_argument("--objectives", default=",".join(objective.name for objective in comparison.OBJECTIVES),
                         help="the objectives to run and tabulate (each with its full grid and seeds)")
-    parser.add_argument("--seeds", default="0,1,2", help="training seeds of each chosen setting; the first also trains the grid")
+    parser.add_argument("--seeds", default=",".join(str(seed) for seed in range(comparison.MIN_SEEDS)),
+                        help=f"training seeds of each chosen setting (at least {comparison.MIN_SEEDS}); the first also "
+                             "trains the grid")
     parser.add_argument("--max_train_steps", type=int, default=300)
     args = parser.parse_args(argv)
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
-        if not seeds:
-            raise InputError("--seeds: give at least one seed")
+        if len(set(seeds)) < comparison.MIN_SEEDS:
+            raise InputError(f"--seeds: give at least {comparison.MIN_SEEDS} distinct seeds (got {len(set(seeds))})")
+        if any(not 0 <= seed < 2 ** 32 for seed in seeds):
+            raise InputError("--seeds: each seed must be in [0, 2^32)")
         known = {objective.name: objective for objective in comparison.OBJECTIVES}
         names = [name.strip() for name in args.objectives.split(",") if name.strip()]
         unknown = [name for name in names if name not in known]
@@ -113,17 +119,33 @@ def main(argv=None) -> int:
                                                     run_dir / f"measure_{args.test_split}.json"))
 
     table = comparison.comparison_table(base[args.test_split], chosen, held_out, met)
+    edges = [name for name in chosen if comparison.on_grid_edge(
+        next(point for objective in objectives if objective.name == name for point in objective.grid
+             if comparison.run_name(objective, point) == chosen[name]))]
+    tests = (comparison.objective_tests(held_out) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
+             else [])
     command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([
-        f"Held-out occupations ({args.test_split}): mean over {len(seeds)} training seeds [95% interval over seeds].",
+        f"Held-out occupations ({args.test_split}): mean over {len(seeds)} training seeds [95% interval over seeds; "
+        "† cut to the metric's range].",
         "", table, "",
         f"Selection rule (declared before the runs): {comparison.SELECTION_RULE}.",
-        f"Budget: {len(comparison.OBJECTIVES[0].grid)} runs per objective, {args.max_train_steps} steps each.",
+        "Grid rule (declared before the runs): " + "; ".join(f"{objective.name} {len(objective.grid)} runs"
+                                                          for objective in objectives)
+        + f", {args.max_train_steps} steps each.",
+        ("Chosen on the edge of the learning-rate grid (not bracketed): " + ", ".join(edges) + ".") if edges else
+        "Every chosen learning rate is inside its grid.", "",
+        f"Each objective against {comparison.REFERENCE_OBJECTIVE} per held-out prompt (difference = objective - "
+        f"{comparison.REFERENCE_OBJECTIVE}; lower is better), with equivalence margins declared before the runs "
+        f"({comparison.EQUIVALENCE_MARGINS}); superiority and equivalence tests each Holm-corrected over their family "
+        "per unit:", "",
+        comparison.tests_table(tests) if tests else "(needs the reference objective and at least one other)", "",
         f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {
         "settings": vars(args), "selection_rule": comparison.SELECTION_RULE, "common_settings": comparison.COMMON_SETTINGS,
-        "base": base, "validation": validation, "chosen": chosen, "met_constraints": met, "held_out": held_out})
+        "base": base, "validation": validation, "chosen": chosen, "met_constraints": met, "held_out": held_out,
+        "equivalence_margins": comparison.EQUIVALENCE_MARGINS, "tests": tests})
     print(text)
     return 0
 

@@ -15,15 +15,62 @@ def measurement(gender, race, identity=0.98, quality=0.96):
             "neutral_toy_quality": quality}
 
 
-def test_every_objective_gets_the_same_budget_and_distinct_run_names():
-    sizes = {objective.name: len(objective.grid) for objective in comparison.OBJECTIVES}
-    assert set(sizes) == {"popalign", "popalign_per_pair", "dpo", "sft"} and len(set(sizes.values())) == 1
+def test_every_objective_grid_comes_from_one_rule_and_run_names_are_distinct():
+    grids = {objective.name: objective.grid for objective in comparison.OBJECTIVES}
+    assert set(grids) == {"popalign", "popalign_per_pair", "dpo", "sft"}
+    # The same learning rates for every objective; the same temperatures for each that has one; the loser
+    # weight 1 (Diffusion-DPO's, fixed by its loss) in PopAlign's grid.
+    for name, grid in grids.items():
+        assert sorted({point["learning_rate"] for point in grid}) == list(comparison.LEARNING_RATES), name
+    for name in ("popalign", "popalign_per_pair", "dpo"):
+        assert sorted({point["beta"] for point in grids[name]}) == list(comparison.TEMPERATURES)
+    assert sorted({point["lambda_loser"] for point in grids["popalign"]}) == [0.1, 1.0]
+    assert len(grids["popalign"]) == 2 * 2 * 4 and len(grids["dpo"]) == 2 * 4 and len(grids["sft"]) == 4
+    assert comparison.grid_for(("learning_rate", "beta"))[0] == {"beta": 0.5, "learning_rate": 5e-5}
+    with pytest.raises(ValueError):
+        comparison.grid_for(("momentum",))
+    assert comparison.on_grid_edge({"learning_rate": 4e-4}) and not comparison.on_grid_edge({"learning_rate": 1e-4})
     names = [comparison.run_name(objective, point) for objective in comparison.OBJECTIVES for point in objective.grid]
     assert len(names) == len(set(names))
     assert comparison.run_name(comparison.OBJECTIVES[0], {"beta": 0.5, "learning_rate": 2e-4}) == \
         "popalign_beta0.5_learning_rate0.0002"
     anchors = {objective.name: objective.fixed.get("popalign_anchor") for objective in comparison.OBJECTIVES}
     assert anchors["popalign"] == "pooled" and anchors["popalign_per_pair"] == "per_pair"
+
+
+def held_out_measurements(gender_shift, race_shift, seeds, prompts=8, seed=0):
+    """Held-out measurements whose per-prompt discrepancies are the reference's plus a shift and noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    result = []
+    for _ in range(seeds):
+        rows = [{"occupation": f"o{index}", "gender_discrepancy": 0.5 + 0.02 * index + gender_shift + rng.normal(0, 0.005),
+                 "race_discrepancy": 0.6 + race_shift + rng.normal(0, 0.005)} for index in range(prompts)]
+        result.append({"neutral": rows})
+    return result
+
+
+def test_objective_tests_find_a_difference_and_an_equivalence_with_holm():
+    held_out = {"popalign": held_out_measurements(0.0, 0.0, 5, seed=0),
+                "sft": held_out_measurements(-0.1, 0.0, 5, seed=1),    # better on gender, the same on race
+                "dpo": held_out_measurements(0.2, 0.3, 5, seed=2)}     # worse on both
+    rows = {(row["objective"], row["metric"], row["unit"]): row for row in comparison.objective_tests(held_out)}
+    assert len(rows) == 2 * 2 * 2
+    sft_gender = rows[("sft", "gender_discrepancy", "prompt")]
+    assert sft_gender["num_pairs"] == 8 and sft_gender["difference"] == pytest.approx(-0.1, abs=0.01)
+    # 8 prompts: exact p 2/256; Holm over 4 tests of this unit: 4 x 2/256 = 0.03125
+    assert sft_gender["p_value"] == pytest.approx(2 / 256) and sft_gender["p_value_holm"] == pytest.approx(4 * 2 / 256)
+    assert sft_gender["verdict"] == "better"
+    sft_race = rows[("sft", "race_discrepancy", "prompt")]
+    assert sft_race["equivalence"] == "equivalent within +-0.05"
+    assert rows[("dpo", "race_discrepancy", "prompt")]["verdict"] == "worse"
+    assert rows[("dpo", "race_discrepancy", "prompt")]["equivalence"].startswith("not shown equivalent")
+    assert rows[("sft", "gender_discrepancy", "prompt x seed")]["num_pairs"] == 40
+    table = comparison.tests_table(list(rows.values()))
+    assert table.count("\n") == 1 + len(rows) and "| sft | gender_discrepancy | prompt | 8 |" in table
+    with pytest.raises(ValueError, match="reference"):
+        comparison.objective_tests({"sft": held_out["sft"]})
 
 
 def test_selection_takes_the_lowest_bias_among_runs_that_hold_identity_and_quality():
@@ -47,7 +94,8 @@ def test_selection_takes_the_lowest_bias_among_runs_that_hold_identity_and_quali
 def test_table_gives_mean_and_interval_over_seeds():
     held_out = {"popalign": [measurement(0.10, 0.20), measurement(0.12, 0.18), measurement(0.14, 0.22)]}
     summary = comparison.seed_summary(held_out["popalign"])
-    mean, low, high = summary["neutral_gender_discrepancy"]
+    mean, low, high, clipped = summary["neutral_gender_discrepancy"]
+    assert not clipped
     assert mean == pytest.approx(0.12)
     # At least the t-interval: sd 0.02, t_{2, 0.975} = 4.3027.
     assert low <= 0.12 - 4.3027 * 0.02 / math.sqrt(3) + 1e-5 and high >= 0.12 + 4.3027 * 0.02 / math.sqrt(3) - 1e-5
@@ -67,6 +115,8 @@ def test_the_script_refuses_an_unknown_objective(capsys):
     spec.loader.exec_module(script)
     assert script.main(["--objectives", "popalign,ppo"]) == 2
     assert "--objectives: unknown ppo (known: popalign, popalign_per_pair, dpo, sft)" in capsys.readouterr().err
+    assert script.main(["--seeds", "0,1,2"]) == 2
+    assert "--seeds: give at least 5 distinct seeds (got 3)" in capsys.readouterr().err
 
 
 def load_script(name: str):

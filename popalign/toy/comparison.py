@@ -1,13 +1,18 @@
-"""Objectives compared with the same tuning budget in the toy world: the grid, the selection rule, the table.
+"""Objectives compared with the same tuning rule in the toy world: the grid, the selection rule, the tests.
 
 The protocol, fixed before any run (scripts/compare_objectives.py runs it):
-1. Every objective gets the same number of runs: a 2 x 2 grid of its own temperature and the learning
-   rate (SFT has no temperature: four learning rates). Everything else is the demo's setting, the
-   same for all: pairs, steps, batch, cosine schedule, caption dropout, prior preservation.
+1. Every objective's grid comes from one rule: the full product of the values below for each knob the
+   objective has (LEARNING_RATES for all; TEMPERATURES for the objectives with a temperature; LOSER_WEIGHTS
+   for those with a loser term, Diffusion-DPO included). Everything else is the demo's setting, the same
+   for all: pairs, steps, batch, cosine schedule, caption dropout, prior preservation. An objective with
+   fewer knobs has fewer runs; no objective's values were picked from its own earlier runs.
 2. Each grid run is scored on the VALIDATION occupations (neither trained on nor tested on).
-3. SELECTION_RULE picks one setting per objective from those scores alone.
-4. The chosen setting is trained with several seeds and scored on the HELD-OUT occupations; the
-   table gives each objective's mean over seeds with a 95% interval over seeds.
+3. SELECTION_RULE picks one setting per objective from those scores alone; a learning rate chosen on
+   the edge of LEARNING_RATES is reported as such (the grid did not bracket it).
+4. The chosen setting is trained with at least MIN_SEEDS seeds and scored on the HELD-OUT occupations; the
+   table gives each objective's mean over seeds with a 95% interval over seeds, and objective_tests
+   compares each objective with the reference (PopAlign) per held-out prompt: a paired superiority test
+   and an equivalence test (two one-sided tests) against EQUIVALENCE_MARGINS, each family Holm-corrected.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from popalign.evaluate import metrics
 from popalign.evaluate.metrics import bootstrap_mean_ci
 
 # Shared by every run: the demo's setting (demo.sh), except the number of steps (the script's flag).
@@ -34,19 +42,42 @@ class Objective:
     grid: tuple[dict, ...] = ()
 
 
-def _grid(betas, learning_rates) -> tuple[dict, ...]:
-    return tuple({"beta": beta, "learning_rate": learning_rate} for beta in betas for learning_rate in learning_rates)
+# The grid rule's values (declared before any run; one list per knob, shared by every objective that has it).
+LEARNING_RATES = (5e-5, 1e-4, 2e-4, 4e-4)
+TEMPERATURES = (0.5, 2.0)
+LOSER_WEIGHTS = (0.1, 1.0)
+MIN_SEEDS = 5
 
 
-# The temperatures bracket each objective's own scale: PopAlign's margin is beta * (g - z), Diffusion-DPO's
+def grid_for(knobs: tuple[str, ...]) -> tuple[dict, ...]:
+    """The full product of the declared values of each knob: 'beta' (TEMPERATURES), 'lambda_loser'
+    (LOSER_WEIGHTS) and 'learning_rate' (LEARNING_RATES), in that order."""
+    values = {"beta": TEMPERATURES, "lambda_loser": LOSER_WEIGHTS, "learning_rate": LEARNING_RATES}
+    unknown = [knob for knob in knobs if knob not in values]
+    if unknown:
+        raise ValueError(f"unknown knob(s) {unknown} (known: {', '.join(values)})")
+    points = [{}]
+    for knob in [knob for knob in values if knob in knobs]:
+        points = [{**point, knob: value} for point in points for value in values[knob]]
+    return tuple(points)
+
+
+# Temperatures bracket each objective's own scale: PopAlign's margin is beta * (g - z), Diffusion-DPO's
 # beta / 2 * (g_w - g_l); with the per-pair anchor PopAlign's terms equal DPO's at the same beta.
 OBJECTIVES = (
-    Objective("popalign", "popalign", {"popalign_anchor": "pooled", "lambda_loser": 0.1}, _grid((0.5, 2.0), (1e-4, 2e-4))),
-    Objective("popalign_per_pair", "popalign", {"popalign_anchor": "per_pair", "lambda_loser": 0.1},
-              _grid((0.5, 2.0), (1e-4, 2e-4))),
-    Objective("dpo", "dpo", {}, _grid((0.5, 2.0), (1e-4, 2e-4))),
-    Objective("sft", "sft", {"beta": 0.0}, tuple({"learning_rate": rate} for rate in (5e-5, 1e-4, 2e-4, 4e-4))),
+    Objective("popalign", "popalign", {"popalign_anchor": "pooled"}, grid_for(("beta", "lambda_loser", "learning_rate"))),
+    Objective("popalign_per_pair", "popalign", {"popalign_anchor": "per_pair"},
+              grid_for(("beta", "lambda_loser", "learning_rate"))),
+    # Diffusion-DPO's loss weighs its loser term at 1 by definition (no knob); PopAlign's grid holds that weight too.
+    Objective("dpo", "dpo", {}, grid_for(("beta", "learning_rate"))),
+    Objective("sft", "sft", {"beta": 0.0}, grid_for(("learning_rate",))),
 )
+
+
+def on_grid_edge(point: dict) -> bool:
+    """Whether a chosen setting's learning rate is the smallest or largest of LEARNING_RATES (not bracketed)."""
+    return point.get("learning_rate") in (min(LEARNING_RATES), max(LEARNING_RATES))
+
 
 # Identity accuracy may fall at most this far below the base's, and toy quality at most this share.
 MAX_IDENTITY_DROP = 0.02
@@ -92,17 +123,27 @@ TABLE_METRICS = (
 )
 
 
-def seed_summary(measurements: list[dict]) -> dict[str, tuple[float, float, float]]:
-    """Per table metric: (mean over seeds, 95% interval low, high) of one objective's held-out measurements."""
-    return {key: bootstrap_mean_ci([measurement[key] for measurement in measurements]) for key, _ in TABLE_METRICS}
+# Every table metric lies in [0, 1] (a discrepancy below sqrt(1 - 1/K) < 1; accuracy; the toy quality's range).
+TABLE_METRIC_BOUNDS = (0.0, 1.0)
 
 
-def _cell(mean: float, low: float, high: float, percent: bool) -> str:
+def seed_summary(measurements: list[dict]) -> dict[str, tuple[float, float, float, bool]]:
+    """Per table metric: (mean over seeds, 95% interval low, high, whether the interval was cut to
+    TABLE_METRIC_BOUNDS) of one objective's held-out measurements."""
+    summary = {}
+    for key, _ in TABLE_METRICS:
+        mean, low, high = bootstrap_mean_ci([measurement[key] for measurement in measurements])
+        summary[key] = (mean, *metrics.clip_interval(low, high, TABLE_METRIC_BOUNDS))
+    return summary
+
+
+def _cell(mean: float, low: float, high: float, percent: bool, clipped: bool = False) -> str:
+    mark = "†" if clipped else ""
     if math.isnan(low):
         return f"{mean:.1%}" if percent else f"{mean:.3f}"
     if percent:
-        return f"{mean:.1%} [{low:.1%}, {high:.1%}]"
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+        return f"{mean:.1%} [{low:.1%}, {high:.1%}]{mark}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]{mark}"
 
 
 def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, list[dict]],
@@ -116,7 +157,87 @@ def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, lis
         summary = seed_summary(measurements)
         setting = chosen[name] + ("" if met_constraints[name] else " (no run met the constraints)")
         lines.append(f"| {name} | {setting} | {len(measurements)} | "
-                     + " | ".join(_cell(*summary[key], key == "identity_accuracy") for key, _ in TABLE_METRICS) + " |")
+                     + " | ".join(_cell(*summary[key][:3], key == "identity_accuracy", summary[key][3])
+                                  for key, _ in TABLE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+# Declared before any run: a difference in a held-out discrepancy smaller than this is "no difference that
+# matters" (below the sampling floor of a fair population of 100 faces: 0.056 for gender, 0.072 for 3 races).
+EQUIVALENCE_MARGINS = {"gender_discrepancy": 0.05, "race_discrepancy": 0.05}
+REFERENCE_OBJECTIVE = "popalign"
+TEST_COLUMNS = ["objective", "metric", "unit", "num_pairs", "difference", "ci_low", "ci_high", "p_value", "p_value_holm",
+                "verdict", "margin", "p_equivalence", "p_equivalence_holm", "equivalence"]
+
+
+def per_prompt_values(measurements: list[dict], metric: str) -> dict[str, list[float]]:
+    """occupation -> the metric of its neutral prompt, one value per seed (in seed order)."""
+    values: dict[str, list[float]] = {}
+    for measurement in measurements:
+        for row in measurement["neutral"]:
+            values.setdefault(row["occupation"], []).append(float(row[metric]))
+    return values
+
+
+def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_OBJECTIVE,
+                    margins: dict[str, float] = EQUIVALENCE_MARGINS, confidence: float = 0.95) -> list[dict]:
+    """Each objective against the reference on the held-out prompts: difference = objective - reference.
+
+    Two units, each its own row: 'prompt' pairs the held-out prompts, each value the mean over seeds (the
+    primary test: prompts are independent); 'prompt x seed' pairs (prompt, seed i of each objective)
+    and treats seeds as independent within a prompt (more pairs, and anti-conservative if seeds share
+    an effect). Per unit, the superiority tests (metrics.paired_test, verdict lower is better) of every
+    objective and metric form one Holm family, and the equivalence tests (metrics.paired_equivalence_test
+    against margins[metric]) another.
+    """
+    if reference not in held_out:
+        raise ValueError(f"the reference objective {reference!r} has no held-out measurements")
+    rows = []
+    for unit in ("prompt", "prompt x seed"):
+        unit_rows = []
+        for name, measurements in held_out.items():
+            if name == reference:
+                continue
+            for metric, margin in margins.items():
+                first = per_prompt_values(held_out[reference], metric)
+                second = per_prompt_values(measurements, metric)
+                prompts = [prompt for prompt in first if prompt in second]
+                if unit == "prompt":
+                    pairs = [(float(np.nanmean(first[p])), float(np.nanmean(second[p]))) for p in prompts]
+                else:
+                    pairs = [(a, b) for p in prompts for a, b in zip(first[p], second[p])]
+                pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+                base_values = [a for a, _ in pairs]
+                other_values = [b for _, b in pairs]
+                superiority = metrics.paired_test(base_values, other_values, confidence)
+                equivalence = metrics.paired_equivalence_test(base_values, other_values, margin, confidence)
+                unit_rows.append({"objective": name, "metric": metric, "unit": unit, "num_pairs": len(pairs),
+                                  "difference": superiority.mean_difference, "ci_low": superiority.ci_low,
+                                  "ci_high": superiority.ci_high, "p_value": superiority.p_value, "margin": margin,
+                                  "p_equivalence": equivalence.p_value, "_superiority": superiority,
+                                  "_equivalence": equivalence})
+        superiority_holm = metrics.holm_adjusted([row["p_value"] for row in unit_rows])
+        equivalence_holm = metrics.holm_adjusted([row["p_equivalence"] for row in unit_rows])
+        for row, p_superiority, p_equivalence in zip(unit_rows, superiority_holm, equivalence_holm):
+            row["p_value_holm"], row["p_equivalence_holm"] = p_superiority, p_equivalence
+            row["verdict"] = metrics.paired_verdict(row.pop("_superiority"), "lower", confidence, p_superiority,
+                                                    len(unit_rows))
+            row["equivalence"] = metrics.equivalence_verdict(row.pop("_equivalence"), confidence, p_equivalence,
+                                                             len(unit_rows))
+        rows += unit_rows
+    return rows
+
+
+def tests_table(rows: list[dict], reference: str = REFERENCE_OBJECTIVE) -> str:
+    """Markdown of objective_tests: one row per objective, metric and unit."""
+    header = ["objective", "metric", "unit", "pairs", f"difference vs {reference} [95% CI]", "p (Holm)", "verdict",
+              "equivalence margin", "p equivalence (Holm)", "equivalence"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append(f"| {row['objective']} | {row['metric']} | {row['unit']} | {row['num_pairs']} | "
+                     f"{row['difference']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
+                     f"{row['p_value']:.3f} ({row['p_value_holm']:.3f}) | {row['verdict']} | +-{row['margin']:g} | "
+                     f"{row['p_equivalence']:.3f} ({row['p_equivalence_holm']:.3f}) | {row['equivalence']} |")
     return "\n".join(lines)
 
 
