@@ -11,7 +11,10 @@ multiply-add; normalisations and activations are not counted, a few percent at m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import math
+from typing import Sequence
 
 from popalign.architectures import (CLIP_TEXT_H, CLIP_TEXT_L, IMAGE_REWARD_TOKENS, MODELS, TEXT_ENCODERS, VAE, VISION_H14, VISION_L14,
                                     VISION_L16)
@@ -200,14 +203,13 @@ def training_step_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
-def cost_table(model: str, recipe: Recipe) -> str:
-    """The markdown of docs/cost.md: components, then the recipe's stages in FLOPs and GPU-hours."""
+def stage_flops(model: str, recipe: Recipe) -> list[tuple[str, int, float]]:
+    """(stage, images or steps, FLOP) of every stage of the recipe on `model`: the rows of docs/cost.md's stage table."""
     parts = component_flops(model)
     readers = reader_flops()
-    text = text_encoder_flops(model)
     per_image = generated_image_flops(model, recipe.steps, recipe.guidance)
     scorers = sum(flops for name, flops in readers.items() if name.startswith("scorer "))
-    stages = [
+    return [
         ("2 generation (training populations)", recipe.training_images, recipe.training_images * per_image),
         ("2 classification (DeepFace)", recipe.training_images, recipe.training_images * readers["classifier deepface"]),
         ("4 VAE encoding of the pairs' images (once, cached)", recipe.training_images, recipe.training_images * parts["vae_encode"]),
@@ -218,6 +220,15 @@ def cost_table(model: str, recipe: Recipe) -> str:
         ("5 classification and the 5 quality scorers", recipe.evaluation_images,
          recipe.evaluation_images * (readers["classifier deepface"] + scorers)),
     ]
+
+
+def cost_table(model: str, recipe: Recipe) -> str:
+    """The markdown of docs/cost.md: components, then the recipe's stages in FLOPs and GPU-hours."""
+    parts = component_flops(model)
+    readers = reader_flops()
+    text = text_encoder_flops(model)
+    per_image = generated_image_flops(model, recipe.steps, recipe.guidance)
+    stages = stage_flops(model, recipe)
     total = sum(flops for _, _, flops in stages)
     lines = [f"### {model.upper()} at {MODELS[model]['resolution']}x{MODELS[model]['resolution']} (measured FLOPs)", "",
              "| component | per image |", "|---|---|",
@@ -242,8 +253,93 @@ def cost_table(model: str, recipe: Recipe) -> str:
         full = training_step_flops(parts["unet_forward"], 1, objective, True, target)
         alone = training_step_flops(parts["unet_forward"], 1, objective, False, target)
         lines.append(f"| {label} | {full / 1e12:.1f} TFLOP | {alone / 1e12:.1f} TFLOP |")
-    lines += ["", *training_options_table(model, recipe)]
+    lines += ["", *training_options_table(model, recipe), "", *target_width_table(model, recipe)]
     return "\n".join(lines)
+
+
+def expected_images_per_prompt(accuracies: Sequence[float], target_width: float, start: int, cap: int,
+                               confidence: float = 0.95) -> float:
+    """Expected images eval.sh's TARGET_INTERVAL_WIDTH rule draws for one identity-specific prompt, exactly (no
+    simulation), when model m reads each of its images right with probability accuracies[m], independently, and every
+    image shows a face.
+
+    The rule (popalign.evaluate.precision): rounds of n = start, 2 start, 4 start, ... images, at most `cap`; after
+    each round every model's k_m right of n gives next_image_count, and the prompt goes on while any model asks for
+    more (all models are drawn with the same counts). A round's images extend the last round's, so the joint law of
+    (k_1, ..., k_M) is carried from round to round:
+
+        P_n(k) restricted to the states that go on  ->  P_2n(k + j) with j_m ~ Binomial(2n - n, accuracies[m])
+        E[images] = sum over rounds n of n x P(the prompt stops at n)
+    """
+    import numpy as np
+
+    from popalign.evaluate.precision import next_image_count
+
+    if not accuracies or start < 1 or cap < start:
+        raise ValueError(f"need at least one model and 1 <= start <= cap, got {len(accuracies)} models, start {start}, cap {cap}")
+    if any(not 0.0 <= accuracy <= 1.0 for accuracy in accuracies):
+        raise ValueError(f"accuracies must lie in [0, 1], got {list(accuracies)}")
+
+    def binomial(trials: int, probability: float) -> np.ndarray:
+        return np.array([math.comb(trials, successes) * probability ** successes * (1 - probability) ** (trials - successes)
+                         for successes in range(trials + 1)])
+
+    drawn = start
+    joint = binomial(drawn, accuracies[0])
+    for accuracy in accuracies[1:]:
+        joint = np.multiply.outer(joint, binomial(drawn, accuracy))
+    expected = 0.0
+    while True:
+        wants_more = np.array([next_image_count(drawn, right, drawn, target_width, cap, confidence) > drawn
+                               for right in range(drawn + 1)])
+        going_on = np.zeros(joint.shape, dtype=bool)
+        for axis in range(len(accuracies)):
+            going_on |= wants_more.reshape([-1 if position == axis else 1 for position in range(len(accuracies))])
+        expected += drawn * float(joint[~going_on].sum())
+        if not going_on.any() or float(joint[going_on].sum()) == 0.0:
+            return expected
+        following = min(cap, 2 * drawn)
+        joint = np.where(going_on, joint, 0.0)
+        for axis, accuracy in enumerate(accuracies):  # each model's new images: a binomial added along its axis
+            step = binomial(following - drawn, accuracy)
+            moved = np.moveaxis(joint, axis, -1)
+            grown = np.zeros(moved.shape[:-1] + (following + 1,))
+            for right in range(drawn + 1):
+                grown[..., right:right + len(step)] += moved[..., right, None] * step
+            joint = np.moveaxis(grown, -1, axis)
+        drawn = following
+
+
+TARGET_WIDTHS = (0.2, 0.1, 0.05)
+IDENTITY_ACCURACIES = (1.0, 0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
+
+
+def run_share_with_target_width(model: str, recipe: Recipe, images_per_identity_prompt: float) -> float:
+    """The recipe's FLOPs (every stage) when evaluation draws `images_per_identity_prompt` images for each
+    identity-specific prompt instead of the fixed count, as a share of the recipe's."""
+    shipped = sum(flops for _, _, flops in stage_flops(model, recipe))
+    adaptive = dataclasses.replace(recipe, eval_images_per_identity_prompt=images_per_identity_prompt)
+    return sum(flops for _, _, flops in stage_flops(model, adaptive)) / shipped
+
+
+def target_width_table(model: str, recipe: Recipe, widths: Sequence[float] = TARGET_WIDTHS,
+                       accuracies: Sequence[float] = IDENTITY_ACCURACIES) -> list[str]:
+    """What eval.sh's TARGET_INTERVAL_WIDTH leaves of the recipe, by the identity accuracy of the models evaluated
+    (each of the recipe's eval_models at that accuracy): expected images per identity-specific prompt and the share of
+    the whole run's FLOPs."""
+    start, cap = recipe.eval_min_images_per_identity_prompt, recipe.eval_images_per_identity_prompt
+    lines = [f"### TARGET_INTERVAL_WIDTH by identity accuracy ({model.upper()}; rounds from {start} images, doubling, at most {cap}; "
+             f"{recipe.eval_models} models)", "",
+             "| identity accuracy | " + " | ".join(f"TARGET_INTERVAL_WIDTH={width}: images per prompt, share of the run"
+                                                 for width in widths) + " |",
+             "|---|" + "---|" * len(widths)]
+    for accuracy in accuracies:
+        cells = []
+        for width in widths:
+            images = expected_images_per_prompt([accuracy] * recipe.eval_models, width, start, cap)
+            cells.append(f"{images:.0f}, {run_share_with_target_width(model, recipe, images):.0%}")
+        lines.append(f"| {accuracy:.0%} | " + " | ".join(cells) + " |")
+    return lines
 
 
 VALIDATION_EXAMPLE_OCCUPATIONS = 10  # the options table's example: held-out occupations drawn at every validation

@@ -30,6 +30,7 @@ class Recipe:
     eval_images_per_prompt: int
     eval_images_per_identity_prompt: int
     eval_models: int = 2  # the base and one tuned model
+    eval_min_images_per_identity_prompt: int = 10  # eval.sh's MIN_IMAGES_PER_IDENTITY_PROMPT: TARGET_INTERVAL_WIDTH's first round
     gradient_checkpointing: bool = False  # 4_train.sh's GRADIENT_CHECKPOINTING: a fourth U-Net forward per trained sample
     validation_steps: int = 100  # 4_train.sh's validation settings (validation is off unless a prompts file is given)
     num_validation_images: int = 16
@@ -67,6 +68,7 @@ class Recipe:
                    pairs_per_step=int(train["TRAIN_BATCH_SIZE"]) * int(train["GRADIENT_ACCUMULATION_STEPS"]) * processes,
                    eval_neutral_prompts=rows("eval_prompts.csv"), eval_identities=eval_identities, eval_generic_prompts=rows("eval_generic_prompts.csv"),
                    eval_images_per_prompt=eval_images_per_prompt,
+                   eval_min_images_per_identity_prompt=int(evaluate["MIN_IMAGES_PER_IDENTITY_PROMPT"]),
                    eval_images_per_identity_prompt=int(evaluate.get("IMAGES_PER_IDENTITY_PROMPT") or eval_images_per_prompt))
 
     @property
