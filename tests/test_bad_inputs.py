@@ -134,6 +134,18 @@ def unet_with_a_wrongly_shaped_tensor(world: Path) -> None:
     save_file(weights, weights_path)
 
 
+def base_model_with_a_wrongly_shaped_unet_tensor(world: Path) -> None:
+    """bad_base: the toy base with its U-Net's first tensor replaced by one of another shape."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(TOY_MODEL, world / "bad_base")
+    weights_path = world / "bad_base/unet/diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_path)
+    weights[sorted(weights)[0]] = torch.zeros(3, 3)
+    save_file(weights, weights_path)
+
+
 def vae_of_8_latent_channels(world: Path) -> None:
     from diffusers import AutoencoderKL
 
@@ -210,6 +222,8 @@ CASES = [
     C("generate", "unet folder holding a VAE", "holds a model of class AutoencoderKL, not of class UNet2DConditionModel", extra=("--unet", str(TOY_MODEL / "vae"))),
     C("generate", "unet with a wrongly shaped tensor", "bad_unet/diffusion_pytorch_model.safetensors: tensor", unet_with_a_wrongly_shaped_tensor,
       extra=("--unet", "train/bad_unet")),
+    C("generate", "base model with a wrongly shaped U-Net tensor", "bad_base/unet/diffusion_pytorch_model.safetensors: tensor",
+      base_model_with_a_wrongly_shaped_unet_tensor, pretrained_model_name_or_path="bad_base"),
     C("generate", "a link where the manifest should be", "manifest.csv: is a symbolic link", symlink_to_outside("images/train/manifest.csv")),
     # Step 2: classification.
     C("classify", "zero batch", "--batch_size", batch_size="0"),
@@ -273,6 +287,8 @@ CASES = [
       pretrained_vae_model_name_or_path="vae8", output_dir="train/new"),
     C("train", "VAE of another latent scaling", "scales its latents by 0.13025", vae_of_another_scaling,
       pretrained_vae_model_name_or_path="vae_scaled", output_dir="train/new"),
+    C("train", "base model with a wrongly shaped U-Net tensor", "bad_base/unet/diffusion_pytorch_model.safetensors: tensor",
+      base_model_with_a_wrongly_shaped_unet_tensor, pretrained_model_name_or_path="bad_base", output_dir="train/new"),
     C("train", "VAE folder holding a U-Net", "holds a model of class UNet2DConditionModel, not of class AutoencoderKL",
       pretrained_vae_model_name_or_path=str(TOY_MODEL / "unet"), output_dir="train/new"),
     # Evaluation.

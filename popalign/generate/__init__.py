@@ -138,9 +138,11 @@ def validate_generation_settings(settings: GenerationSettings) -> None:
     check_model_location("model", settings.model)
     check_model_location("unet", settings.unet, hub_allowed=False)
     check_model_location("lora", settings.lora, hub_allowed=False)
-    if settings.unet:
-        from popalign.pipelines import check_unet_folder
+    from popalign.pipelines import check_unet_folder
 
+    if (Path(settings.model) / "unet").is_dir():  # a local pipeline's own U-Net, checked as a fine-tuned one is
+        check_unet_folder("--pretrained_model_name_or_path", Path(settings.model) / "unet")
+    if settings.unet:
         check_unet_folder("--unet", settings.unet, settings.model)
 
 

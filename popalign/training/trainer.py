@@ -428,6 +428,10 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     check_model_location("pretrained_model_name_or_path", config.pretrained_model)
     if config.vae != AUTO_VAE:
         check_model_location("pretrained_vae_model_name_or_path", config.vae)
+    if (Path(config.pretrained_model) / "unet").is_dir():
+        from popalign.pipelines import check_unet_folder
+
+        check_unet_folder("--pretrained_model_name_or_path", Path(config.pretrained_model) / "unet")
     config.vae = resolve_vae(config.pretrained_model, config.vae)  # what the run records and compares: the VAE it uses
     check_vae_fits_unet(config.pretrained_model, config.vae)
     check_8bit_adam(config, device)
