@@ -8,6 +8,7 @@ detector, which ships with opencv (the default yunet detector needs a downloaded
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -73,14 +74,58 @@ def test_real_face_detected_and_blank_image_kept_as_no_face(deepface_classifier)
 
 
 def test_errors_other_than_no_face_propagate(deepface_classifier, monkeypatch):
-    from deepface import DeepFace
+    from deepface.modules import detection
 
-    def broken_analyze(*args, **kwargs):
+    def broken_detector(*args, **kwargs):
         raise ValueError("weights file is corrupt")
 
-    monkeypatch.setattr(DeepFace, "analyze", broken_analyze)
+    monkeypatch.setattr(detection, "extract_faces", broken_detector)
     with pytest.raises(ValueError, match="corrupt"):
         deepface_classifier.classify([Image.new("RGB", (64, 64))])
+
+
+def _photographs_for_batching():
+    """Real photographs with a face (the astronaut; Grace Hopper), two faces of two sizes side by side, images with none."""
+    import matplotlib.cbook
+    from skimage.data import astronaut, coffee
+
+    photo = astronaut()
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as hopper:
+        hopper = hopper.convert("RGB")
+    two = Image.new("RGB", (768, 512))
+    two.paste(Image.fromarray(photo[::2, ::2]), (0, 128))
+    two.paste(Image.fromarray(photo), (256, 0))
+    return [Image.fromarray(photo), Image.new("RGB", (256, 256), (255, 255, 255)), hopper, Image.fromarray(coffee()), two]
+
+
+def test_batch_equals_deepface_analyze_one_image_at_a_time(deepface_classifier):
+    """One batch (every subject face through each attribute model at once) == DeepFace.analyze on each image alone."""
+    from deepface import DeepFace
+    from deepface.modules.exceptions import FaceNotDetected
+
+    images = _photographs_for_batching()
+    batched = deepface_classifier.classify(images)
+    faces_found = 0
+    for image, result in zip(images, batched):
+        try:
+            analysis = DeepFace.analyze(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]), actions=["gender", "race"],
+                                        detector_backend="opencv", enforce_detection=True, align=True, silent=True)
+        except FaceNotDetected:
+            analysis = []
+        expected = classification_from_analysis(analysis, ATTRIBUTES["gender"], ATTRIBUTES["race"])
+        assert (result.face_detected, result.gender, result.race) == (expected.face_detected, expected.gender, expected.race)
+        for field in ("gender_score", "race_score"):
+            assert getattr(result, field) == pytest.approx(getattr(expected, field), abs=1e-5)
+        faces_found += result.face_detected
+    assert faces_found == 3 and not batched[1].face_detected and not batched[3].face_detected
+    # in batches of another size, the same
+    again = deepface_classifier.classify(images[:2]) + deepface_classifier.classify(images[2:])
+    for result, first in zip(again, batched):
+        assert (result.face_detected, result.gender, result.race) == (first.face_detected, first.gender, first.race)
+        if result.face_detected:
+            assert (result.gender_score, result.race_score) == (pytest.approx(first.gender_score, abs=1e-5),
+                                                                pytest.approx(first.race_score, abs=1e-5))
+    assert deepface_classifier.classify([]) == []
 
 
 def test_unknown_detector_fails_when_built(deepface_home):

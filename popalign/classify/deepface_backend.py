@@ -14,7 +14,7 @@ _DEEPFACE_MODELS = {"gender": "Gender", "race": "Race"}
 
 
 class DeepFaceClassifier(Classifier):
-    """`DeepFace.analyze(image, actions=['gender', 'race'], detector_backend=...)` per image.
+    """What `DeepFace.analyze(image, actions=['gender', 'race'], detector_backend=...)` finds in each image, batched.
 
     Models are built once here (DeepFace keeps them in its module-level cache, which every later
     `analyze` call reuses), so a missing weight or detector file fails before any image is read.
@@ -55,26 +55,60 @@ class DeepFaceClassifier(Classifier):
         return {"detector_backend": self.detector_backend, "align": self.align}
 
     def classify(self, images: list[Image.Image]) -> list[Classification]:
-        return [self._classify_one(image) for image in images]
+        """Detection image by image (DeepFace's detectors take one image), then each attribute model once over the
+        subject faces of the whole batch. Equal, within float rounding, to `DeepFace.analyze(image, ...)` per image."""
+        from deepface.modules import modeling
 
-    def _classify_one(self, image: Image.Image) -> Classification:
-        from deepface import DeepFace
+        subjects = [self._subject(image) for image in images]
+        found = [subject for subject in subjects if subject is not None]
+        if not found:
+            return [NO_FACE] * len(images)
+        faces = np.concatenate([pixels for pixels, _ in found])  # (n, 224, 224, 3), as analyze feeds each model
+        predictions = {}
+        for action, model_name in _DEEPFACE_MODELS.items():
+            model = modeling.build_model(task="facial_attribute", model_name=model_name)
+            predictions[action] = np.asarray(model.predict(faces)).reshape(len(found), -1)  # one face: (classes,)
+        readings = iter([
+            classification_from_analysis([analysis_of(predictions["gender"][index], predictions["race"][index], region)],
+                                         self._gender, self._race)
+            for index, (_, region) in enumerate(found)
+        ])
+        return [NO_FACE if subject is None else next(readings) for subject in subjects]
+
+    def _subject(self, image: Image.Image):
+        """The largest face's model input (1, 224, 224, 3) and its region, as `DeepFace.analyze` prepares them, or None
+        when the detector finds no face."""
+        from deepface.modules import detection, preprocessing
         from deepface.modules.exceptions import FaceNotDetected
 
         # DeepFace expects a BGR array (OpenCV's channel order).
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         try:
-            faces = DeepFace.analyze(
-                bgr,
-                actions=list(_DEEPFACE_MODELS),
-                detector_backend=self.detector_backend,
-                enforce_detection=True,
-                align=self.align,
-                silent=True,
-            )
+            faces = detection.extract_faces(img_path=bgr, detector_backend=self.detector_backend, enforce_detection=True,
+                                            grayscale=False, align=self.align, expand_percentage=0, anti_spoofing=False)
         except FaceNotDetected:
-            return NO_FACE
-        return classification_from_analysis(faces, self._gender, self._race)
+            return None
+        faces = [face for face in faces if face["face"].shape[0] and face["face"].shape[1]]
+        if not faces:
+            return None
+        # Generated images usually hold one person; the largest face is the subject (the first of equal ones).
+        face = max(faces, key=lambda found: found["facial_area"]["w"] * found["facial_area"]["h"])
+        pixels = preprocessing.resize_image(img=face["face"][:, :, ::-1], target_size=(224, 224))  # RGB -> BGR
+        return pixels, face["facial_area"]
+
+
+def analysis_of(gender_probabilities, race_probabilities, region: dict) -> dict:
+    """One face's entry of `DeepFace.analyze`'s result, from its gender and race model outputs (the same arithmetic)."""
+    from deepface.models.demography.DemographyUtils import GENDER_LABELS, RACE_LABELS
+
+    race_total = race_probabilities.sum()
+    return {
+        "gender": {label: 100 * gender_probabilities[index] for index, label in enumerate(GENDER_LABELS)},
+        "dominant_gender": GENDER_LABELS[int(np.argmax(gender_probabilities))],
+        "race": {label: 100 * race_probabilities[index] / race_total for index, label in enumerate(RACE_LABELS)},
+        "dominant_race": RACE_LABELS[int(np.argmax(race_probabilities))],
+        "region": region,
+    }
 
 
 def classification_from_analysis(faces: list[dict], gender: Attribute, race: Attribute) -> Classification:
