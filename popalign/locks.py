@@ -100,3 +100,22 @@ def output_lock(folder: str | Path, name: str, take: bool = True) -> Iterator[Pa
         except OSError:
             pass
         os.close(handle)  # releases the lock
+
+
+def check_not_locked(folder: str | Path, name: str) -> None:
+    """For a check before a launch (--validate_only): InputError naming the holder when a run holds `<folder>/.<name>.lock`
+    now. Takes nothing and creates nothing (a lock file that a run left is opened and closed unchanged)."""
+    path = lock_path(folder, name)
+    if path.is_symlink() or not path.is_file():
+        return
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{folder}: another run is writing here ({_holder_description(path)}; lock file {path}); wait for it to end "
+                         "or use another output location") from None
+    finally:
+        os.close(handle)

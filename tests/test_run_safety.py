@@ -114,6 +114,19 @@ def test_a_second_run_on_the_same_output_stops_at_once_naming_the_first(world, c
         assert snapshot(world) == before
 
 
+@pytest.mark.parametrize("stage, flags, folder, name", [("generate", {}, "images/train", "generation"),
+                                                      ("train", {"output_dir": "train/popalign"}, "train/popalign", "training")])
+def test_the_check_before_a_launch_finds_a_run_writing_there(world, capsys, stage, flags, folder, name):
+    """--validate_only (what 2_generate_images.sh and 4_train.sh run before `accelerate launch`) sees the lock too."""
+    with lock_held_by_another_process(world, folder, name) as holder:
+        before = snapshot(world)
+        code, lines = run_main(stage, with_flags(stage, **flags) + ["--validate_only"], capsys)
+        assert code == 2 and len(lines) == 1 and f"another run is writing here (pid {holder.pid} " in lines[0], lines
+        assert snapshot(world) == before
+    code, lines = run_main(stage, with_flags(stage, **flags) + ["--validate_only"], capsys)
+    assert code == 0, lines
+
+
 def test_the_lock_of_a_killed_run_is_free_at_once(world, capsys):
     """SIGKILL leaves the lock file behind, but not the lock: the same command then runs."""
     with lock_held_by_another_process(world, "images/train", "generation"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
-from popalign.locks import output_lock
+from popalign.locks import check_not_locked, output_lock
 from popalign.prompts import read_prompt_table
 from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
                          file_sha256, read_csv_checked, refuse_symlink, remove_orphaned_temporary_files)
@@ -278,6 +278,7 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
     if validate_only:
         if out_dir.is_dir():
             check_or_write_config(out_dir, settings, write=False)
+            check_not_locked(out_dir, "generation")
         return manifest
     accelerator = make_accelerator()
     # One run per folder: a second generation into it would draw the same images twice and race on its files.

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from popalign.distributed import global_rank
 from popalign.io import (InputError, atomic_write_text, check_model_location, check_output_location, clear_for_writer, fresh_folder,
                          open_for_append, refuse_symlink, remove_orphaned_temporary_files, write_faults_named)
-from popalign.locks import output_lock
+from popalign.locks import check_not_locked, output_lock
 from popalign.losses import per_sample_denoising_error, with_prior_preservation
 from popalign.training.checkpoints import (
     CONFIG_NAME,
@@ -764,6 +764,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Flags, pairs, model and output folder checked first, also when the folder holds this run finished.
     checked_inputs = check_run_inputs(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if config.validate_only:
+        check_not_locked(config.output_dir, "training")  # 4_train.sh stops before the launch, not on rank 0 after it
         print(f"{config.output_dir}: the run can start", flush=True)
         return TrainResult(global_step=0, finished=False, output_dir=Path(config.output_dir))
     done = finished_weights(config.output_dir, training_fingerprint(config.to_dict(), config.pairs_file, config.pretrained_model))
