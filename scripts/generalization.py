@@ -110,8 +110,10 @@ def per_prompt(measurement: dict, axis: str) -> list[float]:
 def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     """One row per (method, size): held-out discrepancies with intervals, tests against the base (Holm over the run's
     family of every method x size x axis), identity accuracy and quality, each the mean over seeds."""
-    from popalign.evaluate.metrics import bootstrap_mean_ci, holm_adjusted, paired_test
+    from popalign.attributes import load_attributes
+    from popalign.evaluate.metrics import bootstrap_mean_ci, clip_interval, discrepancy_range, holm_adjusted, paired_test
 
+    attributes = load_attributes(args.attributes)
     rows = []
     for (method, size), measurements in sorted(runs.items()):
         row = {"method": method, "size": size, "seeds": len(measurements),
@@ -121,8 +123,10 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
             tuned = np.mean([per_prompt(measurement, axis) for measurement in measurements], axis=0)
             base_values = per_prompt(base, axis)
             mean, low, high = bootstrap_mean_ci(tuned)
+            low, high, clipped = clip_interval(low, high, discrepancy_range(attributes[axis].labels))
             test = paired_test(base_values, tuned)
-            row.update({f"{axis}": mean, f"{axis}_low": low, f"{axis}_high": high, f"{axis}_p": test.p_value,
+            row.update({f"{axis}": mean, f"{axis}_low": low, f"{axis}_high": high, f"{axis}_clipped": clipped,
+                        f"{axis}_p": test.p_value,
                         f"{axis}_change": mean / float(np.mean(base_values)) - 1.0, f"{axis}_min_p": test.min_p_value})
         row["identity_accuracy"] = float(np.mean([measurement["identity_accuracy"] for measurement in measurements]))
         row["quality"] = float(np.mean([measurement["neutral_toy_quality"] for measurement in measurements]))
@@ -136,8 +140,8 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
              f"| base | - | {np.mean(per_prompt(base, 'gender')):.3f} | | {np.mean(per_prompt(base, 'race')):.3f} | | "
              f"{base['identity_accuracy']:.1%} | {base['neutral_toy_quality']:.3f} | |"]
     for row in rows:
-        cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}] ({row[axis + '_change']:+.0%}) | {row[axis + '_holm']:.3g}"
-                 for axis in AXES]
+        cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}]{'†' if row[axis + '_clipped'] else ''} "
+                 f"({row[axis + '_change']:+.0%}) | {row[axis + '_holm']:.3g}" for axis in AXES]
         lines.append(f"| {row['method']} | {row['size']} | {cells[0]} | {cells[1]} | {row['identity_accuracy']:.1%} | "
                      f"{row['quality']:.3f} | {', '.join(str(step) for step in row['best_steps'])} |")
     return rows, "\n".join(lines)

@@ -252,8 +252,21 @@ def _fair_count_vectors(num_images: int, probabilities: np.ndarray) -> tuple[np.
     """Every count vector of Multinomial(n, probabilities) with its probability, or a fixed-seed sample of them.
 
     Enumerated while there are at most FLOOR_MAX_ENUMERATED vectors, otherwise FLOOR_NUM_DRAWS draws, each of
-    weight 1 / FLOOR_NUM_DRAWS (deterministic: seed 0). Returns (counts (M, K), weights (M,)).
+    weight 1 / FLOOR_NUM_DRAWS (deterministic: seed 0). Returns (counts (M, K), weights (M,)), read-only
+    (kept for the next prompt with the same number of faces).
     """
+    return _cached_fair_count_vectors(int(num_images), tuple(float(value) for value in probabilities))
+
+
+@lru_cache(maxsize=64)
+def _cached_fair_count_vectors(num_images: int, probabilities: tuple) -> tuple[np.ndarray, np.ndarray]:
+    counts, weights = _compute_fair_count_vectors(num_images, np.array(probabilities))
+    counts.setflags(write=False)
+    weights.setflags(write=False)
+    return counts, weights
+
+
+def _compute_fair_count_vectors(num_images: int, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     num_classes = len(probabilities)
     if math.comb(num_images + num_classes - 1, num_classes - 1) <= FLOOR_MAX_ENUMERATED:
         counts = _all_count_vectors(num_images, num_classes)
@@ -288,6 +301,12 @@ def discrepancy_floor(num_images: int, classes: Sequence[str], target=None) -> f
     t = target_distribution(classes, target)
     if num_images == 0:
         return math.nan
+    return _discrepancy_floor(num_images, tuple(float(value) for value in t))
+
+
+@lru_cache(maxsize=256)
+def _discrepancy_floor(num_images: int, target: tuple) -> float:
+    t = np.array(target)
     counts, weights = _fair_count_vectors(num_images, t)
     distances = np.sqrt(np.sum((counts / num_images - t) ** 2, axis=1))
     return float(np.dot(weights, distances))
@@ -306,10 +325,16 @@ def pairwise_gap_floor(num_images: int, classes: Sequence[str]) -> float:
         raise ValueError(f"pairwise_gap_floor needs at least two classes, got {classes}")
     if num_images == 0:
         return math.nan
-    counts, weights = _fair_count_vectors(num_images, np.full(len(classes), 1.0 / len(classes)))
-    shares = counts / num_images
-    upper = np.triu_indices(len(classes), k=1)
-    gaps = np.abs(shares[:, upper[0]] - shares[:, upper[1]]).mean(axis=1)
+    return _pairwise_gap_floor(num_images, len(classes))
+
+
+@lru_cache(maxsize=256)
+def _pairwise_gap_floor(num_images: int, num_classes: int) -> float:
+    counts, weights = _fair_count_vectors(num_images, np.full(num_classes, 1.0 / num_classes))
+    # sum_{i<j} |x_i - x_j| = sum_k (2k - K - 1) x_(k) over the values sorted ascending (k = 1..K)
+    ordered = np.sort(counts / num_images, axis=1)
+    ranks = 2 * np.arange(1, num_classes + 1) - num_classes - 1
+    gaps = ordered @ ranks / (num_classes * (num_classes - 1) / 2)
     return float(np.dot(weights, gaps))
 
 
