@@ -1,4 +1,6 @@
-"""File helpers shared by every stage: checked CSV reading, atomic writes, the input error type."""
+"""File helpers shared by every stage: checked CSV reading, atomic writes that never follow a link, the input error
+type and the entry points' one error path (a full disk, missing rights and an interrupt are one line too), the seed
+type of every seed flag, output and model location checks."""
 
 from __future__ import annotations
 
@@ -312,8 +314,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def check_model_location(flag: str, value: str, hub_allowed: bool = True) -> None:
-    """A model named by a path must exist; a hub id ('org/name') is left to the loader. Catches a local typo
-    before anything is loaded or written, instead of a hub connection error."""
+    """A model named by a path must exist; a hub id ('org/name') is left to the loader once the hub is known to be
+    reachable or the model cached (check_hub_reachable). Catches a local typo before anything is loaded or written,
+    instead of a hub connection error."""
     if not value or Path(value).exists():
         return
     looks_local = (not hub_allowed or value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
@@ -324,6 +327,7 @@ def check_model_location(flag: str, value: str, hub_allowed: bool = True) -> Non
 
 
 def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set to a true value: nothing may be fetched."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
