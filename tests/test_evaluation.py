@@ -343,6 +343,12 @@ def test_the_correction_is_used_when_the_confusion_is_well_estimated_and_refused
     assert {"observed", "corrected", "ci_low", "ci_high"} <= set(shares.columns)
     assert np.all(shares["ci_low"] <= shares["corrected"]) and np.all(shares["corrected"] <= shares["ci_high"])
     assert "discrepancy_corrected_gender" in result.base.per_prompt
+    # The corrected discrepancy's interval holds the one over prompts with the confusion fixed (it is their union
+    # with the replicates that re-estimate the confusion).
+    per_prompt = result.base.per_prompt.loc[result.base.per_prompt["kind"] == "neutral", "discrepancy_corrected_gender"]
+    _, fixed_low, fixed_high = metrics.bootstrap_mean_ci(per_prompt.to_numpy(dtype=float), settings.num_resamples)
+    row = result.base.summary.set_index("metric").loc["discrepancy_corrected_gender"]
+    assert row["ci_low"] <= max(fixed_low, 0.0) + 1e-12 and row["ci_high"] >= min(fixed_high, 1 / math.sqrt(2)) - 1e-12
     headline = result.comparison[result.comparison["headline"]]
     assert set(headline["metric"]) == {"discrepancy_corrected_gender", "quality_hpsv2", "accuracy_gender"}
     # One axis, one tuned model: a family of one, Holm's p the raw p.

@@ -638,3 +638,22 @@ def test_paired_equivalence_test_by_hand_slow_and_by_simulation():
         test = metrics.paired_equivalence_test(base, base + noise, margin=0.05, num_resamples=2000)
         wrong += metrics.equivalence_verdict(test).startswith("equivalent")
     assert wrong / 300 <= 0.08
+
+
+def test_corrected_discrepancy_interval_carries_the_confusion_noise():
+    rng = np.random.default_rng(7)
+    confusion = np.array([[0.9, 0.1], [0.15, 0.85]])
+    neutral = [sum(rng.multinomial(count, confusion[k]) for k, count in enumerate(rng.multinomial(40, [0.7, 0.3])))
+               for _ in range(6)]
+    thin = [rng.multinomial(5, confusion[k]) for k in (0, 1) for _ in range(2)]
+    thick = [rng.multinomial(200, confusion[k]) for k in (0, 1) for _ in range(2)]
+    named = [0, 0, 1, 1]
+    thin_low, thin_high = metrics.prompt_bootstrap_corrected_discrepancy(neutral, thin, named, num_resamples=300)
+    thick_low, thick_high = metrics.prompt_bootstrap_corrected_discrepancy(neutral, thick, named, num_resamples=300)
+    # A thinner confusion estimate gives a wider interval; both hold the per-prompt mean of the point estimate.
+    assert thin_high - thin_low > thick_high - thick_low
+    counts = np.zeros((2, 2), dtype=int)
+    np.add.at(counts, named, thick)
+    point = np.mean([np.linalg.norm(metrics.partial_corrected_shares(np.array(q) / sum(q), counts) - 0.5) for q in neutral])
+    assert thick_low <= point <= thick_high
+    assert all(math.isnan(value) for value in metrics.prompt_bootstrap_corrected_discrepancy([[0, 0]], thick, named, num_resamples=20))

@@ -647,6 +647,47 @@ def prompt_bootstrap_corrected_shares(neutral_counts, identity_counts, identity_
     return CorrectedShares(observed, corrected, low, high)
 
 
+def prompt_bootstrap_corrected_discrepancy(neutral_counts, identity_counts, identity_classes, target=None,
+                                           num_resamples: int = 2000, confidence: float = 0.95,
+                                           seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean over neutral prompts of the corrected discrepancy, with the confusion
+    re-estimated in every replicate: (low, high).
+
+        D*_b = mean over the P drawn prompts i of || partial_corrected_shares(q*_i, N*_b) - t ||_2
+
+    with the neutral prompts and, within each named class, the identity-specific prompts drawn with
+    replacement and each drawn prompt's faces redrawn from its own shares (as prompt_bootstrap_corrected_shares).
+    Prompts without a face are left out of a replicate's mean. No neutral face gives (nan, nan).
+    """
+    _check_bootstrap_arguments(num_resamples, confidence)
+    neutral = np.asarray(neutral_counts, dtype=np.int64)
+    identity = np.asarray(identity_counts, dtype=np.int64).reshape(-1, neutral.shape[1])
+    named = np.asarray(identity_classes, dtype=np.int64).reshape(-1)
+    num_prompts, num_classes = neutral.shape
+    t = target_distribution([str(index) for index in range(num_classes)], target)
+    totals = neutral.sum(axis=1)
+    if totals.sum() == 0:
+        return (math.nan, math.nan)
+    shares = np.divide(neutral, totals[:, None], out=np.zeros(neutral.shape, dtype=float), where=totals[:, None] > 0)
+    rng = np.random.default_rng(seed)
+    means = np.full(num_resamples, np.nan)
+    for replicate in range(num_resamples):
+        picks = rng.integers(0, num_prompts, size=num_prompts)
+        redrawn = rng.multinomial(totals[picks], shares[picks])
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        for label in np.unique(named):
+            confusion[label] = _two_stage_resample(rng, identity[named == label], 1)[0]
+        faces = redrawn.sum(axis=1)
+        present = faces > 0
+        if not present.any():
+            continue
+        corrected = partial_corrected_shares(redrawn[present] / faces[present, None], confusion)
+        means[replicate] = float(np.mean(np.sqrt(np.sum((corrected - t) ** 2, axis=1))))
+    alpha = 1.0 - confidence
+    low, high = np.nanquantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics over prompts
 

@@ -766,6 +766,8 @@ def evaluate(base_folders: Sequence[str | Path] | str | Path, tuned_folders: Map
     base = evaluate_model(base_name, base_folders, attributes, settings, scorers, usable, images=images[base_name])
     tuned = [evaluate_model(name, paths, attributes, settings, scorers, usable, images=images[name])
              for name, paths in tuned_folders.items()]
+    for model in [base, *tuned]:
+        widen_corrected_intervals(model, {name: reads[name] for name in usable}, attributes, settings)
     comparisons = [compare_to_base(base, model, attributes, settings) for model in tuned]
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(columns=COMPARISON_COLUMNS)
     comparison = holm_headline_family(comparison, settings, headline_correction_applies(settings, usable))
@@ -790,6 +792,43 @@ def confusion_table(confusions: Mapping[str, np.ndarray], attributes: AttributeS
     return pd.DataFrame(rows, columns=["attribute", "prompted", "read_as", "count", "rate"])
 
 
+def neutral_prompt_counts(neutral: pd.DataFrame, name: str, attributes: AttributeSet,
+                          settings: EvaluationSettings) -> np.ndarray:
+    """Label counts of each neutral prompt's faces for one measured attribute (or the intersectional pair), (P, K)."""
+    classes = bias_class_lists(attributes, settings)[name]
+    prompt_labels = [{entry[0]: entry[1] for entry in bias_populations(prompt_images, attributes, settings)}[name]
+                     for _, prompt_images in neutral.groupby("prompt_id", sort=False)]
+    return np.array([metrics.label_counts(labels, classes) for labels in prompt_labels]).reshape(-1, len(classes))
+
+
+def widen_corrected_intervals(model: ModelEvaluation, reads: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                              attributes: AttributeSet, settings: EvaluationSettings) -> None:
+    """The summary interval of each corrected discrepancy becomes the union of its interval over prompts (the
+    confusion fixed) and metrics.prompt_bootstrap_corrected_discrepancy (the confusion re-estimated in every
+    replicate), cut to the metric's range: the headline's corrected value carries the confusion's noise."""
+    neutral = model.images[model.images["kind"] == "neutral"]
+    if neutral.empty:
+        return
+    for name, prompt_reads in reads.items():
+        metric = f"{CORRECTED_DISCREPANCY}_{name}"
+        rows = model.summary.index[(model.summary["kind"] == "neutral") & (model.summary["metric"] == metric)]
+        if len(rows) == 0:
+            continue
+        classes = bias_class_lists(attributes, settings)[name]
+        target = metrics.target_distribution(classes, settings.targets.get(name))
+        low, high = metrics.prompt_bootstrap_corrected_discrepancy(
+            neutral_prompt_counts(neutral, name, attributes, settings), *prompt_reads, target,
+            min(settings.num_resamples, 2000), settings.confidence, settings.seed)
+        row = rows[0]
+        current_low, current_high = model.summary.at[row, "ci_low"], model.summary.at[row, "ci_high"]
+        union_low = np.nanmin([current_low, low]) if not (math.isnan(current_low) and math.isnan(low)) else math.nan
+        union_high = np.nanmax([current_high, high]) if not (math.isnan(current_high) and math.isnan(high)) else math.nan
+        union_low, union_high, clipped = metrics.clip_interval(float(union_low), float(union_high),
+                                                               metric_bounds(metric, attributes, settings))
+        model.summary.at[row, "ci_low"], model.summary.at[row, "ci_high"] = union_low, union_high
+        model.summary.at[row, "ci_clipped"] = bool(model.summary.at[row, "ci_clipped"]) or clipped
+
+
 def corrected_shares_table(models: Sequence[ModelEvaluation], reads: Mapping[str, tuple[np.ndarray, np.ndarray]],
                            attributes: AttributeSet, settings: EvaluationSettings) -> pd.DataFrame:
     """Pooled neutral shares per model, attribute and label: observed, corrected for the classifier, interval.
@@ -805,9 +844,7 @@ def corrected_shares_table(models: Sequence[ModelEvaluation], reads: Mapping[str
         for name, _, classes in bias_populations(neutral, attributes, settings):
             if name not in reads:
                 continue
-            prompt_labels = [{entry[0]: entry[1] for entry in bias_populations(prompt_images, attributes, settings)}[name]
-                             for _, prompt_images in neutral.groupby("prompt_id", sort=False)]
-            neutral_counts = np.array([metrics.label_counts(labels, classes) for labels in prompt_labels])
+            neutral_counts = neutral_prompt_counts(neutral, name, attributes, settings)
             shares = metrics.prompt_bootstrap_corrected_shares(neutral_counts, *reads[name],
                                                                min(settings.num_resamples, 2000), settings.confidence,
                                                                settings.seed)
