@@ -40,6 +40,9 @@ def test_validation_metrics_equal_hand_values():
     race_a, race_b = math.sqrt((2 / 3) ** 2 + 2 * (1 / 3) ** 2), math.sqrt((1 / 3) ** 2 + 2 * (1 / 6) ** 2)
     assert result["discrepancy_race"] == pytest.approx((race_a + race_b) / 2)
     assert result["discrepancy_gender_low"] <= result["discrepancy_gender"] <= result["discrepancy_gender_high"]
+    # Two prompts: the interval over prompts is wide, and cut to the discrepancy's range [0, sqrt(1/2)] / [0, sqrt(2/3)].
+    assert result["discrepancy_gender_low"] == 0.0 and result["discrepancy_gender_high"] == pytest.approx(math.sqrt(0.5))
+    assert 0.0 <= result["discrepancy_race_low"] and result["discrepancy_race_high"] <= math.sqrt(2 / 3) + 1e-12
     assert result["identity_accuracy"] == 0.5 and result["face_rate"] == pytest.approx(8 / 9)
     assert result["quality"] == pytest.approx((4 * 0.5 + 3 * 1.0) / 7) and result["neutral_prompts"] == 2
 

@@ -40,13 +40,13 @@ def validation_metrics(images: pd.DataFrame, attributes, axes: Sequence[str], co
 
     Per axis a, over the neutral prompts p, on the images with a face (popalign.evaluate.metrics):
         discrepancy_<a>        mean_p || p_hat_p - uniform ||_2, with its interval over prompts (bootstrap_mean_ci)
-                               as discrepancy_<a>_low / _high
+                               as discrepancy_<a>_low / _high, cut to [0, sqrt(1 - 1/K)] (clip_interval)
         discrepancy_<a>_floor  mean_p discrepancy_floor(faces_p): what fair populations of the same sizes read
     On identity-specific prompts:
         identity_accuracy      share of the faces whose every prompted axis was read as prompted (pooled)
     And: face_rate (all images), quality (mean over the neutral prompts' images, when scored), prompts per kind.
     """
-    from popalign.evaluate.metrics import bootstrap_mean_ci, discrepancy, discrepancy_floor
+    from popalign.evaluate.metrics import bootstrap_mean_ci, clip_interval, discrepancy, discrepancy_floor, discrepancy_range
 
     result: dict[str, float] = {}
     neutral = images[images["kind"] == "neutral"]
@@ -59,6 +59,7 @@ def validation_metrics(images: pd.DataFrame, attributes, axes: Sequence[str], co
             per_prompt.append(discrepancy(list(group[f"predicted_{axis}"]), classes))
             floors.append(discrepancy_floor(len(group), classes))
         mean, low, high = bootstrap_mean_ci(per_prompt, confidence=confidence) if per_prompt else (math.nan,) * 3
+        low, high, _ = clip_interval(low, high, discrepancy_range(classes))
         result[f"discrepancy_{axis}"] = mean
         result[f"discrepancy_{axis}_low"] = low
         result[f"discrepancy_{axis}_high"] = high
