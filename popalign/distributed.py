@@ -17,13 +17,31 @@ def make_accelerator(**accelerator_options):
     Without CUDA, accelerate forms a multi-process (gloo) group only when told to run on the CPU;
     `accelerate launch --multi_gpu` on a GPU-less machine and `torchrun` do not say so, and every
     process would then believe it is the only one (and do all the work). Raises if the process
-    count accelerate sees differs from the launcher's WORLD_SIZE.
+    count accelerate sees differs from the launcher's WORLD_SIZE. A model it wraps in DDP keeps its gradients in
+    DDP's all-reduce buckets (with_gradient_bucket_views).
     """
     import torch
     from accelerate import Accelerator
 
+    accelerator_options["kwargs_handlers"] = with_gradient_bucket_views(accelerator_options.get("kwargs_handlers") or [])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
     return accelerator
+
+
+def with_gradient_bucket_views(handlers: list) -> list:
+    """`handlers` (accelerate kwargs handlers) with DDP's gradient_as_bucket_view on: each gradient is then a view into
+    the all-reduce bucket that carries it, instead of a second copy beside the bucket. That copy is the size of every
+    trained gradient: 2.57 B fp32 numbers, 10.3 GB per process, for SDXL's U-Net trained in full. A
+    DistributedDataParallelKwargs among the handlers is copied with the setting on (its other settings kept); without
+    one, one is added. Only a model wrapped in DDP reads it (training under plain data-parallel)."""
+    import dataclasses
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = [handler for handler in handlers if isinstance(handler, DistributedDataParallelKwargs)]
+    others = [handler for handler in handlers if not isinstance(handler, DistributedDataParallelKwargs)]
+    base = ddp[0] if ddp else DistributedDataParallelKwargs()
+    return [*others, dataclasses.replace(base, gradient_as_bucket_view=True)]

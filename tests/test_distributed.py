@@ -1,0 +1,72 @@
+"""popalign.distributed: every Accelerator it makes keeps DDP's gradients in the all-reduce buckets (no second copy of
+the gradients), checked on the handlers and on a model wrapped in DDP over 2 CPU processes."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_ddp_handler_gets_bucket_views_and_keeps_its_other_settings():
+    from accelerate.utils import DistributedDataParallelKwargs, GradScalerKwargs
+
+    from popalign.distributed import with_gradient_bucket_views
+
+    [added] = with_gradient_bucket_views([])
+    assert isinstance(added, DistributedDataParallelKwargs) and added.gradient_as_bucket_view
+    scaler = GradScalerKwargs(init_scale=2.0)
+    given = DistributedDataParallelKwargs(find_unused_parameters=True)
+    handlers = with_gradient_bucket_views([scaler, given])
+    assert handlers[0] is scaler
+    assert handlers[1].to_kwargs() == {"find_unused_parameters": True, "gradient_as_bucket_view": True}
+    assert not given.gradient_as_bucket_view  # the caller's handler is not changed
+
+
+# Two processes: a model prepared by make_accelerator's Accelerator is DDP with bucket views, and after a backward,
+# an optimizer step and zero_grad(set_to_none=True) (as the trainer does), the next backward's gradients still share
+# one bucket's storage (without bucket views every gradient has its own).
+WORKER = textwrap.dedent("""
+    import os
+    import sys
+
+    import torch
+    from popalign.distributed import make_accelerator
+
+    accelerator = make_accelerator()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert accelerator.num_processes == 2 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    for _ in range(2):
+        accelerator.backward(model(torch.ones(4, 8)).sum())
+        storages = {parameter.grad.untyped_storage().data_ptr() for parameter in model.parameters()}
+        with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.txt"), "a") as log:
+            print(f"storages {len(storages)} bucket_view {model.gradient_as_bucket_view}", file=log)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_over_two_processes_keeps_gradients_in_its_buckets(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                                "--master_port", str(free_port()), str(script), str(tmp_path)], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for rank in (0, 1):  # 2 steps each: the 4 gradients in one bucket
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["storages 1 bucket_view True"] * 2
