@@ -213,3 +213,23 @@ def test_evaluate_adds_the_human_study_section_and_refuses_a_folder_that_is_not_
                                cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 2 and len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_evaluate_refuses_a_report_folder_another_run_holds_and_a_seed_out_of_range(folders, tmp_path):
+    from popalign.locks import output_lock
+
+    base, tuned = folders
+    command = [sys.executable, "-m", "popalign.evaluate", "--base", str(base), "--tuned", f"popalign={tuned}",
+               "--num_resamples", "50", "--chart_prompts", "0", "--grid_prompts", "0", "--report_dir", str(tmp_path / "report")]
+    with output_lock(tmp_path / "report", "evaluation"):
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 2 and "another run is writing here" in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "report" / "report.md").exists()
+    completed = subprocess.run([*command, "--seed", "-1"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 2 and "seed -1 is out of range" in completed.stderr
+    completed = subprocess.run([*command, "--split", "heldout", "--occupation_splits", str(tmp_path / "none.csv"),
+                                "--update_model_cards"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 2
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert not list((tmp_path / "report").glob(".*.lock"))  # released as the run ended

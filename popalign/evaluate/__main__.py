@@ -16,7 +16,8 @@ from pathlib import Path
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluate.metrics import MIN_CONFUSION_SINGULAR_VALUE, MIN_IDENTITY_IMAGES_PER_CLASS
 from popalign.evaluate.tables import EvaluationSettings, evaluate, write_tables
-from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error
+from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error, parse_seed
+from popalign.locks import check_not_locked, output_lock
 from popalign.prompts import occupation_splits
 from popalign.evaluate.report import write_report
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples over prompts for the intervals; random sign patterns of the paired "
                              "test beyond 16 prompts (up to 16 it enumerates all 2^n)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--occupation_splits", default="", metavar="CSV",
                         help="a neutral prompt file with a 'split' column (occupation -> split); with --split")
     parser.add_argument("--split", default="", help="evaluate only the prompts of this split's occupations (e.g. heldout)")
@@ -113,13 +114,22 @@ def main(argv=None) -> int:
                                   occupation_splits=splits, compare_on_intersection=args.compare_on_intersection,
                                   min_identity_images_per_class=args.min_identity_images_per_class,
                                   min_confusion_singular_value=args.min_confusion_singular_value)
+    if args.update_model_cards and args.split:
+        raise InputError("--update_model_cards: a card's headline comes from the evaluation of every prompt, not of one split")
     check_output_location(args.report_dir, "--output_dir", folder=True)
+    check_not_locked(args.report_dir, "evaluation")  # another evaluation writing there: stop before the work
     if args.human_study:
         from popalign.study import read_study
 
         read_study(args.human_study)  # a folder that is not a study stops here, before any work
     result = evaluate(args.base, parse_named_folders(args.tuned), attributes, settings,
                       base_name=args.base_name, scorers=list(parse_list(args.scorers)) or None)
+    with output_lock(args.report_dir, "evaluation"):
+        return _write_outputs(args, result)
+
+
+def _write_outputs(args, result) -> int:
+    """The report folder's files, written while this run holds its lock."""
     written = write_tables(result, args.report_dir)
     extra_sections = []
     if args.human_study:
@@ -129,8 +139,6 @@ def main(argv=None) -> int:
     report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images,
                                extra_sections)
     print(f"wrote {report_path}")
-    if args.update_model_cards and settings.split:
-        raise InputError("--update_model_cards: a card's headline comes from the evaluation of every prompt, not of one split")
     if args.update_model_cards:
         for card in update_model_cards(result, report_path):
             print(f"updated the Evaluation section of {card}")
