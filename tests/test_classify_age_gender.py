@@ -7,6 +7,7 @@ do not. The detector needs faces of about 80 pixels or more, so the photographs 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,11 +142,11 @@ def test_bad_age_ranges_name_the_file_and_label(tmp_path, years, message):
     raw["attributes"]["age"]["years"] = years
     path = tmp_path / "attributes.json"
     path.write_text(json.dumps(raw))
-    with pytest.raises(InputError, match=f"{tmp_path}.*attributes.json: attribute 'age': 'years'.*{message}"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: attribute 'age': 'years'.*{message}"):
         load_attributes(path)
     raw["attributes"]["age"].pop("years")
     path.write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="needs 'years'"):
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: attribute 'age' needs 'years'"):
         AgeGenderClassifier(attributes_path=path)
 
 

