@@ -98,7 +98,7 @@ def _photographs_for_batching():
     return [Image.fromarray(photo), Image.new("RGB", (256, 256), (255, 255, 255)), hopper, Image.fromarray(coffee()), two]
 
 
-def test_batch_equals_deepface_analyze_one_image_at_a_time(deepface_classifier):
+def test_batch_equals_deepface_analyze_one_image_at_a_time(deepface_classifier, monkeypatch):
     """One batch (every subject face through each attribute model at once) == DeepFace.analyze on each image alone."""
     from deepface import DeepFace
     from deepface.modules.exceptions import FaceNotDetected
@@ -118,8 +118,11 @@ def test_batch_equals_deepface_analyze_one_image_at_a_time(deepface_classifier):
             assert getattr(result, field) == pytest.approx(getattr(expected, field), abs=1e-5)
         faces_found += result.face_detected
     assert faces_found == 3 and not batched[1].face_detected and not batched[3].face_detected
-    # in batches of another size, the same
-    again = deepface_classifier.classify(images[:2]) + deepface_classifier.classify(images[2:])
+    # with the faces split over several forwards (2 + 1), the same
+    from popalign.classify import deepface_backend
+
+    monkeypatch.setattr(deepface_backend, "_FACES_PER_CALL", 2)
+    again = deepface_classifier.classify(images)
     for result, first in zip(again, batched):
         assert (result.face_detected, result.gender, result.race) == (first.face_detected, first.gender, first.race)
         if result.face_detected:

@@ -11,6 +11,8 @@ from popalign.classify.base import NO_FACE, Classification, Classifier
 # The attribute models DeepFace runs, and the attribute each one predicts. DeepFace's age model
 # returns a number of years, not one of the age labels, so age is left to other backends.
 _DEEPFACE_MODELS = {"gender": "Gender", "race": "Race"}
+# Faces per forward of an attribute model (VGG-Face's first layers hold 64 x 224 x 224 floats, 13 MB, per face).
+_FACES_PER_CALL = 32
 
 
 class DeepFaceClassifier(Classifier):
@@ -67,7 +69,10 @@ class DeepFaceClassifier(Classifier):
         predictions = {}
         for action, model_name in _DEEPFACE_MODELS.items():
             model = modeling.build_model(task="facial_attribute", model_name=model_name)
-            predictions[action] = np.asarray(model.predict(faces)).reshape(len(found), -1)  # one face: (classes,)
+            # at most _FACES_PER_CALL faces per forward: a large --batch_size does not grow the activations without bound
+            predictions[action] = np.concatenate([
+                np.asarray(model.predict(faces[start:start + _FACES_PER_CALL])).reshape(len(faces[start:start + _FACES_PER_CALL]), -1)
+                for start in range(0, len(faces), _FACES_PER_CALL)])  # one face gives (classes,)
         readings = iter([
             classification_from_analysis([analysis_of(predictions["gender"][index], predictions["race"][index], region)],
                                          self._gender, self._race)
