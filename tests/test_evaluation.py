@@ -358,6 +358,16 @@ def test_the_correction_is_used_when_the_confusion_is_well_estimated_and_refused
     report = write_report(result, tmp_path / "report_good", write_tables(result, tmp_path / "report_good"), 0, 0, 0).read_text()
     assert "are one family of 1 tests" in report and "corrected over male, female" in report
 
+    # Race is measured too but no identity prompt names a race: its headline stays observed, and the family holds
+    # the corrected gender and the observed race.
+    both = evaluate(good, {"copy": good}, ATTRIBUTES, replace(settings, axes=("gender", "race")))
+    family = both.comparison[both.comparison["p_value_holm"].notna()]
+    assert set(family["metric"]) == {"discrepancy_corrected_gender", "discrepancy_race"}
+    assert set(family["family_size"]) == {2}
+    headline = both.comparison[both.comparison["headline"]]
+    assert {"discrepancy_corrected_gender", "discrepancy_race"} <= set(headline["metric"])
+    assert "discrepancy_gender" not in set(headline["metric"])
+
     # Confusions near 50%: sigma_min is small and the correction is refused, with the reason in the report.
     singular = make_image_folder(tmp_path / "singular", correction_specs(15, 0.45, 0.45, seed=1))
     result = evaluate(singular, {"copy": singular}, ATTRIBUTES, settings)
@@ -367,7 +377,7 @@ def test_the_correction_is_used_when_the_confusion_is_well_estimated_and_refused
     report = write_report(result, tmp_path / "report_singular", write_tables(result, tmp_path / "report_singular"),
                           0, 0, 0).read_text()
     assert "**not corrected**: the confusion is nearly singular" in report
-    assert "no measured attribute has a usable estimate" in report
+    assert "`gender` has no usable estimate of the classifier's confusion" in report
 
     # Too few identity-specific faces per class.
     few = make_image_folder(tmp_path / "few", correction_specs(4, 0.1, 0.1))

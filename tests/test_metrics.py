@@ -481,6 +481,11 @@ def test_check_confusion_refuses_a_nearly_singular_or_thin_estimate():
     assert not thin.usable and "10 identity-specific faces" in thin.reason
     one = metrics.check_confusion([[9, 1], [0, 0]], GENDERS, min_images_per_class=1)
     assert not one.usable and "fewer than two classes" in one.reason
+    # A named class read only as an unnamed label: no face of it read inside the named classes, and 23% of the
+    # named classes' faces read outside them.
+    leaking = metrics.check_confusion([[30, 0, 10, 0], [0, 0, 0, 25], [5, 0, 40, 0], [0, 0, 0, 0]], RACES[:4])
+    assert not leaking.usable and leaking.fewest_images == 0
+    assert "23% of the named classes' faces were read as labels no prompt names" in leaking.reason
 
 
 def _simulated_corrected_coverage(confusion, truth, identity_prompts, faces_per_identity_prompt, repetitions,
@@ -586,6 +591,9 @@ def test_metric_ranges_and_clipped_intervals():
     assert metrics.clip_interval(-0.075, 0.954, (0.0, 0.707)) == (0.0, 0.707, True)
     assert metrics.clip_interval(0.1, 0.2, (0.0, 0.707)) == (0.1, 0.2, False)
     assert metrics.clip_interval(-3.0, 5.0, None) == (-3.0, 5.0, False)
+    # Wholly outside the range (an unbiased square's interval can be): the nearest bound.
+    assert metrics.clip_interval(-0.019, -0.007, (0.0, 0.5)) == (0.0, 0.0, True)
+    assert metrics.clip_interval(0.7, 0.9, (0.0, 0.5)) == (0.5, 0.5, True)
     low, high, clipped = metrics.clip_interval(math.nan, math.nan, (0.0, 1.0))
     assert math.isnan(low) and math.isnan(high) and not clipped
 
@@ -596,14 +604,35 @@ def test_paired_verdict_in_a_holm_family():
     # Alone it is 'better'; in a family of two its adjusted p (0.0625) says 'no clear change', and with the
     # floor 2 x 2/64 above 0.05 the verdict says the family leaves too few prompts.
     adjusted = metrics.holm_adjusted([six.p_value, 0.5])[0]
-    assert adjusted == pytest.approx(0.0625)
-    assert metrics.paired_verdict(six, "lower", adjusted_p_value=adjusted, family_size=2) == (
+    floor = metrics.holm_floors([six.p_value, 0.5], [six.min_p_value, 0.125])[0]
+    assert adjusted == pytest.approx(0.0625) and floor == pytest.approx(0.0625)
+    assert metrics.paired_verdict(six, "lower", adjusted_p_value=adjusted, family_size=2, adjusted_floor=floor) == (
         "too few prompts for a verdict (n=6: p cannot go below 0.0625 after Holm over 2 tests)")
     ten = metrics.paired_test(np.linspace(0.5, 0.9, 10), np.linspace(0.1, 0.3, 10))
     assert metrics.paired_verdict(ten, "lower", adjusted_p_value=0.004, family_size=3) == "better"
     assert metrics.paired_verdict(ten, "lower", adjusted_p_value=0.2, family_size=3) == "no clear change"
     with pytest.raises(ValueError):
         metrics.paired_verdict(ten, "lower", family_size=0)
+
+
+def test_holm_floors_by_hand_and_by_definition():
+    # A strong test beside one at its own floor: Holm tests the last one at alpha, so its floor is its own min p.
+    assert metrics.holm_floors([1e-5, 0.0313], [1e-6, 0.03125]) == pytest.approx([2e-6, 0.03125])
+    # Equal floors: the first-ranked one is multiplied by m.
+    assert metrics.holm_floors([0.125, 0.125], [0.125, 0.125]) == pytest.approx([0.25, 0.25])
+    # NaN stays out of the family.
+    floors = metrics.holm_floors([0.01, math.nan, 0.2], [0.001, 0.5, 0.1])
+    assert math.isnan(floors[1]) and floors[0] == pytest.approx(0.002) and floors[2] == pytest.approx(0.1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p_values = rng.uniform(0, 0.2, 4)
+        minimum = p_values * rng.uniform(0, 1, 4)
+        for index in range(4):
+            changed = p_values.copy()
+            changed[index] = minimum[index]
+            assert metrics.holm_floors(p_values, minimum)[index] == pytest.approx(metrics.holm_adjusted(changed)[index])
+    with pytest.raises(ValueError):
+        metrics.holm_floors([0.1], [0.1, 0.2])
 
 
 def slow_one_sided_p(values):

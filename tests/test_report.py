@@ -157,7 +157,7 @@ def test_four_prompts_give_no_verdict_and_the_report_says_why(tmp_path):
     assert "**better**" not in text[text.index("## Headline"):]
     # Two axes in the Holm family: the floor doubles.
     assert "too few prompts for a verdict (n=4: p cannot go below 0.25 after Holm over 2 tests)" in headline
-    assert "**Multiplicity.** The headline's bias verdicts, the discrepancy of `gender`, `race` for each of 1" in text
+    assert "**Multiplicity.** The headline's bias verdicts, `discrepancy_gender`, `discrepancy_race` for each of 1" in text
     assert "(floor " in headline
 
 

@@ -348,8 +348,9 @@ def corrected_discrepancy_floor(num_images: int, classes: Sequence[str], confusi
         floor(n) = sum over counts of Multinomial(counts; n, C^T t) * || partial_corrected_shares(counts / n, N) - t ||_2
 
     (enumerated or sampled as discrepancy_floor). The correction amplifies sampling noise, so this floor
-    lies above discrepancy_floor. With fewer than two named classes nothing is corrected and this is
-    discrepancy_floor. NaN for n = 0.
+    lies at or above discrepancy_floor. With fewer than two named classes nothing is corrected and this is
+    discrepancy_floor. It treats the estimated confusion as exact: with a noisy estimate (a few dozen
+    identity-specific faces per class) a fair population reads somewhat above it. NaN for n = 0.
     """
     num_images = _check_num_images(num_images)
     t = target_distribution(classes, target)
@@ -499,7 +500,11 @@ def partial_corrected_shares(observed_shares, confusion_count_matrix) -> np.ndar
         m = sum_{j in S} q_j,   C_S[i, j] = N[i, j] / sum_{j' in S} N[i, j']   (i, j in S)
         p_S = m * adjusted_shares(q_S / m, C_S),   p_U = q_U
 
-    A population read the same under every symmetric confusion (e.g. a fair one) keeps its shares.
+    The rule assumes that the faces read inside S were drawn inside S as C_S says: what the named
+    classes lose to labels in U, the classes in U give back to labels in S. That holds under a symmetric
+    confusion (a fair population then keeps its shares, corrected or not); where named classes leak
+    into U and U does not leak back, the shares of U are over-stated and those of S under-stated, which
+    is why check_confusion refuses an estimate whose named classes are often read as labels in U.
     With every class prompted this is adjusted_shares(q, confusion_rates(N)).
     """
     observed = np.asarray(observed_shares, dtype=float)
@@ -522,9 +527,10 @@ def partial_corrected_shares(observed_shares, confusion_count_matrix) -> np.ndar
     return corrected if observed.ndim == 2 else corrected[0]
 
 
-# The conditioning check of a confusion estimate: below either, corrected shares are refused.
+# The conditioning check of a confusion estimate: past any of these, corrected shares are refused.
 MIN_CONFUSION_SINGULAR_VALUE = 0.3
 MIN_IDENTITY_IMAGES_PER_CLASS = 20
+MAX_UNNAMED_READ_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -543,14 +549,17 @@ class ConfusionCheck:
 
 def check_confusion(confusion_count_matrix, classes: Sequence[str],
                     min_singular_value: float = MIN_CONFUSION_SINGULAR_VALUE,
-                    min_images_per_class: int = MIN_IDENTITY_IMAGES_PER_CLASS) -> ConfusionCheck:
+                    min_images_per_class: int = MIN_IDENTITY_IMAGES_PER_CLASS,
+                    max_unnamed_read_share: float = MAX_UNNAMED_READ_SHARE) -> ConfusionCheck:
     """Refuse a correction the estimate cannot carry.
 
     The corrected shares solve C_S^T p = q; an error e in q becomes an error up to e / sigma_min(C_S) in p,
     so a nearly singular C_S (e.g. [[.55, .45], [.45, .55]], sigma_min = 0.1) turns noise into most of the
     answer (an observed 0.56 reads 1.0). The check needs at least two prompted classes, at least
-    `min_images_per_class` identity-specific faces in each, and sigma_min(C_S) >= `min_singular_value`
-    (C_S the row-normalised confusion over the prompted classes, see partial_corrected_shares).
+    `min_images_per_class` identity-specific faces of each read as one of the prompted classes,
+    sigma_min(C_S) >= `min_singular_value` (C_S the row-normalised confusion over the prompted classes,
+    see partial_corrected_shares), and at most `max_unnamed_read_share` of the prompted classes' faces read
+    as a label no prompt names (where partial_corrected_shares' assumption would matter).
     """
     classes = _check_classes(classes)
     counts = np.asarray(confusion_count_matrix, dtype=float)
@@ -560,14 +569,18 @@ def check_confusion(confusion_count_matrix, classes: Sequence[str],
         return ConfusionCheck(names, math.nan, int(counts.sum(axis=1).max(initial=0)),
                               "fewer than two classes are named by identity-specific prompts")
     block = counts[np.ix_(prompted, prompted)]
-    fewest = int(counts[prompted].sum(axis=1).min())
+    fewest = int(block.sum(axis=1).min())
     smallest = float(np.linalg.svd(confusion_rates(block), compute_uv=False).min())
+    unnamed_share = float(1.0 - block.sum() / counts[prompted].sum())
     reasons = []
     if fewest < min_images_per_class:
         reasons.append(f"{fewest} identity-specific faces in the smallest class (needs >= {min_images_per_class})")
     if smallest < min_singular_value:
         reasons.append(f"the confusion is nearly singular (smallest singular value {smallest:.3f}, needs >= "
                        f"{min_singular_value})")
+    if unnamed_share > max_unnamed_read_share:
+        reasons.append(f"{unnamed_share:.0%} of the named classes' faces were read as labels no prompt names (at most "
+                       f"{max_unnamed_read_share:.0%}: how those labels are read is unknown)")
     return ConfusionCheck(names, smallest, fewest, "; ".join(reasons))
 
 
@@ -639,7 +652,8 @@ def prompt_bootstrap_corrected_shares(neutral_counts, identity_counts, identity_
         confusion_draw = np.zeros((size, num_classes, num_classes), dtype=np.int64)
         for label in np.unique(named):
             confusion_draw[:, label, :] = _two_stage_resample(rng, identity[named == label], size)
-        shares = neutral_draw / np.maximum(neutral_draw.sum(axis=1, keepdims=True), 1)
+        drawn_faces = neutral_draw.sum(axis=1, keepdims=True)
+        shares = np.divide(neutral_draw, drawn_faces, out=np.full(neutral_draw.shape, np.nan), where=drawn_faces > 0)
         for index in range(size):
             draws[start + index] = partial_corrected_shares(shares[index], confusion_draw[index])
     alpha = 1.0 - confidence
@@ -655,9 +669,11 @@ def prompt_bootstrap_corrected_discrepancy(neutral_counts, identity_counts, iden
 
         D*_b = mean over the P drawn prompts i of || partial_corrected_shares(q*_i, N*_b) - t ||_2
 
-    with the neutral prompts and, within each named class, the identity-specific prompts drawn with
-    replacement and each drawn prompt's faces redrawn from its own shares (as prompt_bootstrap_corrected_shares).
-    Prompts without a face are left out of a replicate's mean. No neutral face gives (nan, nan).
+    with the neutral prompts drawn with replacement (each keeps its own faces: redrawing them would add the
+    within-prompt noise twice, and for a norm that moves the interval up rather than widening it) and,
+    within each named class, the identity-specific prompts drawn with replacement with their faces
+    redrawn (as prompt_bootstrap_corrected_shares), which re-estimates the confusion. Prompts without a
+    face are left out of a replicate's mean. No neutral face gives (nan, nan).
     """
     _check_bootstrap_arguments(num_resamples, confidence)
     neutral = np.asarray(neutral_counts, dtype=np.int64)
@@ -673,7 +689,7 @@ def prompt_bootstrap_corrected_discrepancy(neutral_counts, identity_counts, iden
     means = np.full(num_resamples, np.nan)
     for replicate in range(num_resamples):
         picks = rng.integers(0, num_prompts, size=num_prompts)
-        redrawn = rng.multinomial(totals[picks], shares[picks])
+        redrawn = neutral[picks]
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         for label in np.unique(named):
             confusion[label] = _two_stage_resample(rng, identity[named == label], 1)[0]
@@ -779,13 +795,16 @@ def clip_interval(low: float, high: float, bounds: tuple[float, float] | None) -
     """An interval cut to the range its quantity can take: (max(low, lo), min(high, hi), whether it was cut).
 
     The quantity lies in [lo, hi], so cutting never removes it from an interval that held it: coverage
-    is unchanged. NaN bounds and None leave the interval as it is.
+    is unchanged. An interval wholly outside the range (possible for an estimate that can leave it, e.g.
+    the unbiased squared discrepancy) becomes the nearest bound. NaN bounds and None leave it as it is.
     """
     if bounds is None or any(math.isnan(value) for value in (low, high)):
         return low, high, False
     lower, upper = bounds
     clipped_low = low if math.isnan(lower) else max(low, lower)
     clipped_high = high if math.isnan(upper) else min(high, upper)
+    if clipped_low > clipped_high:  # wholly outside: the nearest bound
+        clipped_low = clipped_high = upper if low > upper else lower
     return float(clipped_low), float(clipped_high), bool(clipped_low != low or clipped_high != high)
 
 
@@ -877,15 +896,16 @@ def paired_test(base_values: Sequence[float], tuned_values: Sequence[float], con
 
 
 def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.95,
-                   adjusted_p_value: float | None = None, family_size: int = 1) -> str:
+                   adjusted_p_value: float | None = None, family_size: int = 1,
+                   adjusted_floor: float | None = None) -> str:
     """'better' / 'worse' / 'no clear change' from the paired test at level 1 - confidence, or why there is none.
 
     A verdict needs both: p <= 1 - confidence and the interval of the mean difference excluding 0 on
     the same side. With too few prompts for the test to reach that level (min_p_value above it), the
     answer says so instead. `better` is 'lower', 'higher' or 'neither' (then 'higher' / 'lower').
-    In a family of m tests corrected by Holm (holm_adjusted), pass the test's adjusted p-value and m:
-    the verdict reads the adjusted p, and the floor becomes min(1, m * min_p_value), the smallest
-    adjusted p-value the test could reach.
+    In a family of m tests corrected by Holm (holm_adjusted), pass the test's adjusted p-value, m and its
+    adjusted floor (holm_floors: the adjusted p it would get at its own min_p_value, the family's other
+    p-values as observed): the verdict reads the adjusted p, and "too few prompts" means that floor.
     """
     if result.num_pairs == 0 or any(math.isnan(value) for value in (result.mean_difference, result.p_value)):
         return "n/a"
@@ -893,7 +913,7 @@ def paired_verdict(result: PairedTestResult, better: str, confidence: float = 0.
         raise ValueError(f"family_size must be >= 1, got {family_size}")
     alpha = 1.0 - confidence
     p_value = result.p_value if adjusted_p_value is None else adjusted_p_value
-    floor = min(1.0, family_size * result.min_p_value)
+    floor = result.min_p_value if adjusted_floor is None else adjusted_floor
     if result.mean_difference == 0 and result.ci_low == 0 and result.ci_high == 0:
         return f"no prompt changed (n={result.num_pairs})"  # every difference is 0: nothing to test
     if floor > alpha:
@@ -961,7 +981,8 @@ def paired_equivalence_test(first_values: Sequence[float], second_values: Sequen
         p = max(p_low, p_high)        equivalence at level alpha when p <= alpha
 
     Each one-sided test assumes the shifted differences are symmetric about 0 at the boundary of its
-    H0 (as the superiority test does under its H0). The margin must be declared before the data are seen.
+    H0 (as the superiority test does under its H0); with strongly skewed differences its size exceeds
+    alpha. The margin must be declared before the data are seen.
     The interval is bootstrap_mean_ci of the differences at level 1 - 2 alpha (the TOST's own interval).
     """
     if not margin > 0:
@@ -983,12 +1004,12 @@ def paired_equivalence_test(first_values: Sequence[float], second_values: Sequen
 
 
 def equivalence_verdict(result: EquivalenceResult, confidence: float = 0.95, adjusted_p_value: float | None = None,
-                        family_size: int = 1) -> str:
+                        family_size: int = 1, adjusted_floor: float | None = None) -> str:
     """'equivalent within +-margin' / 'not shown equivalent', or why no verdict is possible (as paired_verdict)."""
     if result.num_pairs == 0 or math.isnan(result.p_value):
         return "n/a"
     alpha = 1.0 - confidence
-    floor = min(1.0, family_size * result.min_p_value)
+    floor = result.min_p_value if adjusted_floor is None else adjusted_floor
     if floor > alpha:
         family = f" after Holm over {family_size} tests" if family_size > 1 else ""
         return f"too few pairs for an equivalence verdict (n={result.num_pairs}: p cannot go below {floor:.3g}{family})"
@@ -997,6 +1018,30 @@ def equivalence_verdict(result: EquivalenceResult, confidence: float = 0.95, adj
     if p_value <= alpha and inside:
         return f"equivalent within +-{result.margin:.3g}"
     return f"not shown equivalent within +-{result.margin:.3g}"
+
+
+def holm_floors(p_values: Sequence[float], min_p_values: Sequence[float]) -> list[float]:
+    """For each test of a Holm family, the smallest adjusted p-value it could get: holm_adjusted of the family
+    with its own p-value replaced by its min_p_value (the smallest its test can give), the others as observed.
+
+        floor_i = holm_adjusted(p_1, ..., p_{i-1}, min_p_i, p_{i+1}, ..., p_m)_i
+
+    A test whose floor exceeds alpha cannot reach a verdict in this family, whatever its own data. NaN
+    p-values stay out of the family and their floor is NaN.
+    """
+    values = np.asarray(p_values, dtype=float)
+    floors = np.asarray(min_p_values, dtype=float)
+    if values.shape != floors.shape:
+        raise ValueError(f"{values.size} p-values but {floors.size} floors")
+    result = []
+    for index in range(values.size):
+        if math.isnan(values[index]):
+            result.append(math.nan)
+            continue
+        best_case = values.copy()
+        best_case[index] = min(values[index], floors[index]) if not math.isnan(floors[index]) else values[index]
+        result.append(holm_adjusted(best_case)[index])
+    return result
 
 
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from popalign.evaluate.tables import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
-                                      headline_correction_applies, intersectional_name, is_headline_metric)
+                                      headline_corrected_attributes, intersectional_name, is_headline_metric)
 from popalign.image_folder import PROMPT_KINDS  # noqa: E402
 from popalign.io import atomic_write_text  # noqa: E402
 
@@ -137,8 +137,8 @@ def multiplicity_line(result: EvaluationResult) -> str:
     if family.empty:
         return "**Multiplicity.** No bias comparison was made, so no family of tests to correct."
     size = int(family["family_size"].max())
-    axes = ", ".join(markdown_code(axis) for axis in result.settings.axes)
-    return (f"**Multiplicity.** The headline's bias verdicts, the discrepancy of {axes} for each of "
+    axes = ", ".join(markdown_code(metric) for metric in dict.fromkeys(family["metric"]))
+    return (f"**Multiplicity.** The headline's bias verdicts, {axes} for each of "
             f"{len(result.tuned)} tuned model(s)"
             + (f" on split {markdown_code(result.settings.split)}" if result.settings.split else "")
             + f", are one family of {size} tests: their verdicts read Holm-adjusted p-values (family-wise error "
@@ -305,14 +305,14 @@ def _results_table(result: EvaluationResult, kind: str) -> str:
 
 def _headline_lines(result: EvaluationResult) -> list[str]:
     """One line per tuned model and key metric: the bias of neutral prompts, identity accuracy, quality."""
-    correct = headline_correction_applies(result.settings, {name: None for name, check in result.confusion_checks.items()
-                                                            if check.usable})
+    corrected = headline_corrected_attributes(result.settings, {name: None for name, check in result.confusion_checks.items()
+                                                                if check.usable})
     lines = []
     for model in result.tuned:
         rows = result.comparison[result.comparison["model"] == model.name]
         summary = model.summary.set_index(["kind", "metric"])
         for _, test in rows.iterrows():
-            if not is_headline_metric(test["metric"], test["kind"], correct):
+            if not is_headline_metric(test["metric"], test["kind"], corrected):
                 continue
             floor = summary["floor"].get((test["kind"], test["metric"]), math.nan)
             lines.append(f"- `{model.name}`, {test['kind']} prompts, `{test['metric']}` ({test['better']} is better): "
@@ -320,9 +320,11 @@ def _headline_lines(result: EvaluationResult) -> list[str]:
                          f"difference {format_interval(test['difference'], test['ci_low'], test['ci_high'], test['ci_clipped'])} "
                          f"(n={test['num_pairs']} prompts), p {format_p_value_with_holm(test)}: "
                          f"{format_verdict(test['verdict'])}")
-    if result.settings.correct_for_classifier and not correct:
-        lines.append("- `--correct_for_classifier` was asked, but no measured attribute has a usable estimate of the "
-                     "classifier's confusion (see the classifier section): the discrepancies above are the observed ones.")
+    if result.settings.correct_for_classifier and set(result.settings.axes) - corrected:
+        lines.append("- `--correct_for_classifier` was asked, but " + ", ".join(markdown_code(axis) for axis in result.settings.axes
+                                                                           if axis not in corrected)
+                     + " has no usable estimate of the classifier's confusion (see the classifier section): its "
+                     "discrepancy above is the observed one.")
     return lines or ["No tuned model was given: the tables below describe the base model alone."]
 
 

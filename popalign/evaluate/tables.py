@@ -183,11 +183,13 @@ def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float]
     return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
 
 
-def is_headline_metric(metric: str, kind: str, correct_for_classifier: bool) -> bool:
-    """The headline's metrics: the neutral prompts' discrepancy (corrected for the classifier when asked, and
-    when a correction exists) and quality, identity accuracy, generic quality."""
+def is_headline_metric(metric: str, kind: str, corrected: frozenset = frozenset()) -> bool:
+    """The headline's metrics: the neutral prompts' discrepancy of each attribute (corrected for the classifier
+    for the attributes in `corrected`, headline_corrected_attributes), and quality, identity accuracy, generic quality."""
     if kind == "neutral" and metric.startswith("discrepancy_"):
-        return metric.startswith(f"{CORRECTED_DISCREPANCY}_") == correct_for_classifier
+        if metric.startswith(f"{CORRECTED_DISCREPANCY}_"):
+            return metric[len(CORRECTED_DISCREPANCY) + 1:] in corrected
+        return metric[len("discrepancy_"):] not in corrected
     prefixes = {"neutral": ("quality_",), "identity": ("accuracy_",), "generic": ("quality_",)}
     return metric.startswith(prefixes[kind])
 
@@ -526,19 +528,20 @@ COMPARISON_COLUMNS = ["model", "kind", "metric", "better", "num_pairs", "base_me
                       "family_size", "verdict"]
 
 
-def headline_correction_applies(settings: EvaluationSettings, confusions: Mapping[str, np.ndarray]) -> bool:
-    """The headline reads the corrected discrepancy: asked for, and some measured axis has a usable correction."""
-    return settings.correct_for_classifier and any(axis in confusions for axis in settings.axes)
+def headline_corrected_attributes(settings: EvaluationSettings, confusions: Mapping[str, np.ndarray]) -> frozenset:
+    """The attributes whose headline discrepancy is the corrected one: with --correct_for_classifier, those whose
+    confusion passed the check (`confusions` holds only those); the others keep the observed discrepancy."""
+    return frozenset(confusions) if settings.correct_for_classifier else frozenset()
 
 
-def is_family_metric(metric: str, kind: str, settings: EvaluationSettings, correct_for_classifier: bool) -> bool:
+def is_family_metric(metric: str, kind: str, settings: EvaluationSettings, corrected: frozenset) -> bool:
     """The headline's bias verdicts, corrected together: the neutral prompts' discrepancy of each measured axis
-    (corrected for the classifier when the headline is)."""
-    name = f"{CORRECTED_DISCREPANCY}_" if correct_for_classifier else "discrepancy_"
-    return kind == "neutral" and metric in {f"{name}{axis}" for axis in settings.axes}
+    (the corrected one for the axes in `corrected`)."""
+    return kind == "neutral" and metric in {(f"{CORRECTED_DISCREPANCY}_{axis}" if axis in corrected else f"discrepancy_{axis}")
+                                            for axis in settings.axes}
 
 
-def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings, correct_for_classifier: bool) -> pd.DataFrame:
+def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings, corrected: frozenset) -> pd.DataFrame:
     """Mark the headline rows (is_headline_metric), and re-read the verdicts of the family (is_family_metric:
     axes x tuned models of this evaluation, i.e. one split) at Holm-adjusted p-values (metrics.holm_adjusted).
 
@@ -547,20 +550,21 @@ def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings,
     comparison = comparison.copy()
     if comparison.empty:
         return comparison
-    comparison["headline"] = [is_headline_metric(row.metric, row.kind, correct_for_classifier)
-                              for row in comparison.itertuples()]
-    in_family = np.array([is_family_metric(row.metric, row.kind, settings, correct_for_classifier)
+    comparison["headline"] = [is_headline_metric(row.metric, row.kind, corrected) for row in comparison.itertuples()]
+    in_family = np.array([is_family_metric(row.metric, row.kind, settings, corrected)
                           for row in comparison.itertuples()], dtype=bool)
     family = np.flatnonzero(in_family & comparison["p_value"].notna().to_numpy())
-    adjusted = metrics.holm_adjusted(comparison["p_value"].to_numpy(dtype=float)[family])
-    for index, p_adjusted in zip(family, adjusted):
+    p_values = comparison["p_value"].to_numpy(dtype=float)[family]
+    adjusted = metrics.holm_adjusted(p_values)
+    floors = metrics.holm_floors(p_values, comparison["min_p_value"].to_numpy(dtype=float)[family])
+    for index, p_adjusted, floor in zip(family, adjusted, floors):
         row = comparison.iloc[index]
         result = metrics.PairedTestResult(row["difference"], row["ci_low"], row["ci_high"], row["p_value"],
                                           int(row["num_pairs"]), bool(row["exact"]), row["min_p_value"])
         comparison.iloc[index, comparison.columns.get_loc("p_value_holm")] = p_adjusted
         comparison.iloc[index, comparison.columns.get_loc("family_size")] = len(family)
         comparison.iloc[index, comparison.columns.get_loc("verdict")] = metrics.paired_verdict(
-            result, row["better"], settings.confidence, p_adjusted, len(family))
+            result, row["better"], settings.confidence, p_adjusted, len(family), floor)
     return comparison
 
 
@@ -770,7 +774,7 @@ def evaluate(base_folders: Sequence[str | Path] | str | Path, tuned_folders: Map
         widen_corrected_intervals(model, {name: reads[name] for name in usable}, attributes, settings)
     comparisons = [compare_to_base(base, model, attributes, settings) for model in tuned]
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(columns=COMPARISON_COLUMNS)
-    comparison = holm_headline_family(comparison, settings, headline_correction_applies(settings, usable))
+    comparison = holm_headline_family(comparison, settings, headline_corrected_attributes(settings, usable))
     pairing = {model.name: image_pairing(base.images, model.images) for model in tuned}
     return EvaluationResult(settings, attributes, base, tuned, comparison, pairing,
                             confusion_table(confusions, attributes, settings),

@@ -216,14 +216,20 @@ def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_
                                   "ci_high": superiority.ci_high, "p_value": superiority.p_value, "margin": margin,
                                   "p_equivalence": equivalence.p_value, "_superiority": superiority,
                                   "_equivalence": equivalence})
-        superiority_holm = metrics.holm_adjusted([row["p_value"] for row in unit_rows])
-        equivalence_holm = metrics.holm_adjusted([row["p_equivalence"] for row in unit_rows])
-        for row, p_superiority, p_equivalence in zip(unit_rows, superiority_holm, equivalence_holm):
+        superiority_p = [row["p_value"] for row in unit_rows]
+        equivalence_p = [row["p_equivalence"] for row in unit_rows]
+        superiority_holm, equivalence_holm = metrics.holm_adjusted(superiority_p), metrics.holm_adjusted(equivalence_p)
+        superiority_floors = metrics.holm_floors(superiority_p, [row["_superiority"].min_p_value for row in unit_rows])
+        equivalence_floors = metrics.holm_floors(equivalence_p, [row["_equivalence"].min_p_value for row in unit_rows])
+        superiority_size = sum(not math.isnan(p) for p in superiority_p)
+        equivalence_size = sum(not math.isnan(p) for p in equivalence_p)
+        for row, p_superiority, p_equivalence, floor_superiority, floor_equivalence in zip(
+                unit_rows, superiority_holm, equivalence_holm, superiority_floors, equivalence_floors):
             row["p_value_holm"], row["p_equivalence_holm"] = p_superiority, p_equivalence
             row["verdict"] = metrics.paired_verdict(row.pop("_superiority"), "lower", confidence, p_superiority,
-                                                    len(unit_rows))
+                                                    superiority_size, floor_superiority)
             row["equivalence"] = metrics.equivalence_verdict(row.pop("_equivalence"), confidence, p_equivalence,
-                                                             len(unit_rows))
+                                                             equivalence_size, floor_equivalence)
         rows += unit_rows
     return rows
 
