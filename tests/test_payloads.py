@@ -6,6 +6,7 @@ refuse the planted file or skip it; they must not execute it."""
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -35,9 +36,11 @@ def finished_run(tmp_path_factory):
 
 
 def representative_files(world: Path) -> list[str]:
-    """Every file of the run, one per kind where there are many of a kind (images, cache entries)."""
+    """Every file of the run, one per kind where there are many of a kind (images, cache entries, checkpoints:
+    of the checkpoints, the files of the latest, the one a resume reads)."""
     chosen: OrderedDict[tuple, str] = OrderedDict()
-    for path in sorted(world.rglob("*")):
+    checkpoint_number = lambda part: int(part.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", part) else -1  # noqa: E731
+    for path in sorted(world.rglob("*"), key=lambda path: (max(checkpoint_number(part) for part in path.parts), str(path))):
         if not path.is_file():
             continue
         relative = path.relative_to(world)
@@ -48,6 +51,10 @@ def representative_files(world: Path) -> list[str]:
             kind = ("encoding_cache", parts[2], path.suffix)
         elif parts[0] == "report" and path.suffix == ".png":
             kind = ("report", "png")
+        elif any(checkpoint_number(part) >= 0 for part in parts):
+            kind = tuple("checkpoint-*" if checkpoint_number(part) >= 0 else part for part in parts)
+            chosen[kind] = str(relative)  # sorted by checkpoint number: the latest stays
+            continue
         else:
             kind = parts
         chosen.setdefault(kind, str(relative))
