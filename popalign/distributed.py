@@ -28,7 +28,23 @@ def make_accelerator(**accelerator_options):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
+    check_distributed_type(accelerator)
     return accelerator
+
+
+# The launcher's request (accelerate launch sets these from its config) -> the distributed type that fulfils it.
+REQUESTED_DISTRIBUTED_TYPES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_distributed_type(accelerator) -> None:
+    """Refuse to go on when the launcher asked for FSDP or DeepSpeed and accelerate runs something else: on a
+    machine without a GPU, an FSDP config can start as plain multi-process data parallel (every process holds the
+    whole model) or as one process, without a word."""
+    for variable, wanted in REQUESTED_DISTRIBUTED_TYPES.items():
+        if os.environ.get(variable, "").lower() == "true" and accelerator.distributed_type.name != wanted:
+            raise RuntimeError(f"the launcher asked for {wanted} ({variable}=true) but accelerate runs "
+                               f"{accelerator.distributed_type.name}: refusing to train undistributed; use a GPU machine "
+                               "for this config, or launch without it")
 
 
 def with_gradient_bucket_views(handlers: list) -> list:

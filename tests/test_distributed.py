@@ -70,3 +70,24 @@ def test_ddp_over_two_processes_keeps_gradients_in_its_buckets(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     for rank in (0, 1):  # 2 steps each: the 4 gradients in one bucket
         assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["storages 1 bucket_view True"] * 2
+
+
+def test_a_launch_that_asked_for_fsdp_and_got_plain_data_parallel_is_refused(tmp_path):
+    """On a machine without a GPU an FSDP config (version 2, no state sync) starts as multi-process data parallel:
+    make_accelerator stops instead of training undistributed."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_sync_module_states: false\n  fsdp_cpu_ram_efficient_loading: false\n"
+                      "  fsdp_auto_wrap_policy: NO_WRAP\nmixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\n"
+                      "use_cpu: false\n")
+    script = tmp_path / "worker.py"
+    script.write_text("from popalign.distributed import make_accelerator\nmake_accelerator()\nprint('trained')\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), "--main_process_port",
+         str(port), str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    assert completed.returncode != 0 and "trained" not in completed.stdout
+    assert "the launcher asked for FSDP (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU" in completed.stderr

@@ -233,3 +233,32 @@ def test_evaluate_refuses_a_report_folder_another_run_holds_and_a_seed_out_of_ra
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     assert not list((tmp_path / "report").glob(".*.lock"))  # released as the run ended
+
+
+def test_evaluate_adds_how_two_classifiers_agree(folders, tmp_path):
+    import shutil
+
+    base, tuned = folders
+    copies = {}
+    for name, folder in (("base", base), ("tuned", tuned)):
+        copies[name] = tmp_path / name
+        shutil.copytree(folder, copies[name])
+        labels = pd.read_csv(copies[name] / "labels_deepface.csv", dtype=str, keep_default_na=False)
+        # The second classifier reads every fourth face's gender the other way.
+        flip = (labels["gender"] != "") & (np.arange(len(labels)) % 4 == 0)
+        labels.loc[flip, "gender"] = labels.loc[flip, "gender"].map({"male": "female", "female": "male"})
+        labels.assign(classifier="clip").to_csv(copies[name] / "labels_clip.csv", index=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "popalign.evaluate", "--base", str(copies["base"]), "--tuned", f"popalign={copies['tuned']}",
+         "--second_classifier", "clip", "--num_resamples", "100", "--chart_prompts", "0", "--grid_prompts", "0",
+         "--report_dir", str(tmp_path / "report")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    agreement = pd.read_csv(tmp_path / "report" / "classifier_agreement.csv").set_index(["model", "axis"])
+    labels = pd.read_csv(copies["base"] / "labels_deepface.csv", dtype=str, keep_default_na=False)
+    with_face = labels["gender"] != ""
+    flipped = (with_face & (np.arange(len(labels)) % 4 == 0)).sum()
+    assert agreement.loc[("base", "gender"), "pooled"] == pytest.approx(1 - flipped / with_face.sum())
+    assert agreement.loc[("base", "race"), "pooled"] == 1.0 and agreement.loc[("base", "face_detected"), "pooled"] == 1.0
+    assert 0 <= agreement.loc[("base", "gender"), "ci_low"] <= agreement.loc[("base", "gender"), "ci_high"] <= 1
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Two classifiers on the same pictures" in text and "`deepface` (the report's) against `clip`" in text

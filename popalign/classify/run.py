@@ -126,7 +126,7 @@ def classifier_options(classifier_name: str, detector_backend: str = DEFAULT_DET
         return {"detector_backend": detector_backend, "device": device}
     if classifier_name == "clip":
         return {"model": clip_model, "face_threshold": face_threshold, "device": device}
-    if classifier_name == "toy":
+    if classifier_name in ("toy", "age_gender"):
         return {}
     raise ValueError(f"unknown classifier {classifier_name!r}")
 

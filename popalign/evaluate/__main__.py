@@ -16,7 +16,8 @@ from pathlib import Path
 from popalign.attributes import DEFAULT_ATTRIBUTES_PATH, load_attributes
 from popalign.evaluate.metrics import MIN_CONFUSION_SINGULAR_VALUE, MIN_IDENTITY_IMAGES_PER_CLASS
 from popalign.evaluate.tables import EvaluationSettings, evaluate, write_tables
-from popalign.io import ArgumentParser, InputError, check_output_location, exit_2_on_input_error, parse_seed
+from popalign.io import (ArgumentParser, InputError, atomic_write_csv, check_output_location, exit_2_on_input_error,
+                         parse_seed)
 from popalign.locks import check_not_locked, output_lock
 from popalign.prompts import occupation_splits
 from popalign.evaluate.report import write_report
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare_on_intersection", action="store_true",
                         help="when the models' folders hold different prompts, image indices or seeds, compare on the images all "
                              "share (the report says so at the top) instead of stopping with an error")
+    parser.add_argument("--second_classifier", default="",
+                        help="another classifier whose labels_<name>.csv every folder also holds: the report adds how the "
+                             "two agree per attribute (does a conclusion depend on the classifier?)")
     parser.add_argument("--human_study", default="", metavar="STUDY_DIR",
                         help="a study folder of python -m popalign.study (prepared, served, voted on): adds its "
                              "'Human study' section to report.md")
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
         raise InputError("--update_model_cards: a card's headline comes from the evaluation of every prompt, not of one split")
     check_output_location(args.report_dir, "--output_dir", folder=True)
     check_not_locked(args.report_dir, "evaluation")  # another evaluation writing there: stop before the work
+    if args.second_classifier == args.classifier:
+        raise InputError(f"--second_classifier {args.second_classifier}: the same as --classifier")
     if args.human_study:
         from popalign.study import read_study
 
@@ -132,10 +138,18 @@ def _write_outputs(args, result) -> int:
     """The report folder's files, written while this run holds its lock."""
     written = write_tables(result, args.report_dir)
     extra_sections = []
+    if args.second_classifier:
+        from popalign.evaluate.report import agreement_section
+        from popalign.evaluate.tables import classifier_agreement_table
+
+        agreement = classifier_agreement_table([result.base, *result.tuned], args.classifier, args.second_classifier,
+                                               result.settings.axes, result.settings)
+        atomic_write_csv(Path(args.report_dir) / "classifier_agreement.csv", agreement)
+        extra_sections += agreement_section(agreement, args.classifier, args.second_classifier)
     if args.human_study:
         from popalign.study.report import human_study_section
 
-        extra_sections = human_study_section(args.human_study, min(args.num_resamples, 2000), args.seed)
+        extra_sections += human_study_section(args.human_study, min(args.num_resamples, 2000), args.seed)
     report_path = write_report(result, args.report_dir, written, args.chart_prompts, args.grid_prompts, args.grid_images,
                                extra_sections)
     print(f"wrote {report_path}")

@@ -464,6 +464,20 @@ def _setup_lines(result: EvaluationResult) -> list[str]:
     return lines
 
 
+def agreement_section(agreement: pd.DataFrame, first: str, second: str) -> list[str]:
+    """The report's section on two classifiers' agreement (tables.classifier_agreement_table)."""
+    rows = [[f"`{row.model}`", markdown_code(row.axis), row.images, row.prompts,
+             format_interval(row.agreement, row.ci_low, row.ci_high, row.ci_clipped), format_value(row.pooled),
+             format_value(row.kappa)] for row in agreement.itertuples()]
+    return ["## Two classifiers on the same pictures", "",
+            f"{markdown_code(first)} (the report's) against {markdown_code(second)}: per attribute, the images with a face "
+            "and a label from both; *agreement* is the mean over prompts of the share of a prompt's images they label "
+            "alike, with its 95% interval over prompts; *pooled* the share over images; Cohen's kappa corrects for "
+            "chance agreement. `face_detected` compares whether each found a face, over all images. An attribute one "
+            "of them does not read has no images. Low agreement means a conclusion may depend on the classifier.", "",
+            _markdown_table(["model", "attribute", "images", "prompts", "agreement [95% CI]", "pooled", "kappa"], rows), ""]
+
+
 def write_report(result: EvaluationResult, report_dir: str | Path, written_tables: dict[str, Path],
                  num_chart_prompts: int = 6, num_grid_prompts: int = 3, images_per_grid: int = 6,
                  extra_sections: Sequence[str] = ()) -> Path:

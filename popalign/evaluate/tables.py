@@ -833,6 +833,36 @@ def widen_corrected_intervals(model: ModelEvaluation, reads: Mapping[str, tuple[
         model.summary.at[row, "ci_clipped"] = bool(model.summary.at[row, "ci_clipped"]) or clipped
 
 
+AGREEMENT_COLUMNS = ["model", "axis", "images", "prompts", "agreement", "ci_low", "ci_high", "ci_clipped", "pooled", "kappa"]
+
+
+def classifier_agreement_table(models: Sequence[ModelEvaluation], first: str, second: str, axes: Sequence[str],
+                               settings: EvaluationSettings) -> pd.DataFrame:
+    """How two classifiers' labels of the same pictures agree, per model and axis (and on whether a face is there):
+    popalign.classify.agreement.classifier_agreement over each model's folders, the prompt as the unit."""
+    from popalign.classify.agreement import FACE_AXIS, classifier_agreement
+
+    rows = []
+    for model in models:
+        files = {name: [] for name in (first, second)}
+        for folder in model.folders:
+            for name in files:
+                path = labels_path(folder, name)
+                labels = read_csv_checked(path, ["image_path", "face_detected"])
+                labels["image_path"] = [f"{folder}/{image_path}" for image_path in labels["image_path"]]
+                files[name].append(labels)
+        prompt_ids = {f"{folder}/{image_path}": prompt for folder, image_path, prompt in
+                      zip(model.images["folder"], model.images["image_path"], model.images["prompt_id"])}
+        agreements = classifier_agreement(pd.concat(files[first], ignore_index=True), pd.concat(files[second], ignore_index=True),
+                                          prompt_ids, [*axes, FACE_AXIS], (labels_file_name(first), labels_file_name(second)),
+                                          settings.confidence, settings.num_resamples, settings.seed)
+        for axis, agreement in agreements.items():
+            rows.append({"model": model.name, "axis": axis, "images": agreement.images, "prompts": agreement.prompts,
+                         "agreement": agreement.agreement, "ci_low": agreement.low, "ci_high": agreement.high,
+                         "ci_clipped": agreement.clipped, "pooled": agreement.pooled, "kappa": agreement.kappa})
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
 def corrected_shares_table(models: Sequence[ModelEvaluation], reads: Mapping[str, tuple[np.ndarray, np.ndarray]],
                            attributes: AttributeSet, settings: EvaluationSettings) -> pd.DataFrame:
     """Pooled neutral shares per model, attribute and label: observed, corrected for the classifier, interval.
