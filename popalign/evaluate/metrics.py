@@ -248,27 +248,31 @@ FLOOR_MAX_ENUMERATED = 200_000
 FLOOR_NUM_DRAWS = 200_000
 
 
-def _fair_count_vectors(num_images: int, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fair_count_vectors(num_images: int, probabilities: np.ndarray, max_enumerated: int = FLOOR_MAX_ENUMERATED,
+                        num_draws: int = FLOOR_NUM_DRAWS) -> tuple[np.ndarray, np.ndarray]:
     """Every count vector of Multinomial(n, probabilities) with its probability, or a fixed-seed sample of them.
 
-    Enumerated while there are at most FLOOR_MAX_ENUMERATED vectors, otherwise FLOOR_NUM_DRAWS draws, each of
-    weight 1 / FLOOR_NUM_DRAWS (deterministic: seed 0). Returns (counts (M, K), weights (M,)), read-only
+    Enumerated while there are at most `max_enumerated` vectors, otherwise `num_draws` draws, each of
+    weight 1 / num_draws (deterministic: seed 0). Returns (counts (M, K), weights (M,)), read-only
     (kept for the next prompt with the same number of faces).
     """
-    return _cached_fair_count_vectors(int(num_images), tuple(float(value) for value in probabilities))
+    return _cached_fair_count_vectors(int(num_images), tuple(float(value) for value in probabilities), max_enumerated,
+                                      num_draws)
 
 
 @lru_cache(maxsize=64)
-def _cached_fair_count_vectors(num_images: int, probabilities: tuple) -> tuple[np.ndarray, np.ndarray]:
-    counts, weights = _compute_fair_count_vectors(num_images, np.array(probabilities))
+def _cached_fair_count_vectors(num_images: int, probabilities: tuple, max_enumerated: int,
+                               num_draws: int) -> tuple[np.ndarray, np.ndarray]:
+    counts, weights = _compute_fair_count_vectors(num_images, np.array(probabilities), max_enumerated, num_draws)
     counts.setflags(write=False)
     weights.setflags(write=False)
     return counts, weights
 
 
-def _compute_fair_count_vectors(num_images: int, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _compute_fair_count_vectors(num_images: int, probabilities: np.ndarray, max_enumerated: int,
+                                num_draws: int) -> tuple[np.ndarray, np.ndarray]:
     num_classes = len(probabilities)
-    if math.comb(num_images + num_classes - 1, num_classes - 1) <= FLOOR_MAX_ENUMERATED:
+    if math.comb(num_images + num_classes - 1, num_classes - 1) <= max_enumerated:
         counts = _all_count_vectors(num_images, num_classes)
         with np.errstate(divide="ignore"):
             log_t = np.where(probabilities > 0, np.log(np.where(probabilities > 0, probabilities, 1.0)), -np.inf)
@@ -276,7 +280,7 @@ def _compute_fair_count_vectors(num_images: int, probabilities: np.ndarray) -> t
         log_factorials = np.array([math.lgamma(value + 1) for value in range(num_images + 1)])
         log_pmf = math.lgamma(num_images + 1) - log_factorials[counts].sum(axis=1) + log_terms.sum(axis=1)
         return counts, np.exp(log_pmf)
-    counts = np.random.default_rng(0).multinomial(num_images, probabilities, size=FLOOR_NUM_DRAWS)
+    counts = np.random.default_rng(0).multinomial(num_images, probabilities, size=num_draws)
     return counts, np.full(len(counts), 1.0 / len(counts))
 
 
@@ -368,7 +372,8 @@ def _corrected_discrepancy_floor(num_images: int, target: tuple, confusion_count
     counts_matrix = np.array(confusion_count_matrix, dtype=float)
     # With fewer than two named classes nothing is corrected, and nothing is known of the reading either.
     read = confusion_rates(counts_matrix).T @ t if corrected_classes(counts_matrix).sum() >= 2 else t
-    counts, weights = _fair_count_vectors(num_images, read / read.sum())
+    # Each count vector needs a least-squares solve: a tenth of the other floors' vectors (standard error below 0.001).
+    counts, weights = _fair_count_vectors(num_images, read / read.sum(), FLOOR_MAX_ENUMERATED // 10, FLOOR_NUM_DRAWS // 10)
     corrected = partial_corrected_shares(counts / num_images, counts_matrix)
     return float(np.dot(weights, np.sqrt(np.sum((corrected - t) ** 2, axis=1))))
 
