@@ -689,7 +689,6 @@ def prompt_bootstrap_corrected_discrepancy(neutral_counts, identity_counts, iden
     totals = neutral.sum(axis=1)
     if totals.sum() == 0:
         return (math.nan, math.nan)
-    shares = np.divide(neutral, totals[:, None], out=np.zeros(neutral.shape, dtype=float), where=totals[:, None] > 0)
     rng = np.random.default_rng(seed)
     means = np.full(num_resamples, np.nan)
     for replicate in range(num_resamples):
@@ -853,6 +852,20 @@ class PairedTestResult:
     min_p_value: float = math.nan
 
 
+def _sign_flip_sums(values: np.ndarray, num_resamples: int, seed: int, max_exact_pairs: int) -> tuple[np.ndarray, bool]:
+    """sum_i s_i v_i for every sign pattern s in {-1, +1}^n (n <= max_exact_pairs; exact = True), or for
+    num_resamples random patterns drawn with `seed` (exact = False)."""
+    count = values.size
+    if count <= max_exact_pairs:
+        patterns = ((np.arange(2 ** count)[:, None] >> np.arange(count)[None, :]) & 1) * 2 - 1
+        return patterns @ values, True
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // count)
+    sums = [(rng.integers(0, 2, size=(min(num_resamples, start + chunk) - start, count)) * 2 - 1) @ values
+            for start in range(0, num_resamples, chunk)]
+    return np.concatenate(sums), False
+
+
 def paired_test(base_values: Sequence[float], tuned_values: Sequence[float], confidence: float = 0.95,
                 num_resamples: int = 100000, seed: int = 0, max_exact_pairs: int = MAX_EXACT_PAIRS) -> PairedTestResult:
     """Paired sign-flip permutation test over prompts of d_i = tuned_i - base_i (entry i of both is one prompt).
@@ -880,23 +893,14 @@ def paired_test(base_values: Sequence[float], tuned_values: Sequence[float], con
     tolerance = 1e-9 * max(1.0, float(np.abs(differences).sum()))
     count = differences.size
     nonzero = int(np.count_nonzero(np.abs(differences) > tolerance / count))
-    if count <= max_exact_pairs:
-        patterns = ((np.arange(2 ** count)[:, None] >> np.arange(count)[None, :]) & 1) * 2 - 1
-        statistics = np.abs(patterns @ differences)
+    sums, exact = _sign_flip_sums(differences, num_resamples, seed, max_exact_pairs)
+    statistics = np.abs(sums)
+    if exact:
         p_value = float(np.mean(statistics >= observed - tolerance))
         min_p_value = float(np.mean(statistics >= statistics.max() - tolerance))
-        exact = True
     else:
-        rng = np.random.default_rng(seed)
-        extreme = 0
-        chunk = max(1, 2_000_000 // count)
-        for start in range(0, num_resamples, chunk):
-            stop = min(num_resamples, start + chunk)
-            signs = rng.integers(0, 2, size=(stop - start, count)) * 2 - 1
-            extreme += int(np.sum(np.abs(signs @ differences) >= observed - tolerance))
-        p_value = (1 + extreme) / (1 + num_resamples)
+        p_value = (1 + int(np.sum(statistics >= observed - tolerance))) / (1 + num_resamples)
         min_p_value = max(2.0 ** (1 - nonzero) if nonzero else 1.0, 1.0 / (1 + num_resamples))
-        exact = False
     return PairedTestResult(float(mean_difference), float(low), float(high), p_value, int(count), exact, min_p_value)
 
 
@@ -960,20 +964,12 @@ class EquivalenceResult:
 
 def _one_sided_sign_flip_p(values: np.ndarray, num_resamples: int, seed: int, max_exact_pairs: int) -> tuple[float, float]:
     """P(sum_i s_i v_i >= sum_i v_i) over random signs s (exact up to max_exact_pairs), and its floor (1 / 2^n)."""
-    count = values.size
     observed = float(values.sum())
     tolerance = 1e-9 * max(1.0, float(np.abs(values).sum()))
-    if count <= max_exact_pairs:
-        patterns = ((np.arange(2 ** count)[:, None] >> np.arange(count)[None, :]) & 1) * 2 - 1
-        sums = patterns @ values
+    sums, exact = _sign_flip_sums(values, num_resamples, seed, max_exact_pairs)
+    if exact:
         return float(np.mean(sums >= observed - tolerance)), float(np.mean(sums >= sums.max() - tolerance))
-    rng = np.random.default_rng(seed)
-    extreme = 0
-    chunk = max(1, 2_000_000 // count)
-    for start in range(0, num_resamples, chunk):
-        signs = rng.integers(0, 2, size=(min(num_resamples, start + chunk) - start, count)) * 2 - 1
-        extreme += int(np.sum(signs @ values >= observed - tolerance))
-    return (1 + extreme) / (1 + num_resamples), 1.0 / (1 + num_resamples)
+    return (1 + int(np.sum(sums >= observed - tolerance))) / (1 + num_resamples), 1.0 / (1 + num_resamples)
 
 
 def paired_equivalence_test(first_values: Sequence[float], second_values: Sequence[float], margin: float,
