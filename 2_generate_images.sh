@@ -25,6 +25,12 @@ fi
 : "${NEGATIVE_PROMPT:=}"
 : "${PRECISION:=auto}"                # auto = fp16 on GPU (VAE upcast for decoding), fp32 on CPU
 : "${SEED:=0}"                        # base seed; each image's seed = f(SEED, prompt, image index)
+# Decoding VAE: a folder or hub id (AutoencoderKL) replacing the model's own; "" = the model's own. Recorded in
+# generation_config.json (a folder drawn with another VAE is refused). SDXL's own VAE overflows in fp16 and is upcast
+# to fp32 to decode; GENERATION_VAE=madebyollin/sdxl-vae-fp16-fix decodes in fp16 without the upcast, but is opt-in:
+# that it draws the same populations as SDXL's own VAE has not been shown. Not 4_train.sh's VAE (the training's
+# encoder, which RECIPE files set too).
+: "${GENERATION_VAE:=}"
 # Data.
 : "${PROMPTS_CSV:=outputs/prompts/training_prompts_diverse.csv}"   # written by 1_generate_diverse_prompts.py
 : "${OUT_DIR:=outputs/images/train}"
@@ -58,6 +64,7 @@ done
 generate_args=(
   --pretrained_model_name_or_path "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
   --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED"
+  --pretrained_vae_model_name_or_path "$GENERATION_VAE"
   --prompts_csv "$PROMPTS_CSV" --output_dir "$OUT_DIR"
   --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --batch_size "$BATCH_SIZE" "${speed_args[@]}"

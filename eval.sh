@@ -20,7 +20,7 @@ fi
 
 # Models. TUNED_MODELS is a space-separated list of NAME=KIND:DIR, KIND one of
 #   unet  a fine-tuned U-Net folder (diffusers format, e.g. what train_popalign.py saves)
-#   lora  a LoRA weights folder (loaded with pipeline.load_lora_weights)
+#   lora  a LoRA weights folder (loaded with pipeline.load_lora_weights, then fused into the weights it adapts: no LoRA layers at inference)
 #   best  a run folder trained with validation: the best checkpoint its finished.json names (U-Net or LoRA)
 : "${BASE_MODEL:=stabilityai/stable-diffusion-xl-base-1.0}"
 : "${BASE_NAME:=base}"
@@ -50,6 +50,12 @@ fi
 : "${NEGATIVE_PROMPT:=}"
 : "${PRECISION:=auto}"                # auto = fp16 on GPU, fp32 on CPU
 : "${SEED:=0}"                        # the same base seed for every model, so images pair up
+# Decoding VAE: a folder or hub id (AutoencoderKL) replacing the model's own; "" = the model's own. Recorded in
+# generation_config.json (a folder drawn with another VAE is refused). SDXL's own VAE overflows in fp16 and is upcast
+# to fp32 to decode; GENERATION_VAE=madebyollin/sdxl-vae-fp16-fix decodes in fp16 without the upcast, but is opt-in:
+# that it draws the same populations as SDXL's own VAE has not been shown. Not 4_train.sh's VAE (the training's
+# encoder, which RECIPE files set too).
+: "${GENERATION_VAE:=}"
 : "${BATCH_SIZE:=4}"
 # Speed: how the pipeline runs, not what it draws (on or off; none changes the pixels beyond float rounding, and
 # none is recorded in generation_config.json). Measured in BENCHMARKS.md (benchmarks/gpu_check.sh on a GPU).
@@ -90,7 +96,7 @@ done
 generate_args=(
   --pretrained_model_name_or_path "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
   --steps "$STEPS" --guidance "$GUIDANCE" --width "$WIDTH" --height "$HEIGHT" --scheduler "$SCHEDULER"
-  --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --batch_size "$BATCH_SIZE" "${speed_args[@]}"
+  --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED" --pretrained_vae_model_name_or_path "$GENERATION_VAE" --batch_size "$BATCH_SIZE" "${speed_args[@]}"
 )
 
 classify_args=(--classifier "$CLASSIFIER" --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE")

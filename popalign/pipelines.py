@@ -67,13 +67,21 @@ def apply_speed_options(pipeline, options: SpeedOptions):
 
 
 def load_text_to_image_pipeline(model: str, dtype: torch.dtype, device: torch.device, scheduler: str = "default",
-                                unet_path: str | None = None, lora_path: str | None = None, speed: SpeedOptions = SpeedOptions()):
-    """Load a diffusers text-to-image pipeline, optionally with a fine-tuned U-Net folder or LoRA weights."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+                                unet_path: str | None = None, lora_path: str | None = None, speed: SpeedOptions = SpeedOptions(),
+                                vae_path: str | None = None):
+    """Load a diffusers text-to-image pipeline, optionally with a fine-tuned U-Net folder or LoRA weights, and another
+    VAE (a folder or hub id of an AutoencoderKL) in place of the pipeline's own.
+
+    LoRA weights are fused into the layers they adapt and the LoRA layers then removed (fuse_lora, then
+    unload_lora_weights, which keeps the fused weights): the pipeline draws with plain layers, without the extra
+    low-rank products at every step, and the same images up to float rounding."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     components = {}
     if unet_path:
         components["unet"] = UNet2DConditionModel.from_pretrained(unet_path, dtype=dtype)
+    if vae_path:
+        components["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=dtype)
     pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype, **components)
     if scheduler != "default":
         classes = scheduler_classes()
@@ -82,6 +90,8 @@ def load_text_to_image_pipeline(model: str, dtype: torch.dtype, device: torch.de
         pipeline.scheduler = classes[scheduler].from_config(pipeline.scheduler.config)
     if lora_path:
         pipeline.load_lora_weights(lora_path)
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
     pipeline.set_progress_bar_config(disable=True)
     return apply_speed_options(pipeline.to(device), speed)
 
@@ -149,3 +159,26 @@ def check_unet_folder(flag: str, folder: str | Path, base_model: str = "") -> No
             if config.get(key) != base.get(key):
                 raise InputError(f"{flag} {folder}: a U-Net with {key} {config.get(key)!r}, but the one of --pretrained_model_name_or_path "
                                  f"{base_model} has {base.get(key)!r}: it was not trained from this model")
+
+
+def check_vae_folder(flag: str, folder: str | Path, base_model: str = "") -> None:
+    """A VAE folder (`--pretrained_vae_model_name_or_path`): an AutoencoderKL with weights of its config's shapes and,
+    where the base pipeline is a local folder, latents its U-Net takes (as many channels, scaled by the same factor as
+    its own VAE's: the U-Net draws latents in its own VAE's scale)."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    config = read_model_config(flag, folder, "AutoencoderKL")
+    check_weight_shapes(flag, folder, AutoencoderKL, config)
+    base = Path(base_model) if base_model else None
+    if base is not None and (base / "unet" / "config.json").is_file():
+        unet = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
+        if config.get("latent_channels", 4) != unet.get("in_channels", 4):
+            raise InputError(f"{flag} {folder}: a VAE of {config.get('latent_channels', 4)} latent channels, but the U-Net of "
+                             f"--pretrained_model_name_or_path {base_model} draws {unet.get('in_channels', 4)}")
+    if base is not None and (base / "vae" / "config.json").is_file():
+        own = json.loads((base / "vae" / "config.json").read_text(encoding="utf-8"))
+        if own.get("scaling_factor") != config.get("scaling_factor"):
+            raise InputError(f"{flag} {folder}: scales its latents by {config.get('scaling_factor')}, but the own VAE of "
+                             f"--pretrained_model_name_or_path {base_model} by {own.get('scaling_factor')}")

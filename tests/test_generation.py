@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -298,3 +299,83 @@ def test_speed_options_change_how_not_what(reference_images, repo_root, prompts_
     assert images.keys() == reference.keys()
     for path, image in images.items():  # memory layout and batch size move pixels by at most one 8-bit level
         assert np.abs(image.astype(int) - reference[path].astype(int)).max() <= 1, path
+
+
+@pytest.fixture(scope="module")
+def other_vae(tmp_path_factory, tiny_sd_path):
+    """A VAE of the tiny pipelines' architecture with other random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("other-vae") / "vae"
+    AutoencoderKL.from_config(AutoencoderKL.load_config(str(tiny_sd_path / "vae"))).save_pretrained(folder)
+    return folder
+
+
+def test_another_vae_draws_other_pixels_the_own_vae_the_same_and_a_folder_of_it_is_refused(tiny_sd_path, prompts_csv, other_vae, tmp_path):
+    settings = GenerationSettings(model=str(tiny_sd_path), steps=1, width=32, height=32, precision="fp32")
+    runs = {}
+    for name, vae in (("own", ""), ("own_explicit", str(tiny_sd_path / "vae")), ("other", str(other_vae))):
+        generate_images(prompts_csv, tmp_path / name, replace(settings, vae=vae), 1, 0, batch_size=2, kinds=["neutral"])
+        runs[name] = load_images(tmp_path / name)
+        assert json.loads((tmp_path / name / "generation_config.json").read_text(encoding="utf-8"))["vae"] == vae
+    assert runs["own"].keys() == runs["other"].keys() and len(runs["own"]) == 2
+    for path, image in runs["own"].items():
+        assert np.array_equal(image, runs["own_explicit"][path]), path
+        assert np.abs(image.astype(int) - runs["other"][path].astype(int)).max() > 8, path
+    # The own VAE's folder drew the same pixels, but under another setting: each folder keeps to its VAE.
+    with pytest.raises(InputError, match=re.escape(f"--pretrained_vae_model_name_or_path '' -> '{other_vae}'")):
+        generate_images(prompts_csv, tmp_path / "own", replace(settings, vae=str(other_vae)), 1, 0, batch_size=2, kinds=["neutral"])
+
+
+def test_a_vae_flag_naming_another_model_is_one_line(tiny_sd_path, prompts_csv, tmp_path, capsys):
+    from popalign.generate.__main__ import main
+
+    arguments = ["--model", str(tiny_sd_path), "--prompts_csv", str(prompts_csv), "--out_dir", str(tmp_path / "images"), *TINY]
+    assert main([*arguments, "--pretrained_vae_model_name_or_path", str(tiny_sd_path / "unet")]) == 2
+    assert capsys.readouterr().err == (f"error: --pretrained_vae_model_name_or_path {tiny_sd_path / 'unet'}: holds a model of class "
+                                       "UNet2DConditionModel, not of class AutoencoderKL\n")
+    assert main([*arguments, "--pretrained_vae_model_name_or_path", str(tmp_path / "no_vae")]) == 2
+    assert capsys.readouterr().err == f"error: --pretrained_vae_model_name_or_path {tmp_path / 'no_vae'}: no such file or folder\n"
+    # A VAE whose latents the U-Net does not draw: other channels, or another scale than the model's own VAE.
+    own = json.loads((tiny_sd_path / "vae" / "config.json").read_text(encoding="utf-8"))
+    for change, message in (({"latent_channels": 8}, "a VAE of 8 latent channels, but the U-Net of"),
+                            ({"scaling_factor": 0.13025}, "scales its latents by 0.13025, but the own VAE of")):
+        (tmp_path / "vae").mkdir(exist_ok=True)
+        (tmp_path / "vae" / "config.json").write_text(json.dumps({**own, **change}), encoding="utf-8")
+        assert main([*arguments, "--pretrained_vae_model_name_or_path", str(tmp_path / "vae")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: --pretrained_vae_model_name_or_path {tmp_path / 'vae'}: {message}") and error.count("\n") == 1
+    assert not (tmp_path / "images").exists()
+
+
+def test_a_lora_is_fused_and_draws_what_stock_diffusers_draws_with_it(tiny_sd_path, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from popalign.pipelines import load_text_to_image_pipeline
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd_path / "unet"))
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+
+    def draw(pipeline):
+        return pipeline(prompt=["a photo of a doctor"], num_inference_steps=2, width=32, height=32, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    fused = load_text_to_image_pipeline(str(tiny_sd_path), torch.float32, torch.device("cpu"), lora_path=str(tmp_path / "lora"))
+    assert not [name for name, module in fused.unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    stock = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path))
+    stock.set_progress_bar_config(disable=True)
+    without_lora = draw(stock)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    assert [name for name, module in stock.unet.named_modules() if isinstance(module, BaseTunerLayer)]  # stock keeps its LoRA layers
+    with_lora = draw(stock)
+    assert np.abs(with_lora - without_lora).max() > 1e-2  # the LoRA changes the images
+    assert np.abs(draw(fused) - with_lora).max() < 1e-4

@@ -69,3 +69,15 @@ def test_a_speed_variable_that_is_neither_on_nor_off_stops_before_any_command(sc
     assert completed.returncode == 2
     assert "VAE_TILING=yes: expected on or off" in completed.stderr
     assert not [command for command in commands if "popalign.generate" in command]
+
+
+@pytest.mark.parametrize("script", ["2_generate_images.sh", "eval.sh"])
+def test_generation_vae_reaches_every_generation_and_the_training_vae_does_not(script, tmp_path):
+    """GENERATION_VAE is the decoding VAE of every generation (eval.sh: every model's, so images pair up); VAE, 4_train.sh's
+    encoding VAE that RECIPE files also set, leaves generation with the model's own VAE."""
+    for variables, expected in (({"VAE": "madebyollin/sdxl-vae-fp16-fix"}, ""),
+                                ({"GENERATION_VAE": "models/decoder vae", "VAE": ""}, "models/decoder vae")):
+        completed, commands = run_script(script, tmp_path, **variables)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        runs = generation_flags(commands)
+        assert len(runs) >= 2 and [flags.vae for flags in runs] == [expected] * len(runs), variables

@@ -47,6 +47,7 @@ class GenerationSettings:
     model: str
     unet: str = ""
     lora: str = ""
+    vae: str = ""  # --pretrained_vae_model_name_or_path: '' = the model's own VAE
     scheduler: str = "default"
     steps: int = 50
     guidance: float = 5.0
@@ -58,6 +59,8 @@ class GenerationSettings:
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".json")
+# The flag of each setting where it is not --<setting> (named in the errors of check_or_write_config).
+SETTING_FLAGS = {"vae": "pretrained_vae_model_name_or_path"}
 
 
 def fine_tuned_weights_sha256(unet: str = "", lora: str = "") -> str:
@@ -138,12 +141,15 @@ def validate_generation_settings(settings: GenerationSettings) -> None:
     check_model_location("model", settings.model)
     check_model_location("unet", settings.unet, hub_allowed=False)
     check_model_location("lora", settings.lora, hub_allowed=False)
-    from popalign.pipelines import check_unet_folder
+    check_model_location(SETTING_FLAGS["vae"], settings.vae)
+    from popalign.pipelines import check_unet_folder, check_vae_folder
 
     if (Path(settings.model) / "unet").is_dir():  # a local pipeline's own U-Net, checked as a fine-tuned one is
         check_unet_folder("--pretrained_model_name_or_path", Path(settings.model) / "unet")
     if settings.unet:
         check_unet_folder("--unet", settings.unet, settings.model)
+    if settings.vae and Path(settings.vae).exists():  # a hub id is left to the loader
+        check_vae_folder(f"--{SETTING_FLAGS['vae']}", settings.vae, settings.model)
 
 
 def image_decodes(path: Path) -> bool:
@@ -183,7 +189,8 @@ def check_or_write_config(out_dir: Path, settings: GenerationSettings, write: bo
                 atomic_write_json(config_path, current)  # a run that failed before its first image binds nothing
         elif changed:
             details = ", ".join(f"the weights at --unet / --lora changed (sha256 {saved[key][:12]!r} -> {current[key][:12]!r})"
-                                if key == "weights_sha256" else f"--{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
+                                if key == "weights_sha256" else f"--{SETTING_FLAGS.get(key, key)} {saved[key]!r} -> {current[key]!r}"
+                                for key in changed)
             raise InputError(f"{config_path}: folder holds images made with other settings ({details}); use a new --output_dir")
     elif write:
         atomic_write_json(config_path, current)
@@ -208,7 +215,8 @@ def render_batch(pipeline, prompts: list[str], seeds: list[int], settings: Gener
                       generator=generators, output_type="np")
     problem = blank_batch_problem(result.images)
     if problem is not None:
-        weights = "".join(f" --{flag} {value}" for flag, value in (("unet", settings.unet), ("lora", settings.lora)) if value)
+        weights = "".join(f" --{flag} {value}" for flag, value in (("unet", settings.unet), ("lora", settings.lora),
+                                                                    (SETTING_FLAGS["vae"], settings.vae)) if value)
         raise InputError(f"the model draws nothing: every image of a batch is {problem} (prompt {prompts[0]!r}); check the "
                          f"weights of --pretrained_model_name_or_path {settings.model}{weights} (a training that diverged?)")
     return to_pil_images(result.images)
@@ -305,7 +313,8 @@ def generate_images(prompts_csv, out_dir, settings: GenerationSettings, images_p
             if pipeline is None:
                 dtype = resolve_dtype(settings.precision, accelerator.device)
                 pipeline = load_text_to_image_pipeline(settings.model, dtype, accelerator.device, settings.scheduler,
-                                                       settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}))
+                                                       settings.unet or None, settings.lora or None, **({"speed": speed} if speed else {}),
+                                                       vae_path=settings.vae or None)
 
             def write_batch(images, relative_paths) -> None:
                 for image, relative_path in zip(images, relative_paths):

@@ -17,7 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--pretrained_model_name_or_path", "--model", dest="model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local pipeline folder")
     parser.add_argument("--unet", default="", help="fine-tuned U-Net folder (diffusers format) replacing the model's")
-    parser.add_argument("--lora", default="", help="LoRA weights folder loaded with pipeline.load_lora_weights")
+    parser.add_argument("--lora", default="", help="LoRA weights folder loaded with pipeline.load_lora_weights, then fused into "
+                        "the weights it adapts (no LoRA layers left at inference; the same images up to float rounding)")
+    parser.add_argument("--pretrained_vae_model_name_or_path", "--vae", dest="vae", default="",
+                        help="VAE folder or hub id (AutoencoderKL) replacing the model's own; '' (default) = the model's own. "
+                             "Recorded in generation_config.json. SDXL's own VAE is upcast to fp32 to decode in fp16; "
+                             "madebyollin/sdxl-vae-fp16-fix decodes in fp16 without the upcast, but is opt-in: that it draws the same "
+                             "populations as SDXL's own VAE is not verified")
     parser.add_argument("--prompts_csv", required=True, help="step-1 prompts file")
     parser.add_argument("--output_dir", "--out_dir", dest="out_dir", required=True, help="the image folder (docs/data_formats.md)")
     parser.add_argument("--kinds", default=",".join(PROMPT_KINDS), help="prompt kinds to generate (neutral,identity,generic)")
@@ -47,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_2_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    settings = GenerationSettings(model=args.model, unet=args.unet, lora=args.lora, scheduler=args.scheduler,
+    settings = GenerationSettings(model=args.model, unet=args.unet, lora=args.lora, vae=args.vae, scheduler=args.scheduler,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
                                   negative_prompt=args.negative_prompt, precision=args.precision, seed=args.seed)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
