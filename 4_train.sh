@@ -88,8 +88,11 @@ fi
 
 # --- processes: one per GPU. The original ran 8 processes x 1 pair; on fewer GPUs keep the
 # effective batch with TRAIN_BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS. LAUNCH_ARGS may instead name
-# an accelerate config (--config_file configs/accelerate/deepspeed_zero2.yaml or fsdp.yaml).
+# an accelerate config (--config_file configs/accelerate/deepspeed_zero2.yaml or fsdp.yaml: GPU only, never run;
+# FSDP=on is the sharded path that is tested, on 2 CPU processes).
 : "${NUM_PROCESSES:=1}"
+: "${FSDP:=off}"                                          # on: the U-Net's weights, gradients and AdamW state sharded over the
+                                                          # NUM_PROCESSES processes (torch FSDP2; full fine-tuning, USE_8BIT_ADAM=off)
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision ${MIXED_PRECISION} --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"            # one CPU thread per process
 
@@ -109,7 +112,7 @@ train_args=(
   --max_train_steps "$MAX_TRAIN_STEPS" --train_batch_size "$TRAIN_BATCH_SIZE"
   --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" --max_grad_norm "$MAX_GRAD_NORM"
   --mixed_precision "$MIXED_PRECISION" --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
-  --use_8bit_adam "$USE_8BIT_ADAM" --use_ema "$USE_EMA" --ema_decay "$EMA_DECAY" --rank "$LORA_RANK" --seed "$SEED"
+  --use_8bit_adam "$USE_8BIT_ADAM" --fsdp "$FSDP" --use_ema "$USE_EMA" --ema_decay "$EMA_DECAY" --rank "$LORA_RANK" --seed "$SEED"
   --train_text_encoder "$TRAIN_TEXT_ENCODER" --text_encoder_lr "$TEXT_ENCODER_LR" --train_unet "$TRAIN_UNET"
   --validation_prompts_file "$VALIDATION_PROMPTS_FILE" --validation_steps "$VALIDATION_STEPS"
   --num_validation_images "$NUM_VALIDATION_IMAGES" --num_validation_identity_images "$NUM_VALIDATION_IDENTITY_IMAGES"

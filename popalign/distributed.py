@@ -11,6 +11,11 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (its WORLD_SIZE; 1 when not launched), known before any Accelerator is made."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def make_accelerator(**accelerator_options):
     """An Accelerator that shards over every launched process, with or without a GPU.
 
@@ -25,7 +30,7 @@ def make_accelerator(**accelerator_options):
 
     accelerator_options["kwargs_handlers"] = with_gradient_bucket_views(accelerator_options.get("kwargs_handlers") or [])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
     check_distributed_type(accelerator)

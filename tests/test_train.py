@@ -1,9 +1,11 @@
 """The trainer end to end on tiny random-weight SDXL- and SD-shaped pipelines (CPU, offline)."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -280,6 +282,63 @@ def test_two_processes_with_one_pair_equal_one_process_with_two(tiny_sdxl_path, 
     # after the first step the same float rounding moves it by under 1%.
     assert [line["anchor"] for line in metrics(tmp_path / "one")] == pytest.approx([line["anchor"] for line in metrics(tmp_path / "two")],
                                                                                  rel=1e-2, abs=1e-7)
+
+
+def launch_two_processes(config: TrainConfig, port: int) -> subprocess.CompletedProcess:
+    """train_popalign.py with `config`'s flags under torchrun, 2 processes of one thread each."""
+    argv = [f"--{name}={('on' if value else 'off') if isinstance(value, bool) else value}" for name, value in config.to_dict().items()]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           str(REPO_ROOT / "train_popalign.py"), *argv], cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_processes_trains_like_one_process_and_resumes_from_its_checkpoint(tiny_sdxl_path, pairs_data, tmp_path):
+    # The same large-epsilon AdamW as above (updates proportional to the gradients), in fp32 so that the comparison is one
+    # of float rounding (under --mixed_precision bf16 the reference is loaded in bf16 as in unsharded runs, and each
+    # process's line then reads "reference whole, torch.bfloat16"; bf16 rounding moves these weights by ~3e-4). The third
+    # step runs after a resume, so it uses the AdamW moments gathered into checkpoint-2 and scattered back.
+    flags = dict(loss="popalign", max_train_steps=3, learning_rate=0.1, adam_epsilon=1.0, checkpointing_steps=1,
+                 resume_from_checkpoint="latest")
+    train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "one", train_batch_size=2, **flags))
+
+    sharded = make_config(tiny_sdxl_path, pairs_data, tmp_path / "fsdp", train_batch_size=1, fsdp=True, **flags)
+    first = launch_two_processes(dataclasses.replace(sharded, stop_after_steps=2), port=29533)
+    assert first.returncode == 0, first.stderr[-3000:]
+    held = [line for line in first.stdout.splitlines() if "of the U-Net's" in line]
+    assert len(held) == 2 and all("over 2 processes); reference whole, torch.float32" in line for line in held), first.stdout
+    local, total = (int(number.replace(",", "")) for number in held[0].split("holds ")[1].split(" parameters")[0].split(" of the U-Net's "))
+    assert 0.45 * total < local < 0.55 * total  # each process holds about half of every unit
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    assert (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (checkpoint / "optimizer_state.safetensors").is_file() and not (tmp_path / "fsdp" / "unet").exists()
+    # an unsharded run does not take a sharded run's checkpoint (its optimizer state is stored otherwise)
+    with pytest.raises(InputError, match="checkpoint-2: saved by a --fsdp run; resume it with --fsdp"):
+        train(dataclasses.replace(sharded, fsdp=False))
+
+    second = launch_two_processes(sharded, port=29534)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at step 2" in second.stdout
+
+    one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "fsdp")
+    base = load_file(str(Path(tiny_sdxl_path) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert max_difference(one, base) > 1e-3
+    assert max_difference(one, two) < 2e-5, max_difference(one, two)
+    assert [line["loss"] for line in metrics(tmp_path / "one")] == pytest.approx([line["loss"] for line in metrics(tmp_path / "fsdp")],
+                                                                               rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "--fsdp shards over the launched processes, but this launch runs 1 process"),
+    ({"lora_rank": 4}, "--fsdp shards the full U-Net's training: it does not combine with --rank"),
+    ({"use_ema": True}, "it does not combine with --use_ema"),
+    ({"use_8bit_adam": True}, "pass --use_8bit_adam off"),
+])
+def test_fsdp_refuses_what_it_cannot_shard_in_one_line(tiny_sdxl_path, pairs_data, tmp_path, overrides, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "run", fsdp=True, **overrides))
+    assert not (tmp_path / "run").exists()
 
 
 def test_sft_from_scratch_settings_on_a_v_prediction_sd_model(tiny_sd_path, pairs_data, tmp_path):

@@ -35,7 +35,7 @@ LORA_CHECKPOINT_NAME = "unet_lora.safetensors"
 FINISHED_NAME = "finished.json"
 # Settings that say how a run is carried out, not what it trains: they do not enter the fingerprint.
 RUN_CONTROL_SETTINGS = frozenset({
-    "output_dir", "cache_dir", "max_memory_cache_gb", "vae_encode_batch_size", "torch_threads", "checkpointing_steps",
+    "output_dir", "cache_dir", "max_memory_cache_gb", "vae_encode_batch_size", "torch_threads", "fsdp", "checkpointing_steps",
     "checkpoints_total_limit", "resume_from_checkpoint", "allow_setting_change", "validate_only", "push_to_hub", "hub_model_id", "stop_after_steps", "report_to", "tracker_project",
 })
 

@@ -121,6 +121,10 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=True,
         metadata=_help("recompute U-Net activations in the backward pass (less memory, ~30%% slower)"))
     seed: int = field(default=0, metadata=_help("seed of data order, noise, timesteps, caption dropout and LoRA init (0 <= seed < 2**32)", type=parse_seed))
+    fsdp: bool = field(default=False,
+        metadata=_help("shard the trained U-Net's weights, gradients and AdamW state over the launched processes with torch FSDP2 "
+                       "(popalign/training/sharding.py; the frozen reference stays whole in --mixed_precision on every process): full "
+                       "fine-tuning with 2 or more processes, without --use_ema or validation. Same numerics as plain data-parallel"))
     torch_threads: int = field(default=1,
         metadata=_help("CPU threads per process (1 keeps several processes from oversubscribing the cores)"))
 
@@ -235,6 +239,14 @@ class TrainConfig:
             raise InputError(f"--text_encoder_lr must be a finite number > 0 (got {self.text_encoder_lr})")
         if self.use_ema and self.lora_rank > 0:
             raise InputError("--use_ema averages the full U-Net's weights: it does not combine with --rank (LoRA)")
+        if self.fsdp:
+            for flag, on in (("--rank", self.lora_rank > 0), ("--train_text_encoder", self.train_text_encoder), ("--use_ema", self.use_ema),
+                             ("--validation_prompts_file", bool(self.validation_prompts_file)), ("--mixed_precision fp16", self.mixed_precision == "fp16")):
+                if on:
+                    raise InputError(f"--fsdp shards the full U-Net's training: it does not combine with {flag} "
+                                     "(use plain data-parallel for it: no --fsdp)")
+            if self.use_8bit_adam:
+                raise InputError("--fsdp steps torch's AdamW on each process's shard (sharding already divides its state): pass --use_8bit_adam off")
         if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
             raise InputError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set")
         if self.objective.check is not None:

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from popalign.distributed import global_rank
+from popalign.distributed import global_rank, launched_processes
 from popalign.io import (InputError, atomic_write_text, check_model_location, check_output_location, clear_for_writer, fresh_folder,
                          open_for_append, refuse_symlink, remove_orphaned_temporary_files, write_faults_named)
 from popalign.locks import check_not_locked, output_lock
@@ -52,6 +52,7 @@ from popalign.training.model_card import MODEL_CARD_NAME
 from popalign.training.data import derive_seed, process_stream_positions, read_pairs, timestep_bounds
 from popalign.training.encodings import TrainingBatch, assemble_batch, build_encoded_pairs, with_embedded_captions
 from popalign.training.objectives import Layout
+from popalign.training.sharding import ShardedUNet, check_checkpoint_layout, shard_unet
 from popalign.training.validation import (VALIDATION_NAME, TrainingValidation, check_validation_inputs, read_validations, select_best_step, trim_validations,
                                           validation_fingerprint)
 from popalign.training.models import (AUTO_VAE, SD, SDXL, TEXT_ENCODER_NAMES, TextEncoderStack, add_lora_adapter, add_noise, add_text_encoder_lora_adapters, check_vae_fits_unet, denoising_target,
@@ -220,6 +221,9 @@ def make_training_accelerator(config: TrainConfig):
             if on:
                 raise InputError(f"{flag} does not run under {accelerator.distributed_type.value}: use plain data-parallel "
                                  "(NUM_PROCESSES=N, no --config_file)")
+    if config.fsdp and (accelerator.num_processes < 2 or accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)):
+        raise InputError(f"--fsdp shards over the launched processes, but this launch runs {accelerator.num_processes} process(es) "
+                         f"as {accelerator.distributed_type.value}: launch 2 or more (NUM_PROCESSES=N, no --config_file)")
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # No dataloader goes through accelerator.prepare, so DeepSpeed must be told the micro-batch size.
@@ -309,14 +313,17 @@ def register_unet_checkpoint_hooks(accelerator) -> None:
 EMA_FOLDER = "unet_ema"
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig, ema=None) -> None:
-    """All processes write their part of the state; the main process names it and prunes old ones (never the best so far)."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, config: TrainConfig, ema=None, sharded: Optional[ShardedUNet] = None) -> None:
+    """All processes write their part of the state (a sharded run's weights and optimizer state gathered by `sharded`);
+    the main process names it and prunes old ones (never the best so far)."""
     if accelerator.is_main_process:  # a killed run's partial folder is removed: every file is written fresh, never through a link
         refuse_symlink(partial_checkpoint_dir(output_dir, step))
         shutil.rmtree(partial_checkpoint_dir(output_dir, step), ignore_errors=True)
     accelerator.wait_for_everyone()
     with write_faults_named(partial_checkpoint_dir(output_dir, step)):  # the checkpoints before stay whole
         accelerator.save_state(str(partial_checkpoint_dir(output_dir, step)))
+        if sharded is not None:
+            sharded.save(partial_checkpoint_dir(output_dir, step))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:  # diffusers layout; its config holds the EMA's own state (decay, step)
@@ -362,6 +369,11 @@ def save_final_weights(accelerator, run: "PreparedRun", output_dir: Path) -> Pat
                                           [accelerator.unwrap_model(encoder) for encoder in run.text.encoders] if run.text else [])
         accelerator.wait_for_everyone()
         return output_dir / "pytorch_lora_weights.safetensors"
+    if run.sharded is not None:
+        with write_faults_named(output_dir / "unet"):
+            run.sharded.save_unet(output_dir / "unet")
+        accelerator.wait_for_everyone()
+        return output_dir / "unet"
     state_dict = accelerator.get_state_dict(unet)  # every process: gathers sharded (FSDP / ZeRO-3) weights
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
@@ -403,6 +415,7 @@ class PreparedRun:
     ema: Optional[object] = None  # diffusers EMAModel of the U-Net's weights (--use_ema)
     validation: Optional[TrainingValidation] = None  # --validation_prompts_file
     text: Optional[TextEncoderStack] = None  # the text encoders being trained (--train_text_encoder), as prepared
+    sharded: Optional[ShardedUNet] = None  # --fsdp: the sharded U-Net and its optimizer (what checkpoints gather)
 
     @property
     def trained_models(self) -> list:
@@ -438,6 +451,8 @@ def check_run_inputs(config: TrainConfig, device: torch.device):
     records = read_pairs(config.pairs_file, needs_losers=config.needs_losers, needs_winner_prompts=config.needs_winner_prompts)
     check_validation_inputs(config, training_captions={record.caption for record in records})
     checkpoint = resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_layout(checkpoint, config.fsdp)
     differences = settings_differences(checkpoint, config.to_dict()) if checkpoint is not None else {}
     if differences and not config.allow_setting_change:
         raise InputError(f"--resume_from_checkpoint {checkpoint}: it was trained with other settings ({describe_differences(differences)}); "
@@ -499,6 +514,8 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.fsdp:  # before the optimizer is made: sharding replaces the U-Net's parameters
+        shard_policy(unet, accelerator, reference)
 
     unet_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     text_parameters = [parameter for encoder in (text.encoders if text else []) for parameter in encoder.parameters() if parameter.requires_grad]
@@ -506,17 +523,21 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
     optimizer = make_optimizer([group for group in ({"params": unet_parameters}, {"params": text_parameters, "lr": config.text_encoder_lr})
                                 if group["params"]], config)
     trained_models = ([unet] if config.train_unet else []) + (list(text.encoders) if text else [])
-    prepared = accelerator.prepare(*trained_models, optimizer)
-    optimizer = prepared[-1]
-    if config.train_unet:
-        unet = prepared[0]
-    if text is not None:
-        text.encoders = list(prepared[int(config.train_unet):-1])
+    sharded = None
+    if config.fsdp:  # sharded by shard_policy: nothing for accelerate to wrap (it would add DDP); checkpoints through ShardedUNet
+        sharded = ShardedUNet(unet, optimizer, accelerator.is_main_process)
+    else:
+        prepared = accelerator.prepare(*trained_models, optimizer)
+        optimizer = prepared[-1]
+        if config.train_unet:
+            unet = prepared[0]
+        if text is not None:
+            text.encoders = list(prepared[int(config.train_unet):-1])
     if config.lora_rank > 0:
         register_lora_checkpoint_hooks(accelerator, kind, [accelerator.unwrap_model(encoder) for encoder in text.encoders] if text else [])
         if config.unet_lora and config.needs_reference:
             reference = AdaptersOffReference(accelerator.unwrap_model(unet))
-    elif accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    elif sharded is None and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         register_unet_checkpoint_hooks(accelerator)
 
     ema = None
@@ -542,6 +563,8 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
             first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise InputError(f"--resume_from_checkpoint {checkpoint}: refusing a checkpoint file that holds more than tensors "
                              f"({first_line})") from None
+        if sharded is not None:
+            sharded.load(checkpoint)
         global_step = read_checkpoint_step(checkpoint)
         if ema is not None:
             from diffusers import UNet2DConditionModel
@@ -574,7 +597,16 @@ def prepare_run(config: TrainConfig, checked_inputs: Optional[tuple] = None) -> 
                        lr_scheduler=lr_scheduler, pairs=pairs, kind=kind, prediction_type=noise_scheduler.config.prediction_type,
                        timestep_range=timestep_range,
                        alphas_cumprod=noise_scheduler.alphas_cumprod.to(accelerator.device), global_step=global_step, ema=ema,
-                       validation=validation, text=text)
+                       validation=validation, text=text, sharded=sharded)
+
+
+def shard_policy(unet, accelerator, reference) -> None:
+    """--fsdp: shard the trained U-Net over the launched processes (popalign.training.sharding) and say, on every process,
+    what it holds."""
+    shards = shard_unet(unet, accelerator.device)
+    kept = "no reference" if reference is None else f"reference whole, {next(reference.parameters()).dtype}"
+    print(f"process {accelerator.process_index}: holds {shards['local_parameters']:,} of the U-Net's {shards['parameters']:,} "
+          f"parameters ({shards['units']} FSDP2 units over {shards['processes']} processes); {kept}", flush=True)
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
@@ -717,7 +749,7 @@ def run_training(run: PreparedRun) -> TrainResult:
         progress.update(1)
         progress.set_postfix({name: f"{logged[name]:.4g}" for name in ("loss", "implicit_accuracy") if name in logged})
         if config.checkpointing_steps and run.global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, run.global_step, config, run.ema)
+            save_checkpoint(accelerator, output_dir, run.global_step, config, run.ema, run.sharded)
         validate_if_due(run)
         finished = run.global_step >= config.max_train_steps
         if not finished and config.stop_after_steps and steps_this_run >= config.stop_after_steps:
@@ -774,6 +806,8 @@ def train(config: TrainConfig) -> TrainResult:
             print(f"{weights} is already trained with these settings and pairs; nothing to do "
                   f"(delete {Path(config.output_dir) / FINISHED_NAME} to train again)", flush=True)
         return TrainResult(global_step=global_step, finished=True, output_dir=Path(config.output_dir))
+    if config.fsdp and launched_processes() < 2:  # before the run folder is made
+        raise InputError("--fsdp shards over the launched processes, but this launch runs 1 process: launch 2 or more (NUM_PROCESSES=N)")
     # One run per folder (two at once would interleave metrics.jsonl and race on the checkpoints). Under a launch the
     # global main process holds it; the others write only through it or their own parts of a checkpoint.
     with output_lock(config.output_dir, "training", take=global_rank() == 0):
