@@ -95,8 +95,8 @@ def demo_table(report_dir: str | Path, scorer: str = "toy") -> str:
     title = f"Occupations of split `{settings['split']}`" if settings.get("split") else "All occupations"
     lines = [f"{title} ({neutral_prompts} neutral prompts):", "", *lines]
     lines += ["", f"Means over prompts with 95% intervals over prompts (t and studentized bootstrap); the change's p-value "
-                  f"is the exact paired sign-flip test over prompts, and a verdict is given only where the prompts can "
-                  f"reach p <= 0.05. A fair population with the base's number of figures per prompt would read "
+                  f"is the exact paired sign-flip test over prompts, and a verdict is given only where its Holm-adjusted p "
+                  f"(over the split's headline tests: both axes of every tuned model) can reach 0.05. A fair population with the base's number of figures per prompt would read "
                   f"about {floors or 'n/a'} (the discrepancy floor). Full report: {report}"]
     return "\n".join(lines)
 
