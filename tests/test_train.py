@@ -317,6 +317,15 @@ def test_fsdp_over_two_processes_trains_like_one_process_and_resumes_from_its_ch
     with pytest.raises(InputError, match="checkpoint-2: saved by a --fsdp run; resume it with --fsdp"):
         train(dataclasses.replace(sharded, fsdp=False))
 
+    # a damaged checkpoint: one line from every process, none left waiting for the main process's broadcast
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "fsdp", broken, ignore=shutil.ignore_patterns("*.lock"))
+    state_file = broken / "checkpoint-2" / "optimizer_state.safetensors"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    failed = launch_two_processes(dataclasses.replace(sharded, output_dir=str(broken)), port=29535)
+    assert failed.returncode != 0
+    assert failed.stderr.count("checkpoint-2: cannot read the sharded run's state") == 2, failed.stderr[-3000:]
+
     second = launch_two_processes(sharded, port=29534)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 2" in second.stdout

@@ -49,8 +49,7 @@ def shard_unet(unet, device: torch.device) -> dict:
 
     parameters = sum(parameter.numel() for parameter in unet.parameters())
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    unet.to(device)
-    units = shard_units(unet)
+    units = shard_units(unet)  # fully_shard moves each unit to the device as it shards it: one whole unit there at a time
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(unet, mesh=mesh)
@@ -90,52 +89,81 @@ class ShardedUNet:
     def save_unet(self, folder: Path) -> None:
         """The whole U-Net in diffusers format at `folder` (written by the main process, fresh)."""
         weights = self.full_weights()
-        if self.is_main_process:
-            from diffusers import UNet2DConditionModel
-
-            with torch.device("meta"):  # no second copy of the weights: the gathered tensors are assigned
-                model = UNet2DConditionModel.from_config(self.unet.config)
-            model.load_state_dict(weights, assign=True)
-            with fresh_folder(folder) as partial:
-                model.save_pretrained(str(partial))
+        on_main_process(self.is_main_process, lambda: write_unet(self.unet.config, weights, folder), f"writing {folder}")
 
     def save(self, checkpoint: Path) -> None:
         """Into a checkpoint folder: <checkpoint>/unet and the optimizer's state (OPTIMIZER_STATE_FILE, OPTIMIZER_GROUPS_FILE)."""
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        self.save_unet(checkpoint / "unet")
+        weights = self.full_weights()  # both gathers before any write: a write fault cannot leave a process waiting in one
         state = get_optimizer_state_dict(self.unet, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.is_main_process:
+
+        def write() -> None:
+            write_unet(self.unet.config, weights, checkpoint / "unet")
             tensors = {f"{name}/{key}": value.contiguous() for name, values in state["state"].items() for key, value in values.items()}
             refuse_symlink(checkpoint / OPTIMIZER_STATE_FILE)
             save_file(tensors, str(checkpoint / OPTIMIZER_STATE_FILE))
             atomic_write_text(checkpoint / OPTIMIZER_GROUPS_FILE, json.dumps(state["param_groups"], indent=1) + "\n")
 
+        on_main_process(self.is_main_process, write, f"writing {checkpoint}")
+
     def load(self, checkpoint: Path) -> None:
         """Restore the weights and the optimizer's state that `save` wrote (read by the main process, scattered)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        weights, state = {}, {}
-        if self.is_main_process:
-            weights, state = read_full_state(checkpoint)
+        weights, state = on_main_process(self.is_main_process, lambda: read_full_state(checkpoint), f"reading {checkpoint}") or ({}, {})
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.unet, weights, options=options)
         set_optimizer_state_dict(self.unet, self.optimizer, state, options=options)
+
+
+def on_main_process(is_main_process: bool, work, what: str):
+    """`work()` on the main process, its result there (None elsewhere), and every process learns whether it failed before
+    any goes on to the next collective call: the main process re-raises its error, the others raise one line naming it
+    (a fault on the main process alone would otherwise leave the others waiting in the next gather or broadcast)."""
+    import torch.distributed as dist
+
+    result, failure, message = None, None, [None]
+    if is_main_process:
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 (every process must hear of any failure; it is re-raised below)
+            failure, message = error, [(isinstance(error, InputError), (str(error).strip() or type(error).__name__).splitlines()[0])]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        input_error, line = message[0]
+        raise (InputError if input_error else RuntimeError)(line if input_error else f"the main process failed {what} ({line})")
+    return result
+
+
+def write_unet(config, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """A plain UNet2DConditionModel of `config` holding the gathered `weights`, saved fresh in diffusers format at `folder`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # no second copy of the weights: the gathered tensors are assigned
+        model = UNet2DConditionModel.from_config(config)
+    model.load_state_dict(weights, assign=True)
+    with fresh_folder(folder) as partial:
+        model.save_pretrained(str(partial))
 
 
 def read_full_state(checkpoint: Path) -> tuple[dict, dict]:
     """(U-Net weights, optimizer state dict keyed by parameter name) of a sharded run's checkpoint, from safetensors and
     JSON only; InputError naming the file when one is missing or unreadable."""
     from diffusers import UNet2DConditionModel
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         weights = UNet2DConditionModel.from_pretrained(str(checkpoint), subfolder="unet").state_dict()
         tensors = load_file(str(checkpoint / OPTIMIZER_STATE_FILE))
         groups = json.loads((checkpoint / OPTIMIZER_GROUPS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"--resume_from_checkpoint {checkpoint}: cannot read the sharded run's state ({error})") from None
+    except (OSError, ValueError, SafetensorError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--resume_from_checkpoint {checkpoint}: cannot read the sharded run's state ({first_line})") from None
     state: dict[str, dict] = {}
     for key, tensor in tensors.items():
         name, _, entry = key.rpartition("/")
