@@ -304,7 +304,7 @@ def test_fsdp_over_two_processes_trains_like_one_process_and_resumes_from_its_ch
     train(make_config(tiny_sdxl_path, pairs_data, tmp_path / "one", train_batch_size=2, **flags))
 
     sharded = make_config(tiny_sdxl_path, pairs_data, tmp_path / "fsdp", train_batch_size=1, fsdp=True, **flags)
-    first = launch_two_processes(dataclasses.replace(sharded, stop_after_steps=2), port=29533)
+    first = launch_two_processes(dataclasses.replace(sharded, stop_after_steps=2), port=29543)
     assert first.returncode == 0, first.stderr[-3000:]
     held = [line for line in first.stdout.splitlines() if "of the U-Net's" in line]
     assert len(held) == 2 and all("over 2 processes); reference whole, torch.float32" in line for line in held), first.stdout
@@ -322,11 +322,11 @@ def test_fsdp_over_two_processes_trains_like_one_process_and_resumes_from_its_ch
     shutil.copytree(tmp_path / "fsdp", broken, ignore=shutil.ignore_patterns("*.lock"))
     state_file = broken / "checkpoint-2" / "optimizer_state.safetensors"
     state_file.write_bytes(state_file.read_bytes()[:100])
-    failed = launch_two_processes(dataclasses.replace(sharded, output_dir=str(broken)), port=29535)
+    failed = launch_two_processes(dataclasses.replace(sharded, output_dir=str(broken)), port=29545)
     assert failed.returncode != 0
     assert failed.stderr.count("checkpoint-2: cannot read the sharded run's state") == 2, failed.stderr[-3000:]
 
-    second = launch_two_processes(sharded, port=29534)
+    second = launch_two_processes(sharded, port=29544)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
 
