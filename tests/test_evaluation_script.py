@@ -1,5 +1,7 @@
 """eval.sh end to end on the tiny SD pipeline: generation, CLIP classification, the five quality
-scorers on tiny random checkpoints, evaluation and the report, for the base and a tuned U-Net."""
+scorers on tiny random checkpoints, evaluation and the report, for the base and a tuned U-Net; the
+identity-specific prompts drawn in rounds (TARGET_INTERVAL_WIDTH) in the same run. eval.sh's fixed-count path
+(no TARGET_INTERVAL_WIDTH, what demo.sh runs) is run end to end by tests/test_toy_pipeline.py."""
 
 import json
 import os
@@ -16,6 +18,12 @@ pytestmark = pytest.mark.slow  # end to end: skipped by `pytest -m "not slow"`
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCORERS = "hpsv2,pickscore,clip,aesthetic,imagereward"
+# Identity-specific prompts in rounds: 1 image each, then doubling up to 2, until the 95% Wilson interval of a prompt's
+# identity accuracy is at most 0.7 wide for both models. One image leaves it 0.79 wide whatever the reading, so every
+# prompt gets a second round, and 2 images are the cap: exactly 2 rounds, whatever the tiny classifier reads. (No count
+# of images guarantees a stop on precision before the cap whatever the readings; the rule's branches are tested in
+# tests/test_precision.py.)
+ROUNDS = {"TARGET_INTERVAL_WIDTH": 0.7, "MIN_IMAGES_PER_IDENTITY_PROMPT": 1, "IMAGES_PER_IDENTITY_PROMPT": 2}
 
 
 def eval_environment(**variables) -> dict:
@@ -54,9 +62,9 @@ def eval_run(tiny_sd_path, tmp_path_factory):
 
     env = eval_environment(
         BASE_MODEL=tiny_sd_path, TUNED_MODELS=f"tuned=unet:{root / 'tuned_unet'}", EVAL_PROMPTS=root / "eval.csv",
-        GENERIC_PROMPTS=root / "generic.csv", IMAGES_PER_PROMPT=3, IMAGES_PER_IDENTITY_PROMPT=1, STEPS=2, WIDTH=64, HEIGHT=64, BATCH_SIZE=4, CLASSIFIER="clip",
+        GENERIC_PROMPTS=root / "generic.csv", IMAGES_PER_PROMPT=3, STEPS=2, WIDTH=64, HEIGHT=64, BATCH_SIZE=4, CLASSIFIER="clip",
         CLIP_MODEL=scorer_options["clip"]["model"], SCORERS=SCORERS, SCORER_OPTIONS_JSON=root / "scorer_options.json",
-        NUM_RESAMPLES=300, OUT_DIR=root / "out", UPDATE_MODEL_CARDS=1)
+        NUM_RESAMPLES=300, OUT_DIR=root / "out", UPDATE_MODEL_CARDS=1, **ROUNDS)
     completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     return root / "out", completed
 
@@ -69,12 +77,12 @@ def test_eval_sh_runs_end_to_end_and_writes_the_report(eval_run):
     document = json.loads((out / "report" / "evaluation.json").read_text())
     assert set(document["models"]) == {"base", "tuned"}
     for name in ["base", "tuned"]:
-        # 3 neutral prompts x 3 images + 18 identity prompts x 1 image + 2 generic prompts x 3 images
-        assert document["models"][name]["num_images"] == 9 + 18 + 6
+        # 3 neutral prompts x 3 images + 18 identity prompts x 2 images (the rounds) + 2 generic prompts x 3 images
+        assert document["models"][name]["num_images"] == 9 + 36 + 6
         assert set(document["models"][name]["scorers"]) == set(SCORERS.split(","))
     # the same prompts and seeds for both models: every image pairs up
-    assert document["image_pairing"]["tuned"]["paired_images"] == 33
-    assert document["image_pairing"]["tuned"]["same_seed"] == 33
+    assert document["image_pairing"]["tuned"]["paired_images"] == 51
+    assert document["image_pairing"]["tuned"]["same_seed"] == 51
     per_prompt = pd.read_csv(out / "report" / "per_prompt_tuned.csv")
     assert per_prompt["kind"].value_counts().to_dict() == {"identity": 18, "neutral": 3, "generic": 2}
     assert per_prompt["prompt"].str.startswith("best quality, a realistic photo of ").sum() == 21
@@ -122,35 +130,29 @@ def test_the_tuned_run_model_card_gets_the_headline(eval_run):
     assert (out.parent / "README.md").read_text() == card and "updated the Evaluation section" not in quick.stdout
 
 
-def test_eval_sh_draws_identity_prompts_in_rounds_until_precise_enough(tmp_path):
-    """TARGET_INTERVAL_WIDTH on the toy base: identity-specific prompts start at MIN images and double until the
-    Wilson interval of their identity accuracy is as narrow as asked (or the cap); both models get the same counts."""
+def test_eval_sh_draws_identity_prompts_in_rounds_until_precise_enough(eval_run):
+    """TARGET_INTERVAL_WIDTH: identity-specific prompts start at MIN images, and a prompt whose identity accuracy's Wilson
+    interval is wider than asked for either model gets a second round of twice the images (here up to the cap); both
+    models get the same counts, so their images still pair up."""
     from popalign.attributes import load_attributes
     from popalign.evaluate.tables import load_image_folder
     from popalign.evaluate.precision import identity_accuracy_counts, wilson_interval
 
-    (tmp_path / "occupations.csv").write_text("occupation,activity\ndoctor,in a clinic\nnurse,in a ward\n")
-    env = eval_environment(RECIPE="configs/toy_recipe.sh", EVAL_PROMPTS=tmp_path / "occupations.csv", IDENTITY_RESTRICT="race=white,asian,black",
-                           TUNED_MODELS="same=unet:models/toy_base/unet", IMAGES_PER_PROMPT=4, IMAGES_PER_IDENTITY_PROMPT=8,
-                           MIN_IMAGES_PER_IDENTITY_PROMPT=2, TARGET_INTERVAL_WIDTH=0.6, NUM_PROCESSES=1, GUIDANCE=3.0, SEED=1,
-                           NUM_RESAMPLES=200, OUT_DIR=tmp_path / "out", POPALIGN_TOY_OCCUPATIONS=tmp_path / "occupations.csv",
-                           POPALIGN_TOY_ATTRIBUTES="data/toy/attributes.json")
-    completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out, completed = eval_run
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
-    assert "identity-specific prompts needing more images: 0" in completed.stdout
-    attributes = load_attributes(REPO_ROOT / "data" / "toy" / "attributes.json")
-    base = load_image_folder(tmp_path / "out/images/base", "toy", attributes, scorers=[])
-    same = load_image_folder(tmp_path / "out/images/same", "toy", attributes, scorers=[])
-    assert sorted(base["image_path"]) == sorted(same["image_path"])  # like with like
-    assert (base[base["kind"] == "neutral"].groupby("prompt_id").size() == 4).all()
-    counts = identity_accuracy_counts(base, attributes)
-    assert len(counts) == 12 and set(counts["drawn"]) <= {2, 4, 8}
-    for row in counts.itertuples():  # stopped early only when precise enough (the same weights: the same readings)
-        low, high = wilson_interval(row.right, row.faces)
-        assert row.drawn == 8 or high - low <= 0.6, row
-        if row.drawn > 2:  # the round before was not precise enough
-            previous = identity_accuracy_counts(base[(base["prompt_id"] == row.prompt_id) & (base["image_index"] < row.drawn // 2)], attributes)
-            [before] = previous.itertuples()
-            low, high = wilson_interval(before.right, before.faces)
-            assert high - low > 0.6
-    assert (tmp_path / "out/report/report.md").is_file()
+    width, first, cap = ROUNDS["TARGET_INTERVAL_WIDTH"], ROUNDS["MIN_IMAGES_PER_IDENTITY_PROMPT"], ROUNDS["IMAGES_PER_IDENTITY_PROMPT"]
+    rounds = [line for line in completed.stdout.splitlines() if line.startswith("identity-specific prompts needing more images: ")]
+    assert rounds == ["identity-specific prompts needing more images: 18", "identity-specific prompts needing more images: 0"]
+    assert (out / "images" / "identity_image_counts.csv").is_file()
+    attributes = load_attributes(REPO_ROOT / "data" / "attributes.json")
+    images = {name: load_image_folder(out / "images" / name, "clip", attributes, scorers=[]) for name in ("base", "tuned")}
+    assert sorted(images["base"]["image_path"]) == sorted(images["tuned"]["image_path"])  # like with like
+    assert (images["base"][images["base"]["kind"] == "neutral"].groupby("prompt_id").size() == 3).all()
+    counts = {name: identity_accuracy_counts(table, attributes).set_index("prompt_id") for name, table in images.items()}
+    assert len(counts["base"]) == 18 and (counts["base"]["drawn"] == counts["tuned"]["drawn"]).all()
+    assert set(counts["base"]["drawn"]) == {2 * first} and cap == 2 * first  # a second round for every prompt, to the cap
+    for prompt_id in counts["base"].index:  # the first round (image indices below `first`) was not precise enough
+        before = [identity_accuracy_counts(table[(table["prompt_id"] == prompt_id) & (table["image_index"] < first)], attributes).iloc[0]
+                  for table in images.values()]
+        assert [row["drawn"] for row in before] == [first, first]
+        assert any(high - low > width for low, high in (wilson_interval(row["right"], row["faces"]) for row in before)), prompt_id

@@ -3,10 +3,11 @@ shipped toy base, with small image counts and a short PopAlign run.
 
 It checks the direction of the result with a margin: on the same evaluation prompts and the same
 per-image seeds, the PopAlign model's neutral-prompt discrepancy is clearly below the base
-model's, on the 4 occupations the pairs were built from and on the 6 held out from training. The sizes are the smallest at which that difference stands well above the sampling
-noise of the evaluation (see the margin below), so the test can fail for real: a loss with the
-wrong sign, pairs with winners and losers swapped, or a trainer that does not update the U-Net all
-leave the discrepancy where the base has it.
+model's, on the 4 occupations the pairs were built from and on the 6 held out from training. The sizes keep that
+difference well above the sampling noise of the evaluation (see the margin below), so the test can fail for real: a
+trainer that does not update the U-Net leaves the discrepancy exactly where the base has it, and a loss with the wrong
+sign (or pairs with winners and losers swapped) drives the tuned model away from the diverse populations: with these
+sizes it drew a figure in 1 of 624 evaluation images and the run stopped with an error.
 """
 
 from __future__ import annotations
@@ -23,26 +24,31 @@ pytestmark = pytest.mark.slow  # end to end: skipped by `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Shortened demo settings (demo.sh reads them from the environment).
+# Shortened demo settings (demo.sh reads them from the environment; eval.sh reads NUM_RESAMPLES, the bootstrap
+# resamples of the report's intervals, which no assertion here reads).
 SHORT_RUN = {
     "TRAIN_IMAGES_PER_NEUTRAL_PROMPT": "40",
     "TRAIN_IMAGES_PER_IDENTITY_PROMPT": "8",
     "PAIR_ITERATIONS": "400",
     "TRAIN_STEPS": "300",
-    "TRAIN_BATCH_SIZE": "16",
+    "TRAIN_BATCH_SIZE": "8",
     "TRAIN_WARMUP_STEPS": "20",
-    "EVAL_IMAGES_PER_NEUTRAL_PROMPT": "60",
-    "EVAL_IMAGES_PER_IDENTITY_PROMPT": "4",
+    "EVAL_IMAGES_PER_NEUTRAL_PROMPT": "40",
+    "EVAL_IMAGES_PER_IDENTITY_PROMPT": "2",
+    "NUM_RESAMPLES": "200",
     "NUM_PROCESSES": "2",
 }
 # Required drop of the mean (gender + race) / 2 neutral-prompt discrepancy, in discrepancy units.
-# With 60 images per neutral prompt the standard error of one prompt's discrepancy is about 0.05,
-# of the mean over 4 prompts and 2 attributes about 0.02 (less for the paired difference, as both
-# models are evaluated on the same seeds), so 0.04 is 2 standard errors or more.
-MARGIN = 0.04
-# On the 6 held-out occupations (never in a pair) the same margin: with 6 prompts the standard error of the
-# mean is smaller, and the full demo moves them by about 0.2.
-HELDOUT_MARGIN = 0.04
+# With 40 images per neutral prompt the standard error of one prompt's discrepancy is about 0.06 (0.05 at 60 images,
+# times sqrt(60 / 40)), of the mean over 4 prompts and 2 attributes about 0.02, so 0.05 is 2 standard errors or more
+# (less for the paired difference, as both models are evaluated on the same seeds; the base draws nearly one identity
+# per prompt, and the bootstrap over its images puts the standard error of its mean at 0.01).
+# Measured with these settings (training seeds 0 and 1): on the trained occupations base 0.736 -> PopAlign 0.294
+# and 0.255; the standard error of PopAlign's mean, by the bootstrap over images, 0.027.
+MARGIN = 0.05
+# On the 6 held-out occupations (never in a pair) the same margin: with 6 prompts the standard error of the mean is
+# smaller (0.021 for PopAlign's mean by the bootstrap). Measured: base 0.759 -> PopAlign 0.604 and 0.564 (seeds 0, 1).
+HELDOUT_MARGIN = 0.05
 
 
 def _mean_discrepancy(summary: pd.DataFrame, model: str) -> float:
