@@ -50,3 +50,17 @@ def test_several_report_folders_print_one_table_each(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "split `train`" in output and "split `heldout`" in output
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_a_model_that_drew_no_clean_figure_reads_as_dashes_not_a_crash(tmp_path):
+    # popalign.evaluate leaves a metric's mean empty when nothing could be read (no clean figure on any prompt)
+    folder = write_report_folder(tmp_path / "report_heldout", split="heldout")
+    summary = pd.read_csv(folder / "summary.csv", dtype=str, keep_default_na=False)
+    empty = (summary["model"] == "popalign") & (summary["metric"] != "face_detection_rate")
+    summary.loc[empty, ["mean", "ci_low", "ci_high"]] = ""
+    summary.to_csv(folder / "summary.csv", index=False)
+    comparison = pd.read_csv(folder / "comparison.csv", dtype=str, keep_default_na=False)
+    comparison["p_value"], comparison["verdict"] = "", ""
+    comparison.to_csv(folder / "comparison.csv", index=False)
+    tuned_line = demo_table(folder).splitlines()[5]
+    assert tuned_line == "| popalign | - | - | - | - | - | 90.0% | - | - |"

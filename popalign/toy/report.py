@@ -19,14 +19,25 @@ import pandas as pd
 from popalign.io import InputError, exit_2_on_input_error, read_csv_checked
 
 
+def _is_number(value) -> bool:
+    """A summary cell that holds a number (empty or NaN when the metric has nothing to average, e.g. no clean figure)."""
+    try:
+        return pd.notna(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _metric(summary: pd.DataFrame, model: str, kind: str, metric: str) -> pd.Series | None:
+    """The summary row of `metric`, or None when there is none or its mean is empty (shown as "-")."""
     rows = summary[(summary["model"] == model) & (summary["kind"] == kind) & (summary["metric"] == metric)]
-    return None if rows.empty else rows.iloc[0]
+    return None if rows.empty or not _is_number(rows.iloc[0]["mean"]) else rows.iloc[0]
 
 
 def _with_interval(row: pd.Series | None) -> str:
     if row is None:
         return "-"
+    if not (_is_number(row["ci_low"]) and _is_number(row["ci_high"])):
+        return f"{float(row['mean']):.3f}"
     return f"{float(row['mean']):.3f} [{float(row['ci_low']):.3f}, {float(row['ci_high']):.3f}]"
 
 
@@ -34,7 +45,7 @@ def _change(row: pd.Series | None, base_row: pd.Series | None, test: pd.Series |
     if row is None or base_row is None or float(base_row["mean"]) == 0.0:
         return "-"
     change = f"{(float(row['mean']) - float(base_row['mean'])) / float(base_row['mean']):+.0%}"
-    if test is None:
+    if test is None or not _is_number(test["p_value"]):
         return change
     return f"{change} (p {float(test['p_value']):.2g}: {test['verdict']})"
 
