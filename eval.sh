@@ -68,7 +68,7 @@ fi
 : "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
 : "${CLIP_MODEL:=openai/clip-vit-large-patch14}"         # for CLASSIFIER=clip
 : "${CLASSIFY_BATCH_SIZE:=16}"
-: "${SCORERS:=hpsv2,pickscore,clip,aesthetic,imagereward}"   # empty: no quality scoring
+: "${SCORERS=hpsv2,pickscore,clip,aesthetic,imagereward}"    # empty (SCORERS=): no quality scoring
 : "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see popalign.score)
 : "${SCORE_BATCH_SIZE:=8}"
 : "${NUM_RESAMPLES:=10000}"            # bootstrap resamples over prompts for the intervals (and random sign

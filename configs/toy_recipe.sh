@@ -15,7 +15,7 @@
 # Identity is read back from pixels by the toy classifier; quality by the toy score.
 : "${CLASSIFIER:=toy}"
 : "${CLASSIFY_BATCH_SIZE:=100}"
-: "${SCORERS:=toy}"
+: "${SCORERS=toy}"
 # Training on CPU: full precision, no 8-bit Adam, no VAE swap, no checkpoints or tracker for a 10-minute run.
 : "${VAE=}"
 : "${RESOLUTION:=32}"

@@ -81,3 +81,12 @@ def test_generation_vae_reaches_every_generation_and_the_training_vae_does_not(s
         assert completed.returncode == 0, completed.stderr[-2000:]
         runs = generation_flags(commands)
         assert len(runs) >= 2 and [flags.vae for flags in runs] == [expected] * len(runs), variables
+
+
+def test_an_empty_scorers_variable_turns_quality_scoring_off(tmp_path):
+    # eval.sh's default scores every image; SCORERS= (set and empty) runs no scorer, also under the toy recipe
+    for variables, scored in (({}, True), ({"SCORERS": ""}, False), ({"RECIPE": "configs/toy_recipe.sh", "SCORERS": ""}, False)):
+        completed, commands = run_script("eval.sh", tmp_path, **variables)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        assert any("popalign.score" in command for command in commands) == scored, variables
+        assert any("popalign.generate" in command for command in commands)
