@@ -56,6 +56,41 @@ def test_an_unseen_configuration_reads_back_exactly(tmp_path):
         assert reading.clean and (reading.occupation, reading.gender, reading.race) == (occupation, gender, race)
 
 
+def test_a_world_of_more_occupations_than_colours_paints_two_tone_backgrounds_that_read_back_exactly():
+    world = load_world("data/toy/occupations_36.csv")
+    assert world.two_tone and len(world.occupations) == 36
+    codes = world.background_codes
+    assert len(set(codes)) == 36 and all(top != bottom for top, bottom in codes)
+    assert codes[:3] == ((0, 1), (1, 2), (2, 3)) and codes[12] == (0, 2) and codes[35] == (11, 2)
+    assert load_world().background_codes == tuple((index, index) for index in range(12))
+    rng = np.random.default_rng(3)
+    for occupation, gender, race in itertools.product(world.occupations, world.genders, world.races):
+        picture = render_figure(world, occupation, gender, race, rng)
+        pixels = np.asarray(picture)
+        top, bottom = codes[world.occupations.index(occupation)]
+        # the corners carry the two colours (up to shading and brightness)
+        assert np.abs(pixels[0, 0] - world.background_colours[top]).max() <= 0.11 * 255
+        assert np.abs(pixels[-1, -1] - world.background_colours[bottom]).max() <= 0.11 * 255
+        reading = read_figure(world, picture)
+        assert reading.clean and (reading.occupation, reading.gender, reading.race) == (occupation, gender, race)
+        assert reading.occupation_share == 1.0 and reading.explained_share == 1.0
+
+
+def test_a_blended_edge_between_the_two_tones_is_background_and_the_halves_vote_apart():
+    world = load_world("data/toy/occupations_36.csv")
+    picture = np.asarray(render_figure(world, "pilot", "female", "black", np.random.default_rng(4))).astype(np.float32)
+    # a decoder's soft edge: the two rows around it become blends of the rows beside them
+    picture[15:17] = (picture[14:16] + picture[16:18]) / 2
+    reading = read_figure(world, Image.fromarray(picture.round().astype(np.uint8)))
+    assert reading.clean and (reading.occupation, reading.gender, reading.race) == ("pilot", "female", "black")
+    # occupations sharing pilot's top colour but not its bottom one get about half of the votes (the blended border
+    # pixels of the edge rows vote for neither)
+    top, bottom = world.background_codes[world.occupations.index("pilot")]
+    sharing_top = [name for name, code in zip(world.occupations, world.background_codes) if code[0] == top and name != "pilot"]
+    assert reading.occupation_votes["pilot"] >= 0.95
+    assert sharing_top and all(0.45 <= reading.occupation_votes[name] <= 0.5 for name in sharing_top)
+
+
 def test_no_skin_hue_is_near_the_blend_of_two_others():
     # A fine-tune that paints the average of two races must not be read as a third race, for any
     # number of races the toy world draws (the first k hues are used for k races).
@@ -95,7 +130,7 @@ def test_a_half_erased_figure_is_not_clean(world):
 
 def test_too_many_occupations_or_too_few_races_is_an_input_error():
     with pytest.raises(InputError):
-        ToyWorld(tuple(f"job{i}" for i in range(13)), ("",) * 13, ("male", "female"), ("white", "asian"))
+        ToyWorld(tuple(f"job{i}" for i in range(133)), ("",) * 133, ("male", "female"), ("white", "asian"))
     with pytest.raises(InputError):
         ToyWorld(("doctor",), ("",), ("male", "female"), ("white",))
 

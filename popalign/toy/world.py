@@ -1,6 +1,8 @@
 """The toy world: 32x32 pictures of a figure whose identity is drawn with big, redundant cues.
 
-    occupation -> background colour (one per row of the toy occupation CSV, in file order)
+    occupation -> background colour (one per row of the toy occupation CSV, in file order); a world of more
+                  occupations than the 12 background colours paints every background in two tones, the top half
+                  in one colour and the bottom half in another, one pair of colours per occupation (up to 132)
     race       -> skin colour of a large round head and of both hands (one per race label, in
                   attribute-file order)
     gender     -> clothing colour AND clothing shape: the first gender label wears a wide
@@ -12,7 +14,7 @@ the whole picture's brightness by +-6% and the background carries a vertical sha
 so a model has to learn a distribution, not copy one picture per prompt.
 
 `read_figure` reads a picture back from its pixels alone: it takes the background from the
-border, segments the figure as the pixels that differ from it, and assigns each figure pixel
+border (each half of it in a two-tone world), segments the figure as the pixels that differ from it, and assigns each figure pixel
 to the nearest skin or clothing colour. On rendered pictures it is exact (tested); on generated
 pictures it also says whether a clean figure is there at all.
 """
@@ -54,6 +56,11 @@ SKIN_PALETTE = np.array([
 ], dtype=np.float32)
 CLOTHING_PALETTE = np.array([(35, 60, 175), (195, 30, 105)], dtype=np.float32)
 CLOTHING_SHAPES = ("tunic", "dress")
+# In a two-tone world the background's top colour fills rows 0..SPLIT_ROW-1 and its bottom colour the rest, so the
+# border holds 62 pixels of each. Near the edge, a decoded picture blends the two colours: there a pixel is background
+# when it lies near the segment between them.
+SPLIT_ROW = IMAGE_SIZE // 2
+EDGE_ROWS = 2
 
 # A pixel belongs to the figure when it is this far (RGB Euclidean) from the background colour.
 FIGURE_DISTANCE = 45.0
@@ -79,16 +86,38 @@ class ToyWorld:
     races: tuple[str, ...]
 
     def __post_init__(self):
-        if len(self.occupations) > len(BACKGROUND_PALETTE):
-            raise InputError(f"the toy world draws at most {len(BACKGROUND_PALETTE)} occupations, got {len(self.occupations)}")
+        most = len(BACKGROUND_PALETTE) * (len(BACKGROUND_PALETTE) - 1)
+        if len(self.occupations) > most:
+            raise InputError(f"the toy world draws at most {most} occupations, got {len(self.occupations)}")
         if len(self.races) > len(SKIN_PALETTE) or len(self.races) < 2:
             raise InputError(f"the toy world draws 2 to {len(SKIN_PALETTE)} races, got {len(self.races)}")
         if len(self.genders) != len(CLOTHING_PALETTE):
             raise InputError(f"the toy world draws exactly {len(CLOTHING_PALETTE)} genders, got {len(self.genders)}")
 
     @property
+    def two_tone(self) -> bool:
+        """Whether backgrounds are painted in two colours (more occupations than background colours)."""
+        return len(self.occupations) > len(BACKGROUND_PALETTE)
+
+    @property
+    def background_codes(self) -> tuple[tuple[int, int], ...]:
+        """Each occupation's (top, bottom) index into `background_colours`, in file order.
+
+        One colour each while the palette lasts: occupation k -> (k, k). Beyond it, every occupation is two-tone:
+        k -> (k mod P, (k mod P + 1 + k div P) mod P) with P = 12 colours, so the first P occupations pair each
+        colour with its neighbour, the next P with the colour two along, and so on; no two occupations share a pair
+        and no background is one colour.
+        """
+        count = len(self.occupations)
+        if not self.two_tone:
+            return tuple((index, index) for index in range(count))
+        size = len(BACKGROUND_PALETTE)
+        return tuple((index % size, (index % size + 1 + index // size) % size) for index in range(count))
+
+    @property
     def background_colours(self) -> np.ndarray:
-        return BACKGROUND_PALETTE[: len(self.occupations)]
+        """The palette colours that this world's backgrounds use."""
+        return BACKGROUND_PALETTE[: min(len(self.occupations), len(BACKGROUND_PALETTE))]
 
     @property
     def skin_colours(self) -> np.ndarray:
@@ -114,7 +143,7 @@ def load_world(occupations_path: str | Path | None = None, attributes_path: str 
 
 def render_figure(world: ToyWorld, occupation: str, gender: str, race: str, rng: np.random.Generator) -> Image.Image:
     """Draw one 32x32 picture; position, size, brightness and background shading come from `rng`."""
-    background = world.background_colours[world.occupations.index(occupation)]
+    top, bottom = world.background_codes[world.occupations.index(occupation)]
     skin = world.skin_colours[world.races.index(race)]
     gender_index = world.genders.index(gender)
     clothing = CLOTHING_PALETTE[gender_index]
@@ -124,7 +153,8 @@ def render_figure(world: ToyWorld, occupation: str, gender: str, race: str, rng:
     shading = rng.uniform(-0.04, 0.04)
 
     rows, cols = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
-    picture = background[None, None, :] * (1.0 + shading * (rows[..., None] - IMAGE_SIZE / 2) / (IMAGE_SIZE / 2))
+    background = np.where((rows < SPLIT_ROW)[..., None], world.background_colours[top], world.background_colours[bottom])
+    picture = background * (1.0 + shading * (rows[..., None] - IMAGE_SIZE / 2) / (IMAGE_SIZE / 2))
     centre_x = IMAGE_SIZE / 2 + shift_x
     head_y = 8.5 + shift_y
     head_radius = 5.2 * scale
@@ -156,13 +186,13 @@ class FigureReading:
 
     clean: bool             # a figure with enough skin and clothing, little else
     occupation: str         # the background colour's occupation (always read)
-    occupation_share: float  # share of border pixels nearest that occupation's colour
+    occupation_share: float  # share of border pixels nearest that occupation's colour (mean of the two halves' shares, two-tone)
     gender: str | None
     gender_share: float     # share of clothing pixels voting for `gender`
     race: str | None
     race_share: float       # share of skin pixels voting for `race`
     explained_share: float  # share of pixels that are background or a skin/clothing colour
-    occupation_votes: dict  # occupation -> share of border pixels nearest its colour
+    occupation_votes: dict  # occupation -> its occupation_share
 
 
 def _border(pixels: np.ndarray) -> np.ndarray:
@@ -175,22 +205,58 @@ def _nearest(colours: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.n
     return distances.argmin(axis=1), distances.min(axis=1)
 
 
+def _distance_to_segment(colours: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """RGB distance of each of the (..., 3) colours to the segment of blends between `start` and `end`."""
+    direction = end - start
+    weight = np.clip(((colours - start) @ direction) / max(float(direction @ direction), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(colours - (start + weight[..., None] * direction), axis=-1)
+
+
+def _read_background(world: ToyWorld, pixels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Each occupation's share of border votes, and every pixel's RGB distance from the background.
+
+    One-colour world: each border pixel votes for its nearest background colour; the background is the border's
+    median colour. Two-tone world: the top and the bottom half of the border vote separately, an occupation's share
+    is the mean of its top colour's share in the top half and its bottom colour's in the bottom half, each half's
+    background is the median of its half of the border, and in the EDGE_ROWS rows on each side of the edge a pixel's
+    distance is to the nearest blend of the two.
+    """
+    border = _border(pixels)
+    if not world.two_tone:
+        border_votes, _ = _nearest(border, world.background_colours)
+        border_counts = np.bincount(border_votes, minlength=len(world.occupations)) / len(border_votes)
+        distance = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1)
+        return {name: float(share) for name, share in zip(world.occupations, border_counts)}, distance
+    rows = np.concatenate([np.zeros(IMAGE_SIZE), np.full(IMAGE_SIZE, IMAGE_SIZE - 1), np.arange(1, IMAGE_SIZE - 1),
+                           np.arange(1, IMAGE_SIZE - 1)])
+    halves = [border[rows < SPLIT_ROW], border[rows >= SPLIT_ROW]]
+    shares = []
+    for half in halves:
+        votes, _ = _nearest(half, world.background_colours)
+        shares.append(np.bincount(votes, minlength=len(world.background_colours)) / len(votes))
+    occupation_votes = {name: float((shares[0][top] + shares[1][bottom]) / 2)
+                        for name, (top, bottom) in zip(world.occupations, world.background_codes)}
+    top_colour, bottom_colour = (np.median(half, axis=0) for half in halves)
+    row_of_pixel = np.arange(IMAGE_SIZE)[:, None]
+    distance = np.where(row_of_pixel < SPLIT_ROW, np.linalg.norm(pixels - top_colour, axis=-1),
+                        np.linalg.norm(pixels - bottom_colour, axis=-1))
+    edge = slice(SPLIT_ROW - EDGE_ROWS, SPLIT_ROW + EDGE_ROWS)
+    distance[edge] = np.minimum(distance[edge], _distance_to_segment(pixels[edge], top_colour, bottom_colour))
+    return occupation_votes, distance
+
+
 def read_figure(world: ToyWorld, image: Image.Image) -> FigureReading:
     """Read occupation, gender and race back from the pixels of one picture (any size, resized to 32x32)."""
     image = image.convert("RGB")
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)
-    border = _border(pixels)
-    border_votes, _ = _nearest(border, world.background_colours)
-    occupation_index = int(np.bincount(border_votes, minlength=len(world.occupations)).argmax())
-    border_counts = np.bincount(border_votes, minlength=len(world.occupations)) / len(border_votes)
-    occupation_votes = {name: float(share) for name, share in zip(world.occupations, border_counts)}
-    occupation_share = float(border_counts[occupation_index])
-    background = np.median(border, axis=0)
+    occupation_votes, background_distance = _read_background(world, pixels)
+    occupation_index = int(np.argmax([occupation_votes[name] for name in world.occupations]))
+    occupation_share = occupation_votes[world.occupations[occupation_index]]
 
     flat = pixels.reshape(-1, 3)
-    figure = np.linalg.norm(flat - background, axis=-1) > FIGURE_DISTANCE
+    figure = (background_distance > FIGURE_DISTANCE).reshape(-1)
     figure_palette = np.concatenate([world.skin_colours, CLOTHING_PALETTE])
     nearest, distance = _nearest(flat[figure], figure_palette)
     explained = distance <= PALETTE_TOLERANCE
