@@ -107,6 +107,19 @@ def per_prompt(measurement: dict, axis: str) -> list[float]:
     return [row[f"{axis}_discrepancy"] for row in measurement["neutral"]]
 
 
+def paired_prompt_values(base: dict, measurements: list[dict], axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out prompt, the tuned discrepancy (mean over the seeds that drew a clean figure for it) and the base's,
+    for the prompts where both have a value: a prompt of which a model drew no clean figure has no population to
+    measure (its discrepancy is NaN), so it leaves that row's mean, interval and paired test."""
+    by_seed = np.array([per_prompt(measurement, axis) for measurement in measurements], dtype=float)
+    drawn = ~np.isnan(by_seed)
+    tuned = np.where(drawn, by_seed, 0.0).sum(axis=0) / np.maximum(drawn.sum(axis=0), 1)
+    tuned[~drawn.any(axis=0)] = np.nan
+    base_values = np.array(per_prompt(base, axis), dtype=float)
+    kept = ~np.isnan(tuned) & ~np.isnan(base_values)
+    return tuned[kept], base_values[kept]
+
+
 def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     """One row per (method, size): held-out discrepancies with intervals, tests against the base (Holm over the run's
     family of every method x size x axis), identity accuracy and quality, each the mean over seeds."""
@@ -120,8 +133,8 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
                "best_steps": [measurement["best"]["step"] for measurement in measurements]}
         for axis in AXES:
             # per prompt, the mean over seeds: the prompt is the unit of the interval and of the paired test
-            tuned = np.mean([per_prompt(measurement, axis) for measurement in measurements], axis=0)
-            base_values = per_prompt(base, axis)
+            tuned, base_values = paired_prompt_values(base, measurements, axis)
+            row[f"{axis}_prompts"] = len(tuned)
             mean, low, high = bootstrap_mean_ci(tuned)
             low, high, clipped = clip_interval(low, high, discrepancy_range(attributes[axis].labels))
             test = paired_test(base_values, tuned)
@@ -137,14 +150,20 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
             row[f"{axis}_holm"] = adjusted[index * len(AXES) + offset]
     lines = ["| method | training occupations | held-out gender discrepancy (change) | Holm p | held-out race discrepancy (change) | Holm p "
              "| identity accuracy | toy quality | best step |", "|---|---|---|---|---|---|---|---|---|",
-             f"| base | - | {np.mean(per_prompt(base, 'gender')):.3f} | | {np.mean(per_prompt(base, 'race')):.3f} | | "
+             f"| base | - | {np.nanmean(per_prompt(base, 'gender')):.3f} | | {np.nanmean(per_prompt(base, 'race')):.3f} | | "
              f"{base['identity_accuracy']:.1%} | {base['neutral_toy_quality']:.3f} | |"]
     for row in rows:
         cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}]{'†' if row[axis + '_clipped'] else ''} "
-                 f"({row[axis + '_change']:+.0%}) | {row[axis + '_holm']:.3g}" for axis in AXES]
+                 f"({row[axis + '_change']:+.0%}{fewer_prompts(row, axis, len(base['neutral']))}) | {row[axis + '_holm']:.3g}"
+                 for axis in AXES]
         lines.append(f"| {row['method']} | {row['size']} | {cells[0]} | {cells[1]} | {row['identity_accuracy']:.1%} | "
                      f"{row['quality']:.3f} | {', '.join(str(step) for step in row['best_steps'])} |")
     return rows, "\n".join(lines)
+
+
+def fewer_prompts(row: dict, axis: str, total: int) -> str:
+    """The table's note for a row measured on fewer than all held-out prompts (some drew no clean figure)."""
+    return f"; {row[axis + '_prompts']} of {total} prompts" if row[axis + "_prompts"] < total else ""
 
 
 def plot(rows: list[dict], base: dict, floors: dict, path: Path) -> None:
@@ -162,7 +181,7 @@ def plot(rows: list[dict], base: dict, floors: dict, path: Path) -> None:
             means = np.array([row[axis] for row in points])
             errors = np.array([[row[axis] - row[axis + "_low"] for row in points], [row[axis + "_high"] - row[axis] for row in points]])
             panel.errorbar(sizes, means, yerr=np.nan_to_num(errors), marker="o", capsize=3, label=method)
-        panel.axhline(float(np.mean(per_prompt(base, axis))), color="black", linestyle="--", label="base")
+        panel.axhline(float(np.nanmean(per_prompt(base, axis))), color="black", linestyle="--", label="base")
         panel.axhline(floors[axis], color="grey", linestyle=":", label="floor (fair population)")
         panel.set_title(f"held-out {axis} discrepancy")
         panel.set_xlabel("training occupations")
@@ -238,7 +257,8 @@ def main(argv=None) -> int:
     command = "python scripts/generalization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"Held-out occupations ({args.test_split}, {len(set(test_prompts['occupation']))}): mean over prompts [95% interval "
                       f"over prompts], per-prompt values averaged over {len(seeds)} seed(s); the change is against the base; Holm p over the "
-                      f"{len(rows) * len(AXES)} tests of this run (exact paired sign-flip over prompts). Floors: gender "
+                      f"{len(rows) * len(AXES)} tests of this run (exact paired sign-flip over prompts; a prompt of which a model drew no clean "
+                      f"figure leaves that row, as noted). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},

@@ -146,3 +146,29 @@ def test_the_generalization_study_takes_nested_subsets_of_the_pool_and_refuses_b
     assert "--sizes: the training pool has 4 occupations" in capsys.readouterr().err
     assert script.main(["--pairs_file", str(tmp_path / "pairs.csv"), "--methods", "ppo"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_the_generalization_study_leaves_out_a_prompt_of_which_a_model_drew_no_clean_figure():
+    import math
+
+    import numpy as np
+
+    script = load_script("generalization")
+    nan = float("nan")
+
+    def measurement(gender, race):
+        return {"neutral": [{"gender_discrepancy": g, "race_discrepancy": r} for g, r in zip(gender, race)]}
+
+    base = measurement([0.7, 0.6, 0.5], [0.8, 0.8, 0.7])
+    seeds = [measurement([0.1, nan, nan], [0.2, 0.4, nan]), measurement([0.3, 0.5, nan], [0.4, 0.6, nan])]
+    tuned, base_values = script.paired_prompt_values(base, seeds, "gender")
+    # prompt 1: the mean of the seed that drew it; prompt 2: no seed drew it, so it leaves the row (and the base's value too)
+    assert np.allclose(tuned, [0.2, 0.5]) and np.allclose(base_values, [0.7, 0.6])
+    tuned, base_values = script.paired_prompt_values(base, seeds, "race")
+    assert np.allclose(tuned, [0.3, 0.5]) and np.allclose(base_values, [0.8, 0.8])
+    # a base without a clean figure on a prompt leaves it out too
+    tuned, base_values = script.paired_prompt_values(measurement([0.7, 0.6, 0.5], [nan, 0.8, 0.7]), seeds[:1], "race")
+    assert np.allclose(tuned, [0.4]) and np.allclose(base_values, [0.8])
+    assert script.fewer_prompts({"gender_prompts": 11}, "gender", 12) == "; 11 of 12 prompts"
+    assert script.fewer_prompts({"gender_prompts": 12}, "gender", 12) == ""
+    assert not any(math.isnan(value) for value in tuned)
