@@ -282,8 +282,11 @@ def test_a_read_only_output_folder_is_refused_before_any_work(world, capsys):
 @pytest.mark.parametrize("signal_number, exit_code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_an_interrupted_stage_ends_with_one_line_saying_how_to_resume(world, signal_number, exit_code, name):
     arguments = with_flags("generate", output_dir="images/long", images_per_neutral_prompt="400", batch_size="1", kinds="neutral")
+    # Ctrl-C as in a terminal: a suite started in the background of a non-interactive shell hands its children SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt; the stage gets the disposition a terminal gives.
     process = subprocess.Popen(stage_command("generate", arguments), cwd=world, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env=subprocess_environment())
+                               text=True, env=subprocess_environment(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((world / "images/long").glob("images/*/*.png")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)

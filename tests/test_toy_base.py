@@ -69,9 +69,9 @@ def test_kept_readings_give_the_same_figures(measurement):
 
 
 def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
-    """models/toy_base_36 (36 two-tone occupations): identity-specific prompts of the 12 held-out occupations drawn
-    with their occupation and mostly right, and the neutral prompts of 6 of them (one per majority identity) skewed
-    towards their data set's majority."""
+    """models/toy_base_36 (36 two-tone occupations): for 6 of its 12 held-out occupations (one per majority identity),
+    identity-specific prompts drawn with their occupation and mostly right, neutral prompts skewed towards their
+    data set's majority."""
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(BASE.parent / "toy_base_36")
@@ -81,15 +81,14 @@ def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
                              ["gender", "race"])
     world = load_world(occupations)
     assert world.two_tone and len(set(prompts["occupation"])) == 12
-    identity = measure_toy_model(pipeline, world, prompts[prompts["kind"] == "identity"], images_per_identity_prompt=1,
+    # one held-out occupation per majority identity, among those the base draws with clean outlines (>= 80% in gates.json)
+    chosen = prompts[prompts["occupation"].isin(["doctor", "teacher", "farmer", "gardener", "mechanic", "carpenter"])]
+    identity = measure_toy_model(pipeline, world, chosen[chosen["kind"] == "identity"], images_per_identity_prompt=1,
                                  images_per_neutral_prompt=0, steps=20, guidance=1.0, seed=7)
     # the base fails the 90% gate (81.5% over 4,320 pictures, its README): an unclean outline on some colour pairs
-    assert identity["identity_images"] == 72 and identity["identity_accuracy"] >= 0.6
+    assert identity["identity_images"] == 36 and identity["identity_accuracy"] >= 0.6
     assert identity["identity_occupation_accuracy"] >= 0.95
-    # one held-out occupation per majority identity, among those the base draws with clean outlines (>= 80% in gates.json)
-    chosen = ["doctor", "teacher", "farmer", "gardener", "mechanic", "carpenter"]
-    neutral_prompts = prompts[(prompts["kind"] == "neutral") & prompts["occupation"].isin(chosen)]
-    neutral = pd.DataFrame(measure_toy_model(pipeline, world, neutral_prompts, images_per_identity_prompt=0,
+    neutral = pd.DataFrame(measure_toy_model(pipeline, world, chosen[chosen["kind"] == "neutral"], images_per_identity_prompt=0,
                                              images_per_neutral_prompt=16, steps=20, guidance=1.0, seed=7)["neutral"])
     assert len(neutral) == 6 and len(set(zip(neutral["majority_gender"], neutral["majority_race"]))) == 6
     assert (neutral["clean_rate"] >= 0.5).all()
