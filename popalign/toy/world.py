@@ -227,9 +227,9 @@ def _read_background(world: ToyWorld, pixels: np.ndarray) -> tuple[dict, np.ndar
         border_counts = np.bincount(border_votes, minlength=len(world.occupations)) / len(border_votes)
         distance = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1)
         return {name: float(share) for name, share in zip(world.occupations, border_counts)}, distance
-    rows = np.concatenate([np.zeros(IMAGE_SIZE), np.full(IMAGE_SIZE, IMAGE_SIZE - 1), np.arange(1, IMAGE_SIZE - 1),
-                           np.arange(1, IMAGE_SIZE - 1)])
-    halves = [border[rows < SPLIT_ROW], border[rows >= SPLIT_ROW]]
+    row_of_pixel = np.broadcast_to(np.arange(IMAGE_SIZE)[:, None], (IMAGE_SIZE, IMAGE_SIZE))
+    in_top = _border(row_of_pixel) < SPLIT_ROW
+    halves = [border[in_top], border[~in_top]]
     shares = []
     for half in halves:
         votes, _ = _nearest(half, world.background_colours)
@@ -237,9 +237,8 @@ def _read_background(world: ToyWorld, pixels: np.ndarray) -> tuple[dict, np.ndar
     occupation_votes = {name: float((shares[0][top] + shares[1][bottom]) / 2)
                         for name, (top, bottom) in zip(world.occupations, world.background_codes)}
     top_colour, bottom_colour = (np.median(half, axis=0) for half in halves)
-    row_of_pixel = np.arange(IMAGE_SIZE)[:, None]
-    distance = np.where(row_of_pixel < SPLIT_ROW, np.linalg.norm(pixels - top_colour, axis=-1),
-                        np.linalg.norm(pixels - bottom_colour, axis=-1))
+    background = np.where((row_of_pixel < SPLIT_ROW)[..., None], top_colour, bottom_colour)
+    distance = np.linalg.norm(pixels - background, axis=-1)
     edge = slice(SPLIT_ROW - EDGE_ROWS, SPLIT_ROW + EDGE_ROWS)
     distance[edge] = np.minimum(distance[edge], _distance_to_segment(pixels[edge], top_colour, bottom_colour))
     return occupation_votes, distance
