@@ -5,6 +5,7 @@
     python scripts/train_toy_base.py assemble --untrained DIR --unet U --out M   pipeline with the trained U-Net
     python scripts/train_toy_base.py measure --model M --prompts P.csv     identity accuracy and neutral skew
         [--unet U]   measure a fine-tuned U-Net folder (or a LoRA .safetensors file) in place of M's own
+    python scripts/train_toy_base.py vae_check --model M                   per occupation, pictures M's VAE gives back right
 """
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.io import InputError, atomic_write_json
-from popalign.toy.base import assemble_pipeline, format_measurement, measure_toy_model
+from popalign.toy.base import assemble_pipeline, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import build_toy_pipeline
 from popalign.toy.world import load_world
@@ -22,7 +23,7 @@ from popalign.toy.world import load_world
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["data", "pipeline", "assemble", "measure"])
+    parser.add_argument("stage", choices=["data", "pipeline", "assemble", "measure", "vae_check"])
     parser.add_argument("--occupations", default=None, help="toy occupation CSV (default data/toy/occupations.csv)")
     parser.add_argument("--attributes", default=None, help="toy attribute file (default data/toy/attributes.json)")
     parser.add_argument("--prompts", help="step-1 prompts CSV over the toy occupations")
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pictures_per_identity", type=int, default=5, help="vae_check: pictures per occupation x gender x race")
     args = parser.parse_args(argv)
     try:
         world = load_world(args.occupations, args.attributes)
@@ -51,6 +53,18 @@ def main(argv=None) -> int:
             print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed)}")
         elif args.stage == "assemble":
             print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
+        elif args.stage == "vae_check":
+            from diffusers import AutoencoderKL
+
+            if not args.model or not (Path(args.model) / "vae").is_dir():
+                raise InputError(f"--model {args.model}: no toy pipeline folder with a vae/ folder")
+            accuracy = vae_round_trip_accuracy(AutoencoderKL.from_pretrained(args.model, subfolder="vae").eval(), world,
+                                               args.pictures_per_identity, args.seed)
+            for occupation, share in sorted(accuracy.items(), key=lambda item: item[1]):
+                print(f"{occupation}: {share:.0%} of {args.pictures_per_identity * len(world.genders) * len(world.races)} pictures "
+                      f"given back right (background {world.background_codes[world.occupations.index(occupation)]})")
+            if args.out:
+                atomic_write_json(args.out, accuracy)
         else:
             import torch
 

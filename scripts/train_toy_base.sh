@@ -6,15 +6,19 @@
 # project's trainer in SFT mode (train_popalign.py --loss sft) -> assembled pipeline -> gates
 # measured (identity-specific prompts drawn right, neutral-prompt skew) into $OUT/gates.json.
 # Every stage is deterministic for a given SEED; training resumes from its latest checkpoint.
+# START_MODEL=<a toy pipeline folder> continues the U-Net training of that pipeline (its VAE and text encoder
+# kept) instead of starting from a random U-Net.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# One process trains: it may use every core (OMP_NUM_THREADS=2 on 2 cores trains faster than 1).
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 : "${OCCUPATIONS:=data/toy/occupations.csv}"
 : "${ATTRIBUTES:=data/toy/attributes.json}"
 : "${WORK_DIR:=outputs/toy_base_build}"
 : "${OUT:=models/toy_base}"
 : "${SEED:=0}"
+: "${START_MODEL:=$WORK_DIR/untrained}"
 # The data set: neutral prompts draw skewed identities, identity-specific prompts exact ones.
 : "${IMAGES_PER_NEUTRAL_PROMPT:=600}"
 : "${IMAGES_PER_IDENTITY_PROMPT:=100}"
@@ -41,17 +45,17 @@ python 1_generate_diverse_prompts.py --input "$OCCUPATIONS" --attributes "$ATTRI
   --out "$WORK_DIR/data" --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" \
   --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT" --gender_majority "$GENDER_MAJORITY" \
   --race_majority "$RACE_MAJORITY" --seed "$SEED"
-[ -f "$WORK_DIR/untrained/model_index.json" ] || python scripts/train_toy_base.py pipeline $TOY \
-  --out "$WORK_DIR/untrained" --vae_steps "$VAE_STEPS" --seed "$SEED"
+[ -f "$START_MODEL/model_index.json" ] || python scripts/train_toy_base.py pipeline $TOY \
+  --out "$START_MODEL" --vae_steps "$VAE_STEPS" --seed "$SEED"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_popalign.py \
-  --loss sft --pretrained_model_name_or_path "$WORK_DIR/untrained" --pretrained_vae_model_name_or_path "" \
+  --loss sft --pretrained_model_name_or_path "$START_MODEL" --pretrained_vae_model_name_or_path "" \
   --use_8bit_adam off --pairs_file "$WORK_DIR/data/train.csv" \
   --output_dir "$WORK_DIR/sft" --resolution 32 --train_batch_size "$TRAIN_BATCH_SIZE" \
   --learning_rate "$LEARNING_RATE" --lr_scheduler cosine --lr_warmup_steps "$WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --caption_dropout "$CAPTION_DROPOUT" --mixed_precision no \
   --gradient_checkpointing off --checkpointing_steps 250 --checkpoints_total_limit 2 \
-  --resume_from_checkpoint latest --report_to none --seed "$SEED"
-python scripts/train_toy_base.py assemble --untrained "$WORK_DIR/untrained" --unet "$WORK_DIR/sft/unet" --out "$OUT"
+  --resume_from_checkpoint latest --report_to none --seed "$SEED" --torch_threads "$OMP_NUM_THREADS"
+python scripts/train_toy_base.py assemble --untrained "$START_MODEL" --unet "$WORK_DIR/sft/unet" --out "$OUT"
 python scripts/train_toy_base.py measure $TOY --model "$OUT" --prompts "$WORK_DIR/prompts.csv" \
   --images_per_identity_prompt "$MEASURE_IMAGES_PER_IDENTITY_PROMPT" \
   --images_per_neutral_prompt "$MEASURE_IMAGES_PER_NEUTRAL_PROMPT" --gender_majority "$GENDER_MAJORITY" \

@@ -85,7 +85,7 @@ def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
     chosen = prompts[prompts["occupation"].isin(["doctor", "teacher", "farmer", "gardener", "mechanic", "carpenter"])]
     identity = measure_toy_model(pipeline, world, chosen[chosen["kind"] == "identity"], images_per_identity_prompt=1,
                                  images_per_neutral_prompt=0, steps=20, guidance=1.0, seed=7)
-    # the base fails the 90% gate (81.5% over 4,320 pictures, its README): an unclean outline on some colour pairs
+    # the base fails the 90% gate (85.3% over 4,320 pictures, its README): an unclean outline on some colour pairs
     assert identity["identity_images"] == 36 and identity["identity_accuracy"] >= 0.6
     assert identity["identity_occupation_accuracy"] >= 0.95
     neutral = pd.DataFrame(measure_toy_model(pipeline, world, chosen[chosen["kind"] == "neutral"], images_per_identity_prompt=0,
@@ -94,3 +94,30 @@ def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
     assert (neutral["clean_rate"] >= 0.5).all()
     # pooled over the 6 prompts (96 pictures): a fair model would draw 50% and 33% of each majority
     assert neutral["model_gender_share"].mean() >= 0.7 and neutral["model_race_share"].mean() >= 0.6
+
+
+def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_path):
+    """`vae_round_trip_accuracy`: the 12-occupation base's VAE gives back nearly every rendered picture right; the
+    same VAE with its last decoder layer zeroed (every picture a flat grey) gives back none; the stage's command line
+    refuses a folder without a VAE in one line."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from popalign.toy.base import vae_round_trip_accuracy
+
+    world = load_world()
+    vae = AutoencoderKL.from_pretrained(BASE, subfolder="vae").eval()
+    accuracy = vae_round_trip_accuracy(vae, world, pictures_per_identity=1, seed=0)
+    assert list(accuracy) == list(world.occupations)
+    assert min(accuracy.values()) >= 0.5 and np.mean(list(accuracy.values())) >= 0.9
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.zero_()
+        vae.decoder.conv_out.bias.zero_()
+    assert max(vae_round_trip_accuracy(vae, world, pictures_per_identity=1, seed=0).values()) == 0.0
+    result = subprocess.run([sys.executable, "scripts/train_toy_base.py", "vae_check", "--model", str(tmp_path)],
+                            capture_output=True, text=True, cwd=BASE.parent.parent)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and str(tmp_path) in result.stderr

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from popalign.evaluate.metrics import discrepancy
 from popalign.toy.dataset import neutral_skew
 from popalign.toy.quality import toy_quality
-from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure
+from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure, render_figure
 
 IDENTITY_ACCURACY_GATE = 0.9
 
@@ -114,6 +115,31 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
     if keep_readings:
         measurement["readings"] = kept_readings
     return measurement
+
+
+def vae_round_trip_accuracy(vae, world: ToyWorld, pictures_per_identity: int = 5, seed: int = 0) -> dict[str, float]:
+    """Per occupation, the share of its rendered pictures that the VAE gives back drawn right.
+
+    For every occupation, `pictures_per_identity` pictures of each gender x race (rendered in that order from one
+    generator seeded with `seed`) go through x' = decode(mean of encode(x)); the share is that of pictures x' read
+    as a clean figure with the rendered occupation, gender and race. A U-Net in this VAE's latent space is drawn
+    right at most as often as its VAE reconstructs right, so this is a ceiling on the identity gate per occupation.
+    """
+    rng = np.random.default_rng(seed)
+    accuracy = {}
+    for occupation in world.occupations:
+        identities = [(gender, race) for gender in world.genders for race in world.races for _ in range(pictures_per_identity)]
+        pictures = [render_figure(world, occupation, gender, race, rng) for gender, race in identities]
+        pixels = torch.stack([torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+                              for picture in pictures])
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        decoded = ((decoded.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        readings = [read_figure(world, Image.fromarray(array)) for array in decoded]
+        accuracy[occupation] = float(np.mean([reading.clean and (reading.occupation, reading.gender, reading.race)
+                                              == (occupation, gender, race)
+                                              for reading, (gender, race) in zip(readings, identities)]))
+    return accuracy
 
 
 def format_measurement(measurement: dict) -> str:
