@@ -54,10 +54,12 @@ def main(argv=None) -> int:
         elif args.stage == "assemble":
             print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
         elif args.stage == "vae_check":
+            if not args.model or not (Path(args.model) / "vae").is_dir():
+                raise InputError(f"--model {args.model or '(missing)'}: no toy pipeline folder with a vae/ folder")
+            if args.pictures_per_identity < 1:
+                raise InputError(f"--pictures_per_identity must be >= 1 (got {args.pictures_per_identity})")
             from diffusers import AutoencoderKL
 
-            if not args.model or not (Path(args.model) / "vae").is_dir():
-                raise InputError(f"--model {args.model}: no toy pipeline folder with a vae/ folder")
             accuracy = vae_round_trip_accuracy(AutoencoderKL.from_pretrained(args.model, subfolder="vae").eval(), world,
                                                args.pictures_per_identity, args.seed)
             for occupation, share in sorted(accuracy.items(), key=lambda item: item[1]):

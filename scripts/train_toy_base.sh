@@ -10,8 +10,10 @@
 # kept) instead of starting from a random U-Net.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# One process trains: it may use every core (OMP_NUM_THREADS=2 on 2 cores trains faster than 1).
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# One process trains; TORCH_THREADS=2 lets it use both of 2 cores (faster; float sums then differ from a 1-thread
+# build in their last bits, so a given SEED reproduces a build only with the same TORCH_THREADS).
+: "${TORCH_THREADS:=1}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="$TORCH_THREADS" MKL_NUM_THREADS="$TORCH_THREADS"
 
 : "${OCCUPATIONS:=data/toy/occupations.csv}"
 : "${ATTRIBUTES:=data/toy/attributes.json}"
@@ -38,6 +40,12 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS=
 : "${STEPS:=20}"
 : "${GUIDANCE:=1.0}"
 
+if [ "$START_MODEL" != "$WORK_DIR/untrained" ] && [ ! -f "$START_MODEL/model_index.json" ]; then
+  echo "error: START_MODEL=$START_MODEL: no toy pipeline there (model_index.json missing)" >&2; exit 2
+fi
+if [ "$(realpath -m "$START_MODEL")" = "$(realpath -m "$OUT")" ]; then
+  echo "error: OUT=$OUT: the same folder as START_MODEL; write the continued base elsewhere" >&2; exit 2
+fi
 TOY="--occupations $OCCUPATIONS --attributes $ATTRIBUTES"
 python 1_generate_diverse_prompts.py --input "$OCCUPATIONS" --attributes "$ATTRIBUTES" --axes gender,race \
   --output "$WORK_DIR/prompts.csv"
@@ -54,7 +62,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --learning_rate "$LEARNING_RATE" --lr_scheduler cosine --lr_warmup_steps "$WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" --caption_dropout "$CAPTION_DROPOUT" --mixed_precision no \
   --gradient_checkpointing off --checkpointing_steps 250 --checkpoints_total_limit 2 \
-  --resume_from_checkpoint latest --report_to none --seed "$SEED" --torch_threads "$OMP_NUM_THREADS"
+  --resume_from_checkpoint latest --report_to none --seed "$SEED" --torch_threads "$TORCH_THREADS"
 python scripts/train_toy_base.py assemble --untrained "$START_MODEL" --unet "$WORK_DIR/sft/unet" --out "$OUT"
 python scripts/train_toy_base.py measure $TOY --model "$OUT" --prompts "$WORK_DIR/prompts.csv" \
   --images_per_identity_prompt "$MEASURE_IMAGES_PER_IDENTITY_PROMPT" \

@@ -121,3 +121,28 @@ def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_p
     result = subprocess.run([sys.executable, "scripts/train_toy_base.py", "vae_check", "--model", str(tmp_path)],
                             capture_output=True, text=True, cwd=BASE.parent.parent)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and str(tmp_path) in result.stderr
+
+
+def test_assemble_copies_the_pipeline_components_only_and_refuses_its_own_folder(tmp_path):
+    """A continued base (START_MODEL in train_toy_base.sh) is assembled from a built base: its components come along,
+    its README and gates of the earlier build do not, the U-Net is the trained one, and assembling into the folder
+    it reads from is refused before anything is written."""
+    from popalign.io import InputError
+    from popalign.toy.base import assemble_pipeline
+
+    source = tmp_path / "built"
+    for component in ("vae", "unet", "text_encoder"):
+        (source / component).mkdir(parents=True)
+        (source / component / "weights").write_text(f"old {component}")
+    (source / "model_index.json").write_text("{}")
+    (source / "README.md").write_text("earlier build")
+    (source / "gates.json").write_text("{}")
+    trained = tmp_path / "trained_unet"
+    trained.mkdir()
+    (trained / "weights").write_text("trained unet")
+    out = assemble_pipeline(source, trained, tmp_path / "continued")
+    assert sorted(path.name for path in out.iterdir()) == ["model_index.json", "text_encoder", "unet", "vae"]
+    assert (out / "unet" / "weights").read_text() == "trained unet" and (out / "vae" / "weights").read_text() == "old vae"
+    with pytest.raises(InputError, match="same folder"):
+        assemble_pipeline(source, trained, tmp_path / "built" / ".." / "built")
+    assert (source / "unet" / "weights").read_text() == "old unet" and (source / "README.md").exists()

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from popalign.evaluate.metrics import discrepancy
+from popalign.io import InputError
 from popalign.toy.dataset import neutral_skew
 from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure, render_figure
@@ -28,13 +29,18 @@ IDENTITY_ACCURACY_GATE = 0.9
 
 
 def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, out_dir: str | Path) -> Path:
-    """Copy the untrained toy pipeline to `out_dir` with the trained U-Net in place of the random one."""
-    out_dir = Path(out_dir)
+    """Copy the toy pipeline `untrained_pipeline` (its model_index.json and component folders, nothing else: no README or
+    gates of an earlier build) to `out_dir` with the trained U-Net in place of its own."""
+    source, out_dir = Path(untrained_pipeline), Path(out_dir)
+    if out_dir.resolve() == source.resolve():
+        raise InputError(f"--out {out_dir}: the same folder as the pipeline it is assembled from; write it elsewhere")
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(untrained_pipeline, staging)
-    shutil.rmtree(staging / "unet")
+    staging.mkdir(parents=True)
+    shutil.copy2(source / "model_index.json", staging / "model_index.json")
+    for component in sorted(path for path in source.iterdir() if path.is_dir() and path.name != "unet"):
+        shutil.copytree(component, staging / component.name)
     shutil.copytree(unet_folder, staging / "unet")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -120,10 +126,11 @@ def measure_toy_model(pipeline, world: ToyWorld, prompts: pd.DataFrame, images_p
 def vae_round_trip_accuracy(vae, world: ToyWorld, pictures_per_identity: int = 5, seed: int = 0) -> dict[str, float]:
     """Per occupation, the share of its rendered pictures that the VAE gives back drawn right.
 
-    For every occupation, `pictures_per_identity` pictures of each gender x race (rendered in that order from one
-    generator seeded with `seed`) go through x' = decode(mean of encode(x)); the share is that of pictures x' read
-    as a clean figure with the rendered occupation, gender and race. A U-Net in this VAE's latent space is drawn
-    right at most as often as its VAE reconstructs right, so this is a ceiling on the identity gate per occupation.
+    For every occupation in file order, `pictures_per_identity` pictures of each gender x race (in that order, all
+    from one generator seeded with `seed` that runs on across occupations) go through x' = decode(mean of encode(x));
+    the share is that of pictures x' read as a clean figure with the rendered occupation, gender and race. An
+    estimated ceiling on the identity gate per occupation: a U-Net drawing in this VAE's latent space rarely draws
+    an occupation right more often than its VAE gives that occupation's pictures back right.
     """
     rng = np.random.default_rng(seed)
     accuracy = {}
