@@ -96,12 +96,11 @@ def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
     assert neutral["model_gender_share"].mean() >= 0.7 and neutral["model_race_share"].mean() >= 0.6
 
 
-def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_path):
+def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_path, capsys):
     """`vae_round_trip_accuracy`: the 12-occupation base's VAE gives back nearly every rendered picture right; the
     same VAE with its last decoder layer zeroed (every picture a flat grey) gives back none; the stage's command line
     refuses a folder without a VAE in one line."""
-    import subprocess
-    import sys
+    import importlib.util
 
     import numpy as np
     import torch
@@ -118,9 +117,13 @@ def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_p
         vae.decoder.conv_out.weight.zero_()
         vae.decoder.conv_out.bias.zero_()
     assert max(vae_round_trip_accuracy(vae, world, pictures_per_identity=1, seed=0).values()) == 0.0
-    result = subprocess.run([sys.executable, "scripts/train_toy_base.py", "vae_check", "--model", str(tmp_path)],
-                            capture_output=True, text=True, cwd=BASE.parent.parent)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and str(tmp_path) in result.stderr
+    spec = importlib.util.spec_from_file_location("train_toy_base", BASE.parent.parent / "scripts" / "train_toy_base.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main(["vae_check", "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().count("\n") == 0 and str(tmp_path) in error
 
 
 def test_assemble_copies_the_pipeline_components_only_and_refuses_its_own_folder(tmp_path):
