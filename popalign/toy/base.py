@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from popalign.evaluate.metrics import discrepancy
 from popalign.io import InputError
+from popalign.training.data import image_to_tensor
 from popalign.toy.dataset import neutral_skew
 from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure, render_figure
@@ -137,8 +138,7 @@ def vae_round_trip_accuracy(vae, world: ToyWorld, pictures_per_identity: int = 5
     for occupation in world.occupations:
         identities = [(gender, race) for gender in world.genders for race in world.races for _ in range(pictures_per_identity)]
         pictures = [render_figure(world, occupation, gender, race, rng) for gender, race in identities]
-        pixels = torch.stack([torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-                              for picture in pictures])
+        pixels = torch.stack([image_to_tensor(picture) for picture in pictures])
         with torch.no_grad():
             decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         decoded = ((decoded.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
