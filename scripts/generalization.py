@@ -17,6 +17,7 @@ and measurements are kept).
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import InputError, atomic_write_csv, atomic_write_json, atomic_write_text  # noqa: E402
+from popalign.io import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
 
@@ -42,6 +43,13 @@ METHODS = {
                               "TRAIN_TEXT_ENCODER": "on", "TRAIN_UNET": "off", "TEXT_ENCODER_LR": "2e-3"},
     "sft": {"LOSS": "sft", "BETA": "0", "LEARNING_RATE": "2e-4"},
 }
+# Variants of popalign_unet, each changing one setting (declared before their runs; docs/generalization.md): trained twice as
+# long, at 2.5x the learning rate, without prior preservation, without caption dropout.
+VARIANTS = {"popalign_unet_600_steps": {"MAX_TRAIN_STEPS": "600"}, "popalign_unet_lr_5e-4": {"LEARNING_RATE": "5e-4"},
+            "popalign_unet_no_prior_preservation": {"PRIOR_PRESERVATION_WEIGHT": "0"},
+            "popalign_unet_no_caption_dropout": {"CAPTION_DROPOUT": "0"}}
+MAIN_METHODS = tuple(METHODS)
+METHODS.update({name: {**METHODS["popalign_unet"], **change} for name, change in VARIANTS.items()})
 AXES = ("gender", "race")
 
 
@@ -61,12 +69,10 @@ def subset_pairs(pairs_file: Path, captions: set[str], output: Path) -> int:
     return len(kept)
 
 
-def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path, seed: int, args) -> None:
-    """One training through 4_train.sh with validation every --validation_steps (and a checkpoint at each)."""
-    if (run_dir / "finished.json").is_file():
-        return
+def training_environment(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path, seed: int, args) -> dict:
+    """4_train.sh's variables for one training: the study's settings, then the method's own (which win)."""
     env = dict(os.environ, PAIRS_FILE=str(pairs_file), OUTPUT_DIR=str(run_dir), MODEL=args.pretrained_model, VAE="", RESOLUTION="32",
-               **COMMON, **METHODS[method], MAX_TRAIN_STEPS=str(args.max_train_steps),
+               MAX_TRAIN_STEPS=str(args.max_train_steps),
                TRAIN_BATCH_SIZE=str(args.train_batch_size // args.num_processes), NUM_PROCESSES=str(args.num_processes),
                MIXED_PRECISION="no", GRADIENT_CHECKPOINTING="off", USE_8BIT_ADAM="off", REPORT_TO="none", SEED=str(seed),
                CHECKPOINTING_STEPS=str(args.validation_steps), VALIDATION_PROMPTS_FILE=str(validation_prompts),
@@ -75,12 +81,29 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
                VALIDATION_SCORER="toy", VALIDATION_ATTRIBUTES=args.attributes, VALIDATION_NUM_INFERENCE_STEPS=str(args.steps),
                VALIDATION_GUIDANCE_SCALE=str(args.guidance), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                POPALIGN_TOY_OCCUPATIONS=args.occupations, POPALIGN_TOY_ATTRIBUTES=args.attributes)
+    env.update({**COMMON, **METHODS[method]})  # a method's own setting (e.g. its MAX_TRAIN_STEPS) wins
+    return env
+
+
+def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path, seed: int, args) -> None:
+    """One training through 4_train.sh with validation every --validation_steps (and a checkpoint at each)."""
+    if (run_dir / "finished.json").is_file():
+        return
+    env = training_environment(run_dir, method, pairs_file, validation_prompts, seed, args)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
     with open(log, "w", encoding="utf-8") as handle:
-        result = subprocess.run(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"training {run_dir} failed (exit {result.returncode}); see {log}")
+        # its own process group, so that an interrupted study stops the launcher's training processes too
+        process = subprocess.Popen(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+    if returncode != 0:
+        raise RuntimeError(f"training {run_dir} failed (exit {returncode}); see {log}")
 
 
 def best_or_final_weights(run_dir: Path) -> dict:
@@ -99,8 +122,19 @@ def measure(run_dir, prompts: pd.DataFrame, args, world, cache: Path) -> dict:
     """The base (run_dir None) or a run's best checkpoint measured on the held-out prompts, with the run's best record."""
     measurement = comparison.measure_cached(best_or_final_weights(run_dir) if run_dir else {}, prompts, args.test_split, args, world, cache)
     if run_dir is not None:
-        measurement["best"] = json.loads((Path(run_dir) / "finished.json").read_text(encoding="utf-8")).get("best")
+        finished = json.loads((Path(run_dir) / "finished.json").read_text(encoding="utf-8"))
+        measurement["best"] = finished.get("best")
+        measurement["validation_discrepancy"] = validation_score(run_dir, (measurement["best"] or {}).get("step") or finished["global_step"])
     return measurement
+
+
+def validation_score(run_dir, step: int) -> float:
+    """The selection's score (mean over axes of the validation occupations' mean discrepancy) of the measured weights:
+    the best step's validation, or the last step's when no validation was eligible."""
+    from popalign.training.validation import mean_discrepancy, read_validations
+
+    scores = [mean_discrepancy(record) for record in read_validations(run_dir) if record["step"] == step]
+    return scores[-1] if scores else float("nan")
 
 
 def per_prompt(measurement: dict, axis: str) -> list[float]:
@@ -143,21 +177,22 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
                         f"{axis}_change": mean / float(np.mean(base_values)) - 1.0, f"{axis}_min_p": test.min_p_value})
         row["identity_accuracy"] = float(np.mean([measurement["identity_accuracy"] for measurement in measurements]))
         row["quality"] = float(np.mean([measurement["neutral_toy_quality"] for measurement in measurements]))
+        row["validation_discrepancy"] = float(np.mean([measurement.get("validation_discrepancy", np.nan) for measurement in measurements]))
         rows.append(row)
     adjusted = holm_adjusted([row[f"{axis}_p"] for row in rows for axis in AXES])
     for index, row in enumerate(rows):
         for offset, axis in enumerate(AXES):
             row[f"{axis}_holm"] = adjusted[index * len(AXES) + offset]
     lines = ["| method | training occupations | held-out gender discrepancy (change) | Holm p | held-out race discrepancy (change) | Holm p "
-             "| identity accuracy | toy quality | best step |", "|---|---|---|---|---|---|---|---|---|",
+             "| identity accuracy | toy quality | best step | validation discrepancy |", "|---|---|---|---|---|---|---|---|---|---|",
              f"| base | - | {np.nanmean(per_prompt(base, 'gender')):.3f} | | {np.nanmean(per_prompt(base, 'race')):.3f} | | "
-             f"{base['identity_accuracy']:.1%} | {base['neutral_toy_quality']:.3f} | |"]
+             f"{base['identity_accuracy']:.1%} | {base['neutral_toy_quality']:.3f} | | |"]
     for row in rows:
         cells = [f"{row[axis]:.3f} [{row[axis + '_low']:.3f}, {row[axis + '_high']:.3f}]{'†' if row[axis + '_clipped'] else ''} "
                  f"({row[axis + '_change']:+.0%}{fewer_prompts(row, axis, len(base['neutral']))}) | {row[axis + '_holm']:.3g}"
                  for axis in AXES]
         lines.append(f"| {row['method']} | {row['size']} | {cells[0]} | {cells[1]} | {row['identity_accuracy']:.1%} | "
-                     f"{row['quality']:.3f} | {', '.join(str(step) for step in row['best_steps'])} |")
+                     f"{row['quality']:.3f} | {', '.join(str(step) for step in row['best_steps'])} | {row['validation_discrepancy']:.3f} |")
     return rows, "\n".join(lines)
 
 
@@ -194,14 +229,15 @@ def plot(rows: list[dict], base: dict, floors: dict, path: Path) -> None:
     plt.close(figure)
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     comparison.add_toy_study_arguments(parser, output_dir="outputs/generalization")
     parser.add_argument("--train_split", default="train", help="the pool of training occupations")
     parser.add_argument("--sizes", default="1,2,3,4", help="numbers of training occupations")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(MAIN_METHODS), help=f"of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="training seeds (each also draws the order of the occupations)")
-    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--max_train_steps", type=int, default=300, help="optimizer steps per training (a method may set its own)")
     parser.add_argument("--train_batch_size", type=int, default=32, help="pairs per optimizer step (all processes)")
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--num_validation_images", type=int, default=24)

@@ -172,3 +172,71 @@ def test_the_generalization_study_leaves_out_a_prompt_of_which_a_model_drew_no_c
     assert script.fewer_prompts({"gender_prompts": 11}, "gender", 12) == "; 11 of 12 prompts"
     assert script.fewer_prompts({"gender_prompts": 12}, "gender", 12) == ""
     assert not any(math.isnan(value) for value in tuned)
+
+
+def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_its_own_setting_wins(tmp_path):
+    import argparse
+    import json
+
+    script = load_script("generalization")
+    reference = script.METHODS["popalign_unet"]
+    for name, change in script.VARIANTS.items():
+        assert name not in script.MAIN_METHODS and len(change) == 1
+        differing = {key for key in set(script.METHODS[name]) | set(reference) if script.METHODS[name].get(key) != reference.get(key)}
+        assert differing == set(change), name
+    args = argparse.Namespace(pretrained_model="models/toy_base", max_train_steps=300, train_batch_size=32, num_processes=2,
+                              validation_steps=100, num_validation_images=24, num_validation_identity_images=2, attributes="a.json",
+                              steps=20, guidance=3.0, occupations="o.csv")
+    environment = {method: script.training_environment(tmp_path / "run", method, tmp_path / "pairs.csv", tmp_path / "v.csv", 1, args)
+                   for method in ("popalign_unet", "popalign_unet_600_steps", "popalign_unet_no_caption_dropout")}
+    assert environment["popalign_unet"]["MAX_TRAIN_STEPS"] == "300" and environment["popalign_unet_600_steps"]["MAX_TRAIN_STEPS"] == "600"
+    assert environment["popalign_unet"]["CAPTION_DROPOUT"] == "0.2" and environment["popalign_unet_no_caption_dropout"]["CAPTION_DROPOUT"] == "0"
+    # the selection's score of the measured weights: the best step's validation (mean over axes), the last one's otherwise
+    records = [{"step": 0, "discrepancy_gender": 0.7, "discrepancy_race": 0.8, "discrepancy_gender_low": 0.1},
+               {"step": 100, "discrepancy_gender": 0.3, "discrepancy_race": 0.5, "discrepancy_race_floor": 0.1}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert script.validation_score(tmp_path, 100) == pytest.approx(0.4)
+    assert script.validation_score(tmp_path, 0) == pytest.approx(0.75)
+    assert math.isnan(script.validation_score(tmp_path, 200))
+
+
+def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    # a stand-in for 4_train.sh (the study's subprocess boundary) whose child would outlive an interrupted study
+    (tmp_path / "4_train.sh").write_text(f"sleep 120 &\necho $! > {tmp_path / 'child.pid'}\nwait\n")
+    script_path = Path(__file__).resolve().parent.parent / "scripts" / "generalization.py"
+    code = (f"import importlib.util, os, sys\nfrom pathlib import Path\n"
+            f"spec = importlib.util.spec_from_file_location('generalization', {str(script_path)!r})\n"
+            f"script = importlib.util.module_from_spec(spec); spec.loader.exec_module(script)\n"
+            f"script.REPO_ROOT = Path({str(tmp_path)!r})\n"
+            f"script.training_environment = lambda *arguments: dict(os.environ)\n"
+            f"script.train(Path({str(tmp_path / 'run')!r}), 'popalign_unet', None, None, 0, None)\n")
+    study = subprocess.Popen([sys.executable, "-c", code])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    study.send_signal(signal.SIGINT)
+    assert study.wait(timeout=30) != 0
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.1)
+    stopped = not running(child)
+    if not stopped:
+        os.kill(child, signal.SIGKILL)
+    assert stopped, "the training process outlived the interrupted study"
