@@ -15,11 +15,13 @@ and measurements are kept).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
+from popalign.io import InputError, Terminated, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
 
@@ -43,8 +45,8 @@ METHODS = {
                               "TRAIN_TEXT_ENCODER": "on", "TRAIN_UNET": "off", "TEXT_ENCODER_LR": "2e-3"},
     "sft": {"LOSS": "sft", "BETA": "0", "LEARNING_RATE": "2e-4"},
 }
-# Variants of popalign_unet, each changing one setting (declared before their runs; docs/generalization.md): trained twice as
-# long, at 2.5x the learning rate, without prior preservation, without caption dropout.
+# Variants of popalign_unet, each changing one setting, declared before their runs: trained twice as long, at 2.5x the
+# learning rate, without prior preservation, without caption dropout.
 VARIANTS = {"popalign_unet_600_steps": {"MAX_TRAIN_STEPS": "600"}, "popalign_unet_lr_5e-4": {"LEARNING_RATE": "5e-4"},
             "popalign_unet_no_prior_preservation": {"PRIOR_PRESERVATION_WEIGHT": "0"},
             "popalign_unet_no_caption_dropout": {"CAPTION_DROPOUT": "0"}}
@@ -93,17 +95,42 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
     with open(log, "w", encoding="utf-8") as handle:
-        # its own process group, so that an interrupted study stops the launcher's training processes too
+        # Its own session, so that an interrupted study (Ctrl-C, SIGTERM, or SIGHUP when its terminal closes: each
+        # raised here as an exception) stops the launcher's training processes before it exits.
         process = subprocess.Popen(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        previous = signal.signal(signal.SIGHUP, hang_up)
         try:
             returncode = process.wait()
         except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
+            stop_process_group(process)
             raise
+        finally:
+            signal.signal(signal.SIGHUP, previous)
     if returncode != 0:
         raise RuntimeError(f"training {run_dir} failed (exit {returncode}); see {log}")
+
+
+def hang_up(signum, frame):
+    """SIGHUP (the study's terminal closed) raised like SIGTERM, so that the training it started is stopped too."""
+    raise Terminated()
+
+
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 60.0) -> None:
+    """SIGTERM to the group `process` leads, then wait until the group is gone (the launcher stops its workers
+    first), SIGKILL to whatever is left after `grace_seconds`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    process.wait()
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def best_or_final_weights(run_dir: Path) -> dict:

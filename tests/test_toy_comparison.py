@@ -200,7 +200,8 @@ def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_it
     assert math.isnan(script.validation_score(tmp_path, 200))
 
 
-def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGHUP"])
+def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_path, stop):
     import os
     import signal
     import subprocess
@@ -211,20 +212,16 @@ def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_pa
     # a stand-in for 4_train.sh (the study's subprocess boundary) whose child would outlive an interrupted study
     (tmp_path / "4_train.sh").write_text(f"sleep 120 &\necho $! > {tmp_path / 'child.pid'}\nwait\n")
     script_path = Path(__file__).resolve().parent.parent / "scripts" / "generalization.py"
-    code = (f"import importlib.util, os, sys\nfrom pathlib import Path\n"
+    code = (f"import importlib.util, os, signal, sys\nfrom pathlib import Path\n"
+            f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even where the test runner ignores SIGINT
             f"spec = importlib.util.spec_from_file_location('generalization', {str(script_path)!r})\n"
             f"script = importlib.util.module_from_spec(spec); spec.loader.exec_module(script)\n"
             f"script.REPO_ROOT = Path({str(tmp_path)!r})\n"
             f"script.training_environment = lambda *arguments: dict(os.environ)\n"
             f"script.train(Path({str(tmp_path / 'run')!r}), 'popalign_unet', None, None, 0, None)\n")
-    study = subprocess.Popen([sys.executable, "-c", code])
+    study = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     pid_file = tmp_path / "child.pid"
-    deadline = time.time() + 60
-    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.1)
-    child = int(pid_file.read_text())
-    study.send_signal(signal.SIGINT)
-    assert study.wait(timeout=30) != 0
+    child = None
 
     def running(pid: int) -> bool:
         try:
@@ -233,10 +230,20 @@ def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_pa
             return False
         return state != "Z"
 
-    deadline = time.time() + 10
-    while running(child) and time.time() < deadline:
-        time.sleep(0.1)
-    stopped = not running(child)
-    if not stopped:
-        os.kill(child, signal.SIGKILL)
-    assert stopped, "the training process outlived the interrupted study"
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        study.send_signal(getattr(signal, stop))
+        _, stderr = study.communicate(timeout=30)
+        assert study.returncode != 0 and (b"KeyboardInterrupt" in stderr or b"Terminated" in stderr)  # raised, not killed
+        deadline = time.time() + 10
+        while running(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(child), "the training process outlived the interrupted study"
+    finally:
+        if study.poll() is None:
+            study.kill()
+        if child is not None and running(child):
+            os.kill(child, signal.SIGKILL)
