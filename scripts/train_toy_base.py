@@ -17,7 +17,7 @@ import pandas as pd
 from popalign.io import InputError, atomic_write_json
 from popalign.toy.base import assemble_pipeline, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
-from popalign.toy.model import build_toy_pipeline
+from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
 from popalign.toy.world import load_world
 
 
@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gender_majority", type=float, default=0.85, help="share of the majority gender in neutral-prompt pictures")
     parser.add_argument("--race_majority", type=float, default=0.8, help="share of the majority race in neutral-prompt pictures")
     parser.add_argument("--vae_steps", type=int, default=600)
+    parser.add_argument("--vae_background", default="border", choices=VAE_BACKGROUNDS,
+                        help="pipeline: the VAE's figure pixels are those far from the whole border's median colour (border, as the "
+                        "shipped bases) or from their own half's (halves: a two-tone world's backgrounds)")
     parser.add_argument("--untrained", help="untrained toy pipeline folder (assemble)")
     parser.add_argument("--unet", default="", help="trained U-Net folder (assemble); measure: a fine-tuned U-Net folder or LoRA "
                         ".safetensors file to measure in place of the model's own")
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
                                          args.gender_majority, args.race_majority, args.seed)
             print(f"wrote {len(frame)} pictures and {args.out}/train.csv")
         elif args.stage == "pipeline":
-            print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed)}")
+            print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed, args.vae_background)}")
         elif args.stage == "assemble":
             print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
         elif args.stage == "vae_check":

@@ -27,6 +27,10 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="$TORCH_THREADS" MKL_NUM_THREADS="$TORCH
 : "${GENDER_MAJORITY:=0.85}"
 : "${RACE_MAJORITY:=0.8}"
 : "${VAE_STEPS:=600}"
+# What the VAE's loss weights as figure: pixels far from the border's median colour (border: how both shipped bases
+# were built) or from their own half's (halves: meant for two-tone backgrounds, where the border's median is neither
+# colour and nearly every pixel counts as figure).
+: "${VAE_BACKGROUND:=border}"
 # SFT from scratch: a high learning rate with cosine decay; 10% caption dropout so that
 # classifier-free guidance has an unconditional model. Effective batch = TRAIN_BATCH_SIZE x 1 process.
 : "${LEARNING_RATE:=1.5e-3}"
@@ -54,7 +58,7 @@ python 1_generate_diverse_prompts.py --input "$OCCUPATIONS" --attributes "$ATTRI
   --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT" --gender_majority "$GENDER_MAJORITY" \
   --race_majority "$RACE_MAJORITY" --seed "$SEED"
 [ -f "$START_MODEL/model_index.json" ] || python scripts/train_toy_base.py pipeline $TOY \
-  --out "$START_MODEL" --vae_steps "$VAE_STEPS" --seed "$SEED"
+  --out "$START_MODEL" --vae_steps "$VAE_STEPS" --vae_background "$VAE_BACKGROUND" --seed "$SEED"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_popalign.py \
   --loss sft --pretrained_model_name_or_path "$START_MODEL" --pretrained_vae_model_name_or_path "" \
   --use_8bit_adam off --pairs_file "$WORK_DIR/data/train.csv" \

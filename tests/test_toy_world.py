@@ -190,3 +190,49 @@ def test_biased_data_set_has_the_skew_and_exact_identity_pictures(world, tmp_pat
         assert (reading.occupation, reading.gender, reading.race) == (row.occupation, row.gender, row.race)
     identity = written[written["kind"] == "identity"].merge(prompts, left_on="caption", right_on="prompt", suffixes=("", "_prompted"))
     assert (identity["gender"] == identity["gender_prompted"]).all() and (identity["race"] == identity["race_prompted"]).all()
+
+
+def test_the_vae_figure_weights_find_the_figure_on_a_two_tone_background_only_against_each_half():
+    import torch
+
+    from popalign.toy.model import figure_weights
+
+    # 8x8: the top half red, the bottom half blue, one green pixel in each half
+    picture = torch.empty(1, 3, 8, 8)
+    picture[0, :, :4] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    picture[0, :, 4:] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None]
+    picture[0, :, 2, 3] = picture[0, :, 5, 4] = torch.tensor([-1.0, 1.0, -1.0])
+    by_halves = figure_weights(picture, split_row=4)[0]
+    expected = torch.ones(8, 8)
+    expected[2, 3] = expected[5, 4] = 5.0
+    assert torch.equal(by_halves, expected)
+    # one median over the whole border is (-1, -1, -1) here: neither red nor blue, so every pixel reads as figure
+    assert torch.equal(figure_weights(picture)[0], torch.full((8, 8), 5.0))
+
+
+def test_the_vae_figure_weights_by_halves_match_a_pixel_by_pixel_reading_of_the_two_tone_world():
+    import torch
+
+    from popalign.toy.model import figure_weights, random_pictures
+    from popalign.toy.world import SPLIT_ROW
+
+    pictures = random_pictures(load_world("data/toy/occupations_36.csv"), 6, np.random.default_rng(4))
+    weights = figure_weights(pictures, figure_weight=3.0, split_row=SPLIT_ROW)
+    array = pictures.numpy()
+    size = array.shape[-1]
+    # pixel by pixel: per half, the per-channel median (the lower middle value, as torch's) of its outer edge row and
+    # its side columns
+    for index, picture in enumerate(array):
+        for top in (True, False):
+            rows = range(SPLIT_ROW) if top else range(SPLIT_ROW, size)
+            edge_row = 0 if top else size - 1
+            border = [picture[:, edge_row, c] for c in range(size)] + [picture[:, r, c] for r in rows for c in (0, size - 1)]
+            border = np.sort(np.array(border), axis=0)
+            background = border[(len(border) - 1) // 2]
+            for row in rows:
+                for column in range(size):
+                    figure = np.linalg.norm(picture[:, row, column] - background) > 0.2
+                    assert weights[index, row, column].item() == (3.0 if figure else 1.0), (index, row, column)
+    # a one-tone world's pictures get the same weights either way
+    plain = random_pictures(load_world(), 6, np.random.default_rng(4))
+    assert torch.equal(figure_weights(plain, split_row=SPLIT_ROW), figure_weights(plain))

@@ -14,13 +14,14 @@ Components, saved in diffusers format so every stage loads it with `from_pretrai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from popalign.tiny_models import build_tiny_clip_tokenizer
-from popalign.toy.world import IMAGE_SIZE, ToyWorld, render_figure
+from popalign.toy.world import IMAGE_SIZE, SPLIT_ROW, ToyWorld, render_figure
 
 TEXT_HIDDEN = 64
 TOKENIZER_MERGES = 4000  # enough merges that every toy word is one or two tokens
@@ -81,28 +82,48 @@ def random_pictures(world: ToyWorld, count: int, rng: np.random.Generator) -> to
     return torch.stack(pictures)
 
 
-def figure_weights(pictures: torch.Tensor, figure_weight: float = 5.0) -> torch.Tensor:
+# What the VAE's figure weights compare a pixel with: the median of the whole border, or of its own half's border.
+VAE_BACKGROUNDS = ("border", "halves")
+
+
+def figure_weights(pictures: torch.Tensor, figure_weight: float = 5.0, split_row: Optional[int] = None) -> torch.Tensor:
     """(B, H, W) loss weights: `figure_weight` on pixels that differ from the picture's background, else 1.
 
     The figure is a small part of each picture; weighting it makes the VAE learn its colours (the
-    identity cues) early instead of spending its first steps on the background.
+    identity cues) early instead of spending its first steps on the background. A pixel is figure when
+        ||x[:, i, j] - b(i)|| > 0.2,
+    with b the per-channel median of the picture's four edges (corners counted twice); with `split_row` (a two-tone background) b(i) is
+    the median of the border pixels of the pixel's own half (rows < split_row, or the rest), so that the other
+    half's colour does not count as figure.
     """
-    border = torch.cat([pictures[:, :, 0], pictures[:, :, -1], pictures[:, :, :, 0], pictures[:, :, :, -1]], dim=2)
-    background = border.median(dim=2).values[:, :, None, None]
+    if split_row is None:
+        border = torch.cat([pictures[:, :, 0], pictures[:, :, -1], pictures[:, :, :, 0], pictures[:, :, :, -1]], dim=2)
+        background = border.median(dim=2).values[:, :, None, None]
+    else:
+        top, bottom = pictures[:, :, :split_row], pictures[:, :, split_row:]
+        backgrounds = []
+        for half, edge_row in ((top, top[:, :, 0]), (bottom, bottom[:, :, -1])):
+            border = torch.cat([edge_row, half[:, :, :, 0], half[:, :, :, -1]], dim=2)
+            backgrounds.append(border.median(dim=2).values[:, :, None, None].expand_as(half))
+        background = torch.cat(backgrounds, dim=2)
     figure = (pictures - background).norm(dim=1) > 0.2
     return 1.0 + (figure_weight - 1.0) * figure.float()
 
 
 def train_toy_vae(world: ToyWorld, steps: int, batch_size: int = 32, learning_rate: float = 3e-3,
-                  kl_weight: float = 1e-6, seed: int = 0):
+                  kl_weight: float = 1e-6, seed: int = 0, background: str = "border"):
     """Train the toy AutoencoderKL to reconstruct toy pictures from posterior samples.
 
     loss = mean(w * (decode(z) - x)^2) + kl_weight * KL(q(z|x) || N(0, I)), z ~ q(z|x),
-    with w the per-pixel weights of `figure_weights`.
+    with w the per-pixel weights of `figure_weights`: against the whole border's median (background "border", how
+    the shipped bases were built) or, in a two-tone world, each half's own (background "halves").
     Decoding from samples (not the mean) teaches a small posterior variance, so the latents the
     trainer samples decode to the same picture. Returns the VAE with `scaling_factor` set to
     1 / std of the posterior means over a fresh batch of pictures.
     """
+    if background not in VAE_BACKGROUNDS:
+        raise ValueError(f"background must be one of {', '.join(VAE_BACKGROUNDS)} (got {background!r})")
+    split_row = SPLIT_ROW if background == "halves" and world.two_tone else None
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = toy_vae()
@@ -114,7 +135,7 @@ def train_toy_vae(world: ToyWorld, steps: int, batch_size: int = 32, learning_ra
         posterior = vae.encode(pictures).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         squared_error = (reconstruction - pictures).pow(2).mean(dim=1)
-        loss = (squared_error * figure_weights(pictures)).mean() + kl_weight * posterior.kl().mean()
+        loss = (squared_error * figure_weights(pictures, split_row=split_row)).mean() + kl_weight * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -127,13 +148,13 @@ def train_toy_vae(world: ToyWorld, steps: int, batch_size: int = 32, learning_ra
     return vae
 
 
-def build_toy_pipeline(path: str | Path, world: ToyWorld, vae_steps: int = 600, seed: int = 0) -> Path:
+def build_toy_pipeline(path: str | Path, world: ToyWorld, vae_steps: int = 600, seed: int = 0, vae_background: str = "border") -> Path:
     """Save the untrained toy pipeline (trained VAE, random U-Net and text encoder) to `path`."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     tokenizer = build_tiny_clip_tokenizer(path / "tokenizer", TOKENIZER_MERGES)
-    vae = train_toy_vae(world, vae_steps, seed=seed)
+    vae = train_toy_vae(world, vae_steps, seed=seed, background=vae_background)
     torch.manual_seed(seed)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=_text_encoder(len(tokenizer)), tokenizer=tokenizer, unet=toy_unet(),
