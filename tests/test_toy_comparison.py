@@ -247,3 +247,32 @@ def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_pa
             study.kill()
         if child is not None and running(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_cached_toy_measurement_is_reused_only_for_the_same_model_weights_and_prompts(tmp_path):
+    import argparse
+    import json
+
+    import pandas as pd
+
+    args = argparse.Namespace(images_per_neutral_prompt=100, images_per_identity_prompt=10, steps=20, guidance=3.0, measure_seed=1,
+                              pretrained_model="models/toy_base_36")
+    prompts = pd.DataFrame({"prompt": ["a photo of a doctor", "a photo of a nurse"]})
+
+    def settings(study: str, step: int = 200, model: str = "models/toy_base_36", prompt_list=None):
+        run = tmp_path / study / "runs" / "popalign_unet_size20_seed0"
+        weights = {"unet_path": str(run / f"checkpoint-{step}" / "unet")}
+        return comparison.measurement_settings(weights, pd.DataFrame({"prompt": prompt_list}) if prompt_list else prompts, "heldout",
+                                               argparse.Namespace(**{**vars(args), "pretrained_model": model}), run / "measure_heldout.json")
+
+    reference = settings("study")
+    assert settings("copy_of_study") == reference  # a run folder copied with its cache keeps it
+    assert settings("study", prompt_list=["a photo of a nurse", "a photo of a doctor"]) == reference  # the same prompts
+    assert settings("study", step=300) != reference
+    assert settings("study", model="models/toy_base") != reference
+    assert settings("study", prompt_list=["a photo of a doctor", "a photo of a pilot"]) != reference
+    # a matching cache is returned as stored, without loading a model
+    cache = tmp_path / "base_heldout.json"
+    stored = {"measure_settings": comparison.measurement_settings({}, prompts, "heldout", args, cache), "identity_accuracy": 0.5}
+    cache.write_text(json.dumps(stored))
+    assert comparison.measure_cached({}, prompts, "heldout", args, None, cache) == stored

@@ -265,18 +265,31 @@ def add_toy_study_arguments(parser, output_dir: str) -> None:
     parser.add_argument("--measure_threads", type=int, default=2)
 
 
+def measurement_settings(weights: dict, prompts, split: str, args, cache) -> dict:
+    """What decides a cached measurement besides the code: the measuring settings, the base model, the weights measured
+    in its place (relative to the cache's folder, so that a run folder copied with its cache keeps it) and the prompts."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    folder = Path(cache).resolve().parent
+    return {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
+            "images_per_identity_prompt": args.images_per_identity_prompt, "steps": args.steps,
+            "guidance": args.guidance, "seed": args.measure_seed, "model": str(Path(args.pretrained_model).resolve()),
+            "weights": {name: os.path.relpath(Path(path).resolve(), folder) for name, path in sorted(weights.items())},
+            "prompts_sha256": hashlib.sha256("\n".join(sorted(prompts["prompt"])).encode("utf-8")).hexdigest()}
+
+
 def measure_cached(weights: dict, prompts, split: str, args, world, cache) -> dict:
     """popalign.toy.base.measure_toy_model of the base (weights {}) or of tuned weights ({"unet_path": ...} or
-    {"lora_path": ...}) on `prompts`, kept in the JSON file `cache` and reused while the measuring settings are the same."""
+    {"lora_path": ...}) on `prompts`, kept in the JSON file `cache` and reused while its measurement_settings are the same."""
     import json
     from pathlib import Path
 
     from popalign.io import atomic_write_json
 
     cache = Path(cache)
-    settings = {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
-                "images_per_identity_prompt": args.images_per_identity_prompt, "steps": args.steps,
-                "guidance": args.guidance, "seed": args.measure_seed}
+    settings = measurement_settings(weights, prompts, split, args, cache)
     if cache.is_file():
         stored = json.loads(cache.read_text(encoding="utf-8"))
         if stored.get("measure_settings") == settings:
