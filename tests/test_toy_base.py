@@ -96,6 +96,23 @@ def test_the_larger_base_draws_its_held_out_occupations_with_their_skew():
     assert neutral["model_gender_share"].mean() >= 0.7 and neutral["model_race_share"].mean() >= 0.6
 
 
+def test_the_rebuilt_larger_base_draws_the_occupations_the_first_one_drew_worst():
+    """models/toy_base_36_v2 (its VAE weights figures against each background half): the six occupations whose
+    outlines models/toy_base_36 drew least cleanly are drawn right on identity-specific prompts (its gate: 90%)."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(BASE.parent / "toy_base_36_v2")
+    pipeline.set_progress_bar_config(disable=True)
+    occupations = "data/toy/occupations_36.csv"
+    prompts = expand_prompts(read_neutral_prompts(occupations), load_attributes("data/toy/attributes.json"), ["gender", "race"])
+    worst = ["journalist", "scientist", "firefighter", "musician", "librarian", "janitor"]
+    chosen = prompts[prompts["occupation"].isin(worst) & (prompts["kind"] == "identity")]
+    identity = measure_toy_model(pipeline, load_world(occupations), chosen, images_per_identity_prompt=1, images_per_neutral_prompt=0,
+                                 steps=20, guidance=1.0, seed=7)
+    # 36 pictures; models/toy_base_36 drew these six occupations' outlines clean in 9-66% of neutral-prompt pictures
+    assert identity["identity_images"] == 36 and identity["identity_accuracy"] >= 0.85
+
+
 def test_the_vae_check_reads_the_base_vae_right_and_a_broken_decoder_wrong(tmp_path, capsys):
     """`vae_round_trip_accuracy`: the 12-occupation base's VAE gives back nearly every rendered picture right; the
     same VAE with its last decoder layer zeroed (every picture a flat grey) gives back none; the stage's command line
