@@ -286,9 +286,8 @@ def main(argv=None) -> int:
         pool = sorted(set(neutral[args.train_split]["occupation"]))
         if max(sizes) > len(pool) or min(sizes) < 1:
             raise InputError(f"--sizes: the training pool has {len(pool)} occupations")
-    except (InputError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # a number that does not parse; InputError goes to exit_2_on_input_error's one line
+        raise InputError(f"--sizes / --seeds: {error}") from None
     from popalign.evaluate.metrics import discrepancy_floor
     from popalign.toy.world import load_world
 
