@@ -7,7 +7,8 @@
 # toy classifier reads back from the pixels (popalign/toy/). The base model draws neutral prompts
 # with a skewed population (e.g. "a photo of a doctor in a clinic": mostly male and white);
 # PopAlign fine-tunes it on population preference pairs so that neutral prompts draw a fair one.
-# The base draws 12 occupations, each with its own skew (data/toy/occupations.csv); the pairs come from the
+# The base draws 12 occupations, each with its own skew (data/toy/occupations.csv: a row's majority identity is
+# its majority_gender / majority_race columns where the file has them, else set by its place); the pairs come from the
 # 4 of the training split only, and the evaluation reports each split separately: the trained occupations,
 # the 2 that scripts/compare_objectives.py chooses settings on (validation), and the 6 held out.
 # Another toy configuration: TOY_OCCUPATIONS / TOY_ATTRIBUTES (after training a base for it with
@@ -43,6 +44,9 @@ export POPALIGN_TOY_OCCUPATIONS="$TOY_OCCUPATIONS" POPALIGN_TOY_ATTRIBUTES="$TOY
 : "${RECIPE:=configs/toy_recipe.sh}"
 : "${EVAL_GUIDANCE:=3.0}"
 export RECIPE
+
+# A base built for another world would be read wrongly without an error: its gates.json says what it draws.
+python scripts/train_toy_base.py check --model "$TOY_MODEL" --occupations "$TOY_OCCUPATIONS" --attributes "$TOY_ATTRIBUTES"
 
 # Step 1: identity-neutral toy prompts -> identity-specific variants (gender x race).
 python 1_generate_diverse_prompts.py --input "$TOY_OCCUPATIONS" --split "$TOY_TRAIN_SPLIT" --attributes "$TOY_ATTRIBUTES" \

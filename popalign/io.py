@@ -145,12 +145,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_csv_checked(path: str | Path, required_columns: Sequence[str]) -> pd.DataFrame:
-    """Read a CSV with every cell as a string (empty cells -> ""), checking the required columns."""
+    """Read a CSV with every cell as a string (empty cells -> ""), checking the required columns. A byte-order mark
+    (as spreadsheet programs save UTF-8) is not part of the first column's name."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not a readable CSV file ({str(error).splitlines()[0]})") from None
     missing = [column for column in required_columns if column not in frame.columns]

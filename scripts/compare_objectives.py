@@ -27,6 +27,7 @@ from popalign.attributes import load_attributes  # noqa: E402
 from popalign.io import InputError, atomic_write_json, atomic_write_text  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
+from popalign.toy.base import check_base_world  # noqa: E402
 from popalign.toy.world import load_world  # noqa: E402
 
 
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
             raise InputError(f"--num_processes {args.num_processes} does not divide the batch of "
                              f"{comparison.COMMON_SETTINGS['train_batch_size']}")
         world = load_world(args.occupations, args.attributes)
+        check_base_world(args.pretrained_model, world, args.occupations)
         attributes = load_attributes(args.attributes)
         prompts = {split: expand_prompts(read_neutral_prompts(args.occupations, split), attributes, ["gender", "race"],
                                          DEFAULT_TEMPLATE) for split in (args.validation_split, args.test_split)}

@@ -87,10 +87,31 @@ def training_environment(run_dir: Path, method: str, pairs_file: Path, validatio
     return env
 
 
-def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path, seed: int, args) -> None:
-    """One training through 4_train.sh with validation every --validation_steps (and a checkpoint at each)."""
+def finished_elsewhere(run_dir: Path, pairs_file: Path, pretrained_model: str) -> str:
+    """Why the finished run in `run_dir` is not a training of `pairs_file` from `pretrained_model` ('' when it is;
+    the study reuses it): a folder of an earlier study with another occupation file, pairs file or base."""
+    from popalign.io import file_sha256
+
+    try:
+        fingerprint = json.loads((run_dir / "finished.json").read_text(encoding="utf-8"))["fingerprint"]
+        then_pairs, then_model = fingerprint["pairs_sha256"], fingerprint["settings"]["pretrained_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its finished.json does not say what it trained on"
+    if then_model != pretrained_model:
+        return f"it trained {then_model}, not --pretrained_model {pretrained_model}"
+    if then_pairs != file_sha256(pairs_file):
+        return f"it trained on other pairs than {pairs_file}"
+    return ""
+
+
+def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path, seed: int, args) -> bool:
+    """One training through 4_train.sh with validation every --validation_steps (and a checkpoint at each); False when
+    `run_dir` already holds it finished. A finished run of other pairs or another base there is an InputError."""
     if (run_dir / "finished.json").is_file():
-        return
+        reason = finished_elsewhere(run_dir, pairs_file, args.pretrained_model)
+        if reason:
+            raise InputError(f"--output_dir: {run_dir} holds a finished run of another study ({reason}); use a new --output_dir")
+        return False
     env = training_environment(run_dir, method, pairs_file, validation_prompts, seed, args)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
@@ -109,6 +130,7 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
             signal.signal(signal.SIGHUP, previous)
     if returncode != 0:
         raise RuntimeError(f"training {run_dir} failed (exit {returncode}); see {log}")
+    return True
 
 
 def hang_up(signum, frame):
@@ -223,6 +245,13 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+def smallest_holm_p(rows: list[dict]) -> float:
+    """The smallest Holm-adjusted p the run's family can reach: min(1, m x p_min), m = rows x axes tests and p_min the
+    smallest p any of them allows (the exact paired test over n prompts: 2 / 2^n, every prompt moving the same way).
+    Below 0.05 only when enough held-out prompts were measured; the table says so beside its p values."""
+    return min(1.0, len(rows) * len(AXES) * min(row[f"{axis}_min_p"] for row in rows for axis in AXES))
+
+
 def fewer_prompts(row: dict, axis: str, total: int) -> str:
     """The table's note for a row measured on fewer than all held-out prompts (some drew no clean figure)."""
     return f"; {row[axis + '_prompts']} of {total} prompts" if row[axis + "_prompts"] < total else ""
@@ -289,16 +318,17 @@ def main(argv=None) -> int:
     except ValueError as error:  # a number that does not parse; InputError goes to exit_2_on_input_error's one line
         raise InputError(f"--sizes / --seeds: {error}") from None
     from popalign.evaluate.metrics import discrepancy_floor
+    from popalign.toy.base import check_base_world
     from popalign.toy.world import load_world
 
     world = load_world(args.occupations, args.attributes)
+    check_base_world(args.pretrained_model, world, args.occupations)
     output_dir = Path(args.output_dir)
     validation_prompts = output_dir / "validation_prompts.csv"
     atomic_write_csv(validation_prompts, neutral[args.validation_split])
     test_prompts = neutral[args.test_split]
-    base = measure(None, test_prompts, args, world, output_dir / "base_heldout.json")
     training_captions = neutral[args.train_split]
-    runs: dict = {}
+    subsets = {}  # every training set first, so that pairs of another occupation file stop the study before it trains
     for seed in seeds:
         order = training_order(pool, seed)
         for size in sizes:
@@ -306,21 +336,34 @@ def main(argv=None) -> int:
             captions = set(training_captions[(training_captions["kind"] == "neutral") & training_captions["occupation"].isin(chosen)]["prompt"])
             subset = output_dir / "pairs" / f"seed{seed}_size{size}.csv"
             count = subset_pairs(pairs_file, captions, subset)
+            if count == 0:
+                raise InputError(f"--pairs_file {pairs_file}: no pair is captioned with a neutral prompt of {', '.join(chosen)} "
+                                 f"(pairs of another occupation file than --occupations {args.occupations}?)")
+            subsets[seed, size] = (chosen, subset, count)
+    base = measure(None, test_prompts, args, world, output_dir / "base_heldout.json")
+    runs: dict = {}
+    for seed in seeds:
+        for size in sizes:
+            chosen, subset, count = subsets[seed, size]
             for method in methods:
                 run_dir = output_dir / "runs" / f"{method}_size{size}_seed{seed}"
                 print(f"[{method}] {size} occupations ({', '.join(chosen)}; {count} pairs), seed {seed}", flush=True)
-                train(run_dir, method, subset, validation_prompts, seed, args)
-                runs.setdefault((method, size), []).append(measure(run_dir, test_prompts, args, world, run_dir / "measure_heldout.json"))
+                measured = run_dir / "measure_heldout.json"
+                if train(run_dir, method, subset, validation_prompts, seed, args):
+                    measured.unlink(missing_ok=True)  # a measurement of weights trained before in this folder
+                runs.setdefault((method, size), []).append(measure(run_dir, test_prompts, args, world, measured))
     clean = [row["images"] * row["clean_rate"] for row in base["neutral"]]
     floors = {axis: float(np.mean([discrepancy_floor(int(round(count)), labels) for count in clean]))
               for axis, labels in (("gender", list(world.genders)), ("race", list(world.races)))}
     rows, table = summarise(base, runs, args)
+    smallest_holm = smallest_holm_p(rows)
     plot(rows, base, floors, output_dir / "generalization.png")
     command = "python scripts/generalization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"Held-out occupations ({args.test_split}, {len(set(test_prompts['occupation']))}): mean over prompts [95% interval "
                       f"over prompts], per-prompt values averaged over {len(seeds)} seed(s); the change is against the base; Holm p over the "
                       f"{len(rows) * len(AXES)} tests of this run (exact paired sign-flip over prompts; a prompt of which a model drew no clean "
-                      f"figure leaves that row, as noted). Floors: gender "
+                      f"figure leaves that row, as noted); with these prompts the smallest Holm p possible is {smallest_holm:.3g} "
+                      f"(every prompt moving the same way). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},

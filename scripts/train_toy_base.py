@@ -6,24 +6,51 @@
     python scripts/train_toy_base.py measure --model M --prompts P.csv     identity accuracy and neutral skew
         [--unet U]   measure a fine-tuned U-Net folder (or a LoRA .safetensors file) in place of M's own
     python scripts/train_toy_base.py vae_check --model M                   per occupation, pictures M's VAE gives back right
+    python scripts/train_toy_base.py check --model M                       exit 2 unless M was built for this world
+
+--occupations / --attributes name the world (default data/toy/occupations.csv, data/toy/attributes.json). The data
+and pipeline stages record what they built in DIR/build.json and, run again, keep what was built the same way and
+refuse what was built otherwise (another world, seed, skew or VAE).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from popalign.io import InputError, atomic_write_json
-from popalign.toy.base import assemble_pipeline, format_measurement, measure_toy_model, vae_round_trip_accuracy
+from popalign.io import InputError, atomic_write_json, file_sha256
+from popalign.toy.base import GATES_NAME, assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
 from popalign.toy.world import load_world
 
 
+BUILD_RECORD_NAME = "build.json"
+
+
+def already_built(out_dir: Path, build: dict, product: str) -> bool:
+    """Whether `out_dir` holds a finished `product` (train.csv of the data stage, model_index.json of the pipeline
+    stage) built as `build` says; InputError if it holds one built otherwise (or one without its record), which a rerun
+    would silently reuse."""
+    if not (out_dir / product).is_file():
+        return False
+    try:
+        then = json.loads((out_dir / BUILD_RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        then = None
+    now = json.loads(json.dumps(build))
+    if then == now:
+        return True
+    changed = sorted(key for key in set(now) | set(then or {}) if (then or {}).get(key) != now.get(key))
+    raise InputError(f"--out {out_dir}: holds a {product} built " + (f"with other settings ({', '.join(changed)})" if then is not None
+                     else f"without its record ({BUILD_RECORD_NAME})") + "; use another folder (WORK_DIR in train_toy_base.sh)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["data", "pipeline", "assemble", "measure", "vae_check"])
+    parser.add_argument("stage", choices=["data", "pipeline", "assemble", "measure", "vae_check", "check"])
     parser.add_argument("--occupations", default=None, help="toy occupation CSV (default data/toy/occupations.csv)")
     parser.add_argument("--attributes", default=None, help="toy attribute file (default data/toy/attributes.json)")
     parser.add_argument("--prompts", help="step-1 prompts CSV over the toy occupations")
@@ -33,9 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gender_majority", type=float, default=0.85, help="share of the majority gender in neutral-prompt pictures")
     parser.add_argument("--race_majority", type=float, default=0.8, help="share of the majority race in neutral-prompt pictures")
     parser.add_argument("--vae_steps", type=int, default=600)
-    parser.add_argument("--vae_background", default="border", choices=VAE_BACKGROUNDS,
-                        help="pipeline: the VAE's figure pixels are those far from the whole border's median colour (border, as the "
-                        "shipped bases) or from their own half's (halves: a two-tone world's backgrounds)")
+    parser.add_argument("--vae_background", default="halves", choices=VAE_BACKGROUNDS,
+                        help="pipeline: the VAE's figure pixels are those far from their own half's border median colour (halves: "
+                        "a two-tone world's backgrounds) or from the whole border's (border, as models/toy_base_36); the same in a "
+                        "world of one-colour backgrounds")
     parser.add_argument("--untrained", help="untrained toy pipeline folder (assemble)")
     parser.add_argument("--unet", default="", help="trained U-Net folder (assemble); measure: a fine-tuned U-Net folder or LoRA "
                         ".safetensors file to measure in place of the model's own")
@@ -48,12 +76,30 @@ def main(argv=None) -> int:
     try:
         world = load_world(args.occupations, args.attributes)
         if args.stage == "data":
+            build = {"world": world.record(), "prompts_sha256": file_sha256(Path(args.prompts)),
+                     **{name: getattr(args, name) for name in ("images_per_neutral_prompt", "images_per_identity_prompt",
+                                                               "gender_majority", "race_majority", "seed")}}
+            if already_built(Path(args.out), build, "train.csv"):
+                print(f"{args.out}/train.csv: already built with these settings")
+                return 0
             prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
             frame = build_biased_dataset(world, prompts, args.out, args.images_per_neutral_prompt, args.images_per_identity_prompt,
                                          args.gender_majority, args.race_majority, args.seed)
+            atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
             print(f"wrote {len(frame)} pictures and {args.out}/train.csv")
+        elif args.stage == "check":
+            if not args.model:
+                raise InputError("--model: the toy base to check")
+            check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv")
+            print(f"{args.model}: built for this world" if (Path(args.model) / GATES_NAME).is_file()
+                  else f"{args.model}: no {GATES_NAME}, not checked")
         elif args.stage == "pipeline":
+            build = {"world": world.record(), "vae_steps": args.vae_steps, "vae_background": args.vae_background, "seed": args.seed}
+            if already_built(Path(args.out), build, "model_index.json"):
+                print(f"{args.out}: untrained pipeline already built with these settings")
+                return 0
             print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed, args.vae_background)}")
+            atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
         elif args.stage == "assemble":
             print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
         elif args.stage == "vae_check":
@@ -85,6 +131,7 @@ def main(argv=None) -> int:
             measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt, args.images_per_neutral_prompt,
                                             args.steps, args.guidance, args.seed, gender_majority=args.gender_majority,
                                             race_majority=args.race_majority)
+            measurement["world"] = world.record()
             print(format_measurement(measurement))
             if args.out:
                 atomic_write_json(args.out, measurement)

@@ -27,10 +27,10 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="$TORCH_THREADS" MKL_NUM_THREADS="$TORCH
 : "${GENDER_MAJORITY:=0.85}"
 : "${RACE_MAJORITY:=0.8}"
 : "${VAE_STEPS:=600}"
-# What the VAE's loss weights as figure: pixels far from the border's median colour (border: how both shipped bases
-# were built) or from their own half's (halves: meant for two-tone backgrounds, where the border's median is neither
-# colour and nearly every pixel counts as figure).
-: "${VAE_BACKGROUND:=border}"
+# What the VAE's loss weights as figure: pixels far from their own half's border median colour (halves) or from the
+# whole border's (border: how models/toy_base_36 was built; on a two-tone background that median is neither colour and
+# nearly every pixel counts as figure). In a world of one-colour backgrounds (up to 12 occupations) both are the same.
+: "${VAE_BACKGROUND:=halves}"
 # SFT from scratch: a high learning rate with cosine decay; 10% caption dropout so that
 # classifier-free guidance has an unconditional model. Effective batch = TRAIN_BATCH_SIZE x 1 process.
 : "${LEARNING_RATE:=1.5e-3}"
@@ -53,11 +53,11 @@ fi
 TOY="--occupations $OCCUPATIONS --attributes $ATTRIBUTES"
 python 1_generate_diverse_prompts.py --input "$OCCUPATIONS" --attributes "$ATTRIBUTES" --axes gender,race \
   --output "$WORK_DIR/prompts.csv"
-[ -f "$WORK_DIR/data/train.csv" ] || python scripts/train_toy_base.py data $TOY --prompts "$WORK_DIR/prompts.csv" \
+python scripts/train_toy_base.py data $TOY --prompts "$WORK_DIR/prompts.csv" \
   --out "$WORK_DIR/data" --images_per_neutral_prompt "$IMAGES_PER_NEUTRAL_PROMPT" \
   --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT" --gender_majority "$GENDER_MAJORITY" \
   --race_majority "$RACE_MAJORITY" --seed "$SEED"
-[ -f "$START_MODEL/model_index.json" ] || python scripts/train_toy_base.py pipeline $TOY \
+[ "$START_MODEL" != "$WORK_DIR/untrained" ] || python scripts/train_toy_base.py pipeline $TOY \
   --out "$START_MODEL" --vae_steps "$VAE_STEPS" --vae_background "$VAE_BACKGROUND" --seed "$SEED"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_popalign.py \
   --loss sft --pretrained_model_name_or_path "$START_MODEL" --pretrained_vae_model_name_or_path "" \

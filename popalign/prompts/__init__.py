@@ -98,19 +98,15 @@ SPLIT_COLUMN = "split"
 
 
 def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
-    """Read and validate the neutral prompt file: columns occupation, activity; no empty or duplicate rows.
+    """Read and validate the neutral prompt file: columns occupation, activity; no empty or duplicate rows; where
+    the optional `split` column is present, every row has one and an occupation has one split (occupation_splits).
 
-    With `split`, only the rows whose optional `split` column holds that value (e.g. train / heldout).
+    With `split`, only the rows whose `split` column holds that value (e.g. train / heldout). Cells are compared
+    without their surrounding spaces; every row is checked and named by its line in the file, whatever `split`.
     """
     frame = read_csv_checked(path, ["occupation", "activity"])
     if frame.empty:
         raise InputError(f"{path}: no prompts")
-    if split:
-        if SPLIT_COLUMN not in frame.columns:
-            raise InputError(f"{path}: --split {split}: the file has no '{SPLIT_COLUMN}' column")
-        if not (frame[SPLIT_COLUMN] == split).any():
-            raise InputError(f"{path}: --split {split}: no row has it (splits: {', '.join(sorted(set(frame[SPLIT_COLUMN])))})")
-        frame = frame[frame[SPLIT_COLUMN] == split].reset_index(drop=True)
     seen: dict[tuple[str, str], int] = {}
     for position, (occupation, activity) in enumerate(zip(frame["occupation"], frame["activity"])):
         row = csv_row_number(position)
@@ -122,6 +118,16 @@ def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
             raise InputError(f"{path}: row {row}: duplicate prompt (same as row {seen[key]}): {occupation} {activity}")
         seen[key] = row
     frame = frame.assign(occupation=frame["occupation"].str.strip(), activity=frame["activity"].str.strip())
+    if SPLIT_COLUMN in frame.columns:
+        splits = occupation_splits(path)
+        frame = frame.assign(**{SPLIT_COLUMN: frame[SPLIT_COLUMN].str.strip()})
+    split = (split or "").strip()
+    if split:
+        if SPLIT_COLUMN not in frame.columns:
+            raise InputError(f"{path}: --split {split}: the file has no '{SPLIT_COLUMN}' column")
+        if split not in set(splits.values()):
+            raise InputError(f"{path}: --split {split}: no row has it (splits: {', '.join(sorted(set(splits.values())))})")
+        frame = frame[frame[SPLIT_COLUMN] == split].reset_index(drop=True)
     return frame[["occupation", "activity"]]
 
 

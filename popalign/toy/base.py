@@ -9,6 +9,7 @@ gender and race all right) and the neutral-prompt skew of the data set reproduce
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,39 @@ from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure, render_figure
 
 IDENTITY_ACCURACY_GATE = 0.9
+GATES_NAME = "gates.json"  # a base's measured gates (train_toy_base.sh), and the world it was built for
+
+
+def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str | Path) -> None:
+    """Refuse a toy base built for another world than `world` (read from `occupations_path`): a base draws each
+    occupation in the colour of its row and each race in the colour of its label's place, so a base measured with
+    another occupation file or attribute file is read wrongly, without an error, by the classifier.
+
+    The base's gates.json says what it was built for: its `world` (ToyWorld.record) where train_toy_base.py
+    wrote one, else its neutral rows (occupation and majority identity, in file order). A folder without
+    gates.json (a fine-tuned run, a model made elsewhere) is not checked.
+    """
+    gates = Path(model) / GATES_NAME
+    if not gates.is_file():
+        return
+    try:
+        record = json.loads(gates.read_text(encoding="utf-8"))
+        built = record.get("world") or {"occupations": [row["occupation"] for row in record["neutral"]],
+                                        "majority_genders": [row["majority_gender"] for row in record["neutral"]],
+                                        "majority_races": [row["majority_race"] for row in record["neutral"]]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{gates}: not a toy base's gates file (occupation, majority_gender, majority_race per neutral row)") from None
+    wanted = world.record()
+    for key, what in (("occupations", "occupations"), ("genders", "gender labels"), ("races", "race labels"),
+                      ("majority_genders", "majority genders"), ("majority_races", "majority races")):
+        if key not in built or list(built[key]) == wanted[key]:
+            continue
+        then, now = list(built[key]), wanted[key]
+        position = next((index for index, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
+        where = (f"the base draws {len(then)} {what}, the file has {len(now)}" if position == min(len(then), len(now))
+                 else f"{what} number {position + 1}: the base's {then[position]!r}, the file's {now[position]!r}")
+        raise InputError(f"{gates}: this toy base was built for another world than {occupations_path} ({where}); "
+                         f"build a base for it with scripts/train_toy_base.sh (OCCUPATIONS, ATTRIBUTES, OUT) and use that one")
 
 
 def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, out_dir: str | Path) -> Path:

@@ -1,8 +1,10 @@
 """The biased toy training set: neutral prompts draw skewed identities, identity prompts exact ones.
 
-Skew of a neutral prompt (occupation number i in the occupation file, counting from 0):
-    gender: genders[i % 2] with probability gender_majority, the other gender otherwise;
-    race:   races[i % R] with probability race_majority, each other race (1 - race_majority) / (R - 1);
+Skew of a neutral prompt of occupation i, whose majority identity is (G_i, R_i) (world.majority_genders and
+majority_races: the occupation file's majority_gender / majority_race columns, or else G_i = genders[i % 2] and
+R_i = races[i % R] with i its row from 0):
+    gender: G_i with probability gender_majority, the other gender otherwise;
+    race:   R_i with probability race_majority, each other race (1 - race_majority) / (R - 1);
 drawn independently. So the majority identity differs between occupations (the toy default:
 doctor male/white, nurse female/asian, engineer male/black, teacher female/white).
 An identity-specific prompt always shows exactly the identity it names.
@@ -31,8 +33,8 @@ def neutral_skew(world: ToyWorld, occupation: str, gender_majority: float, race_
     if not (0.0 <= gender_majority <= 1.0 and 0.0 <= race_majority <= 1.0):
         raise ValueError(f"majority shares must be in [0, 1], got {gender_majority}, {race_majority}")
     index = world.occupations.index(occupation)
-    majority_gender = world.genders[index % len(world.genders)]
-    majority_race = world.races[index % len(world.races)]
+    majority_gender = world.majority_genders[index]
+    majority_race = world.majority_races[index]
     gender_probabilities = {gender: gender_majority if gender == majority_gender else
                             (1.0 - gender_majority) / (len(world.genders) - 1) for gender in world.genders}
     race_probabilities = {race: race_majority if race == majority_race else

@@ -28,13 +28,16 @@ import numpy as np
 from PIL import Image
 
 from popalign.attributes import load_attributes
-from popalign.io import InputError
+from popalign.io import InputError, csv_row_number, read_csv_checked
 from popalign.prompts import read_neutral_prompts
 
 IMAGE_SIZE = 32
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_OCCUPATIONS_PATH = REPO_ROOT / "data" / "toy" / "occupations.csv"
 DEFAULT_ATTRIBUTES_PATH = REPO_ROOT / "data" / "toy" / "attributes.json"
+# Optional columns of the occupation CSV: the identity an occupation's neutral prompt draws most often.
+MAJORITY_GENDER_COLUMN = "majority_gender"
+MAJORITY_RACE_COLUMN = "majority_race"
 
 # Backgrounds far from every skin and clothing colour: light, cool or neutral ones first.
 BACKGROUND_PALETTE = np.array([
@@ -78,12 +81,19 @@ MIN_VOTE_SHARE = 0.6
 
 @dataclass(frozen=True)
 class ToyWorld:
-    """Which colours and shapes stand for which occupation, gender and race label."""
+    """Which colours and shapes stand for which occupation, gender and race label, and which identity each
+    occupation's neutral prompt draws most often in the biased training set (toy/dataset.py).
+
+    majority_genders / majority_races: one label per occupation; left empty, occupation number i (from 0, in file
+    order) gets genders[i % 2] and races[i % R] (R race labels), so neighbouring rows differ.
+    """
 
     occupations: tuple[str, ...]
     activities: tuple[str, ...]
     genders: tuple[str, ...]
     races: tuple[str, ...]
+    majority_genders: tuple[str, ...] = ()
+    majority_races: tuple[str, ...] = ()
 
     def __post_init__(self):
         most = len(BACKGROUND_PALETTE) * (len(BACKGROUND_PALETTE) - 1)
@@ -93,6 +103,18 @@ class ToyWorld:
             raise InputError(f"the toy world draws 2 to {len(SKIN_PALETTE)} races, got {len(self.races)}")
         if len(self.genders) != len(CLOTHING_PALETTE):
             raise InputError(f"the toy world draws exactly {len(CLOTHING_PALETTE)} genders, got {len(self.genders)}")
+        for name, labels in (("majority_genders", self.genders), ("majority_races", self.races)):
+            given = getattr(self, name)
+            if not given:
+                object.__setattr__(self, name, tuple(labels[index % len(labels)] for index in range(len(self.occupations))))
+            elif len(given) != len(self.occupations) or not set(given) <= set(labels):
+                raise ValueError(f"{name}: one of {', '.join(labels)} per occupation ({len(self.occupations)}), got {given}")
+
+    def record(self) -> dict:
+        """What a toy base is built for, as JSON: every label and its order (which sets its colour) and each
+        occupation's majority identity."""
+        return {"occupations": list(self.occupations), "genders": list(self.genders), "races": list(self.races),
+                "majority_genders": list(self.majority_genders), "majority_races": list(self.majority_races)}
 
     @property
     def two_tone(self) -> bool:
@@ -131,14 +153,33 @@ class ToyWorld:
 
 
 def load_world(occupations_path: str | Path | None = None, attributes_path: str | Path | None = None) -> ToyWorld:
-    """The toy world of an occupation CSV (occupation, activity) and an attribute file (gender, race)."""
-    neutral = read_neutral_prompts(occupations_path or DEFAULT_OCCUPATIONS_PATH)
+    """The toy world of an occupation CSV (occupation, activity; optional majority_gender, majority_race: the identity
+    the occupation's neutral prompt draws most often, else the file-order rule of ToyWorld) and an attribute file
+    (gender, race)."""
+    path = occupations_path or DEFAULT_OCCUPATIONS_PATH
+    neutral = read_neutral_prompts(path)
     attributes = load_attributes(attributes_path or DEFAULT_ATTRIBUTES_PATH)
     occupations = list(neutral["occupation"])
-    if len(set(name.lower() for name in occupations)) != len(occupations):
-        raise InputError(f"{occupations_path or DEFAULT_OCCUPATIONS_PATH}: each toy occupation needs its own row (it has its own colour)")
-    return ToyWorld(tuple(occupations), tuple(neutral["activity"]), tuple(attributes["gender"].labels),
-                    tuple(attributes["race"].labels))
+    seen: dict[str, int] = {}
+    for position, name in enumerate(occupations):
+        if seen.setdefault(name.lower(), position) != position:
+            raise InputError(f"{path}: row {csv_row_number(position)}: {name} again (row {csv_row_number(seen[name.lower()])}); "
+                             "each toy occupation needs its own row (it has its own colour)")
+    genders, races = tuple(attributes["gender"].labels), tuple(attributes["race"].labels)
+    columns = read_csv_checked(path, ["occupation"])
+    majorities = {}
+    for column, labels in ((MAJORITY_GENDER_COLUMN, genders), (MAJORITY_RACE_COLUMN, races)):
+        if column not in columns.columns:
+            majorities[column] = ()
+            continue
+        values = tuple(value.strip() for value in columns[column])
+        for position, value in enumerate(values):
+            if value not in labels:
+                raise InputError(f"{path}: row {csv_row_number(position)}: {column} {value!r} is not one of "
+                                 f"{', '.join(labels)} (the attribute file's labels)")
+        majorities[column] = values
+    return ToyWorld(tuple(occupations), tuple(neutral["activity"]), genders, races,
+                    majorities[MAJORITY_GENDER_COLUMN], majorities[MAJORITY_RACE_COLUMN])
 
 
 def render_figure(world: ToyWorld, occupation: str, gender: str, race: str, rng: np.random.Generator) -> Image.Image:
