@@ -23,7 +23,7 @@ PROMPT_KINDS = ("neutral", "identity", "generic")
 ATTRIBUTE_COLUMNS = ("gender", "race", "age")
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ["image_path", "prompt_id", "kind", "prompt", "neutral_prompt", "occupation", "activity",
-                    *ATTRIBUTE_COLUMNS, "image_index", "seed", "model", "unet", "lora", "scheduler", "steps",
+                    *ATTRIBUTE_COLUMNS, "image_index", "seed", "model", "unet", "lora", "vae", "scheduler", "steps",
                     "guidance", "width", "height", "negative_prompt", "precision", "base_seed"]
 LABEL_COLUMNS = ["image_path", "face_detected", "gender", "gender_score", "race", "race_score", "age", "age_score", "classifier"]
 QUALITY_COLUMNS = ["image_path", "prompt", "score", "scorer", "scorer_description"]

@@ -320,6 +320,7 @@ def test_another_vae_draws_other_pixels_the_own_vae_the_same_and_a_folder_of_it_
         generate_images(prompts_csv, tmp_path / name, replace(settings, vae=vae), 1, 0, batch_size=2, kinds=["neutral"])
         runs[name] = load_images(tmp_path / name)
         assert json.loads((tmp_path / name / "generation_config.json").read_text(encoding="utf-8"))["vae"] == vae
+        assert set(pd.read_csv(tmp_path / name / "manifest.csv", dtype=str, keep_default_na=False)["vae"]) == {vae}
     assert runs["own"].keys() == runs["other"].keys() and len(runs["own"]) == 2
     for path, image in runs["own"].items():
         assert np.array_equal(image, runs["own_explicit"][path]), path

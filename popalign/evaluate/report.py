@@ -414,8 +414,9 @@ def _distinct(manifest: pd.DataFrame, column: str) -> str:
 
 
 def _generation_cells(manifest: pd.DataFrame) -> list[str]:
-    """Pipeline, fine-tuned weights and sampling settings of a folder, from its manifest columns."""
-    fine_tuned = "; ".join(f"{column} {markdown_code(_distinct(manifest, column))}" for column in ("unet", "lora")
+    """Pipeline, fine-tuned weights (and a VAE other than the model's own) and sampling settings of a folder, from its
+    manifest columns."""
+    fine_tuned = "; ".join(f"{column} {markdown_code(_distinct(manifest, column))}" for column in ("unet", "lora", "vae")
                            if _distinct(manifest, column))
     settings = [f"{column} {markdown_text(_distinct(manifest, column))}" for column in
                 ("steps", "guidance", "width", "height", "scheduler", "precision", "base_seed") if _distinct(manifest, column)]
