@@ -9,11 +9,8 @@ cd "$(dirname "$0")"
 
 # RECIPE=FILE (relative to the repository root): a file of `: "${NAME:=value}"` lines read before the defaults
 # below, so a whole configuration travels as one file (configs/toy_recipe.sh); the environment still wins.
-if [ -n "${RECIPE:-}" ]; then
-  [ -f "$RECIPE" ] || { echo "error: RECIPE=$RECIPE: file not found" >&2; exit 2; }
-  # shellcheck source=/dev/null
-  source "$RECIPE"
-fi
+source scripts/shell_common.sh
+load_recipe
 
 # Model and sampling (defaults = the original PopAlign setup: SDXL base, 50 steps, guidance 5.0, 1024x1024).
 : "${MODEL:=stabilityai/stable-diffusion-xl-base-1.0}"
@@ -52,15 +49,7 @@ fi
 : "${LAUNCH_ARGS:=--num_processes ${NUM_PROCESSES} --num_machines 1 --mixed_precision no --dynamo_backend no$([ "${NUM_PROCESSES}" -gt 1 ] && echo ' --multi_gpu')}"
 
 # The speed options as popalign.generate's flags; a value other than on or off stops here (exit 2).
-speed_args=()
-for option in CHANNELS_LAST:--channels_last VAE_SLICING:--vae_slicing VAE_TILING:--vae_tiling COMPILE_UNET:--compile_unet; do
-  variable="${option%%:*}"
-  case "${!variable}" in
-    on) speed_args+=("${option#*:}") ;;
-    off) ;;
-    *) echo "error: $variable=${!variable}: expected on or off" >&2; exit 2 ;;
-  esac
-done
+speed_flags
 generate_args=(
   --pretrained_model_name_or_path "$MODEL" --scheduler "$SCHEDULER" --steps "$STEPS" --guidance "$GUIDANCE"
   --width "$WIDTH" --height "$HEIGHT" --negative_prompt "$NEGATIVE_PROMPT" --precision "$PRECISION" --seed "$SEED"

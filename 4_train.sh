@@ -10,11 +10,8 @@ cd "$(dirname "$0")"
 
 # RECIPE=FILE (relative to the repository root): a file of `: "${NAME:=value}"` lines read before the defaults
 # below, so a whole configuration travels as one file (configs/toy_recipe.sh); the environment still wins.
-if [ -n "${RECIPE:-}" ]; then
-  [ -f "$RECIPE" ] || { echo "error: RECIPE=$RECIPE: file not found" >&2; exit 2; }
-  # shellcheck source=/dev/null
-  source "$RECIPE"
-fi
+source scripts/shell_common.sh
+load_recipe
 
 # --- data and model ---
 : "${PAIRS_FILE:=outputs/preferences/pairs.csv}"          # written by 3_generate_preferences.py

@@ -12,11 +12,8 @@ cd "$(dirname "$0")"
 
 # RECIPE=FILE (relative to the repository root): a file of `: "${NAME:=value}"` lines read before the defaults
 # below, so a whole configuration travels as one file (configs/toy_recipe.sh); the environment still wins.
-if [ -n "${RECIPE:-}" ]; then
-  [ -f "$RECIPE" ] || { echo "error: RECIPE=$RECIPE: file not found" >&2; exit 2; }
-  # shellcheck source=/dev/null
-  source "$RECIPE"
-fi
+source scripts/shell_common.sh
+load_recipe
 
 # Models. TUNED_MODELS is a space-separated list of NAME=KIND:DIR, KIND one of
 #   unet  a fine-tuned U-Net folder (diffusers format, e.g. what train_popalign.py saves)
@@ -83,15 +80,7 @@ fi
 : "${OUT_DIR:=outputs/eval}"
 
 # The speed options as popalign.generate's flags; a value other than on or off stops here (exit 2).
-speed_args=()
-for option in CHANNELS_LAST:--channels_last VAE_SLICING:--vae_slicing VAE_TILING:--vae_tiling COMPILE_UNET:--compile_unet; do
-  variable="${option%%:*}"
-  case "${!variable}" in
-    on) speed_args+=("${option#*:}") ;;
-    off) ;;
-    *) echo "error: $variable=${!variable}: expected on or off" >&2; exit 2 ;;
-  esac
-done
+speed_flags
 # The sampling settings, the same for every model: only the weights differ.
 generate_args=(
   --pretrained_model_name_or_path "$BASE_MODEL" --images_per_neutral_prompt "$IMAGES_PER_PROMPT" --images_per_identity_prompt "$IMAGES_PER_IDENTITY_PROMPT"
