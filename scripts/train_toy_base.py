@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from popalign.io import InputError, atomic_write_json, file_sha256
+from popalign.io import InputError, atomic_write_json, exit_2_on_input_error, file_sha256
 from popalign.toy.base import GATES_NAME, assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
@@ -48,6 +48,7 @@ def already_built(out_dir: Path, build: dict, product: str) -> bool:
                      else f"without its record ({BUILD_RECORD_NAME})") + "; use another folder (WORK_DIR in train_toy_base.sh)")
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["data", "pipeline", "assemble", "measure", "vae_check", "check"])
@@ -73,71 +74,67 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pictures_per_identity", type=int, default=5, help="vae_check: pictures per occupation x gender x race")
     args = parser.parse_args(argv)
-    try:
-        world = load_world(args.occupations, args.attributes)
-        if args.stage == "data":
-            build = {"world": world.record(), "prompts_sha256": file_sha256(Path(args.prompts)),
-                     **{name: getattr(args, name) for name in ("images_per_neutral_prompt", "images_per_identity_prompt",
-                                                               "gender_majority", "race_majority", "seed")}}
-            if already_built(Path(args.out), build, "train.csv"):
-                print(f"{args.out}/train.csv: already built with these settings")
-                return 0
-            prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
-            frame = build_biased_dataset(world, prompts, args.out, args.images_per_neutral_prompt, args.images_per_identity_prompt,
-                                         args.gender_majority, args.race_majority, args.seed)
-            atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
-            print(f"wrote {len(frame)} pictures and {args.out}/train.csv")
-        elif args.stage == "check":
-            if not args.model:
-                raise InputError("--model: the toy base to check")
-            check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv")
-            print(f"{args.model}: built for this world" if (Path(args.model) / GATES_NAME).is_file()
-                  else f"{args.model}: no {GATES_NAME}, not checked")
-        elif args.stage == "pipeline":
-            build = {"world": world.record(), "vae_steps": args.vae_steps, "vae_background": args.vae_background, "seed": args.seed}
-            if already_built(Path(args.out), build, "model_index.json"):
-                print(f"{args.out}: untrained pipeline already built with these settings")
-                return 0
-            print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed, args.vae_background)}")
-            atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
-        elif args.stage == "assemble":
-            print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
-        elif args.stage == "vae_check":
-            if not args.model or not (Path(args.model) / "vae").is_dir():
-                raise InputError(f"--model {args.model or '(missing)'}: no toy pipeline folder with a vae/ folder")
-            if args.pictures_per_identity < 1:
-                raise InputError(f"--pictures_per_identity must be >= 1 (got {args.pictures_per_identity})")
-            from diffusers import AutoencoderKL
+    world = load_world(args.occupations, args.attributes)
+    if args.stage == "data":
+        build = {"world": world.record(), "prompts_sha256": file_sha256(Path(args.prompts)),
+                 **{name: getattr(args, name) for name in ("images_per_neutral_prompt", "images_per_identity_prompt",
+                                                           "gender_majority", "race_majority", "seed")}}
+        if already_built(Path(args.out), build, "train.csv"):
+            print(f"{args.out}/train.csv: already built with these settings")
+            return 0
+        prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
+        frame = build_biased_dataset(world, prompts, args.out, args.images_per_neutral_prompt, args.images_per_identity_prompt,
+                                     args.gender_majority, args.race_majority, args.seed)
+        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
+        print(f"wrote {len(frame)} pictures and {args.out}/train.csv")
+    elif args.stage == "check":
+        if not args.model:
+            raise InputError("--model: the toy base to check")
+        check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv")
+        print(f"{args.model}: built for this world" if (Path(args.model) / GATES_NAME).is_file()
+              else f"{args.model}: no {GATES_NAME}, not checked")
+    elif args.stage == "pipeline":
+        build = {"world": world.record(), "vae_steps": args.vae_steps, "vae_background": args.vae_background, "seed": args.seed}
+        if already_built(Path(args.out), build, "model_index.json"):
+            print(f"{args.out}: untrained pipeline already built with these settings")
+            return 0
+        print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed, args.vae_background)}")
+        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
+    elif args.stage == "assemble":
+        print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
+    elif args.stage == "vae_check":
+        if not args.model or not (Path(args.model) / "vae").is_dir():
+            raise InputError(f"--model {args.model or '(missing)'}: no toy pipeline folder with a vae/ folder")
+        if args.pictures_per_identity < 1:
+            raise InputError(f"--pictures_per_identity must be >= 1 (got {args.pictures_per_identity})")
+        from diffusers import AutoencoderKL
 
-            accuracy = vae_round_trip_accuracy(AutoencoderKL.from_pretrained(args.model, subfolder="vae").eval(), world,
-                                               args.pictures_per_identity, args.seed)
-            for occupation, share in sorted(accuracy.items(), key=lambda item: item[1]):
-                print(f"{occupation}: {share:.0%} of {args.pictures_per_identity * len(world.genders) * len(world.races)} pictures "
-                      f"given back right (background {world.background_codes[world.occupations.index(occupation)]})")
-            if args.out:
-                atomic_write_json(args.out, accuracy)
-        else:
-            import torch
+        accuracy = vae_round_trip_accuracy(AutoencoderKL.from_pretrained(args.model, subfolder="vae").eval(), world,
+                                           args.pictures_per_identity, args.seed)
+        for occupation, share in sorted(accuracy.items(), key=lambda item: item[1]):
+            print(f"{occupation}: {share:.0%} of {args.pictures_per_identity * len(world.genders) * len(world.races)} pictures "
+                  f"given back right (background {world.background_codes[world.occupations.index(occupation)]})")
+        if args.out:
+            atomic_write_json(args.out, accuracy)
+    else:
+        import torch
 
-            from popalign.pipelines import load_text_to_image_pipeline
+        from popalign.pipelines import load_text_to_image_pipeline
 
-            if args.unet and not Path(args.unet).exists():
-                raise InputError(f"--unet {args.unet}: no such U-Net folder or LoRA file")
-            lora = args.unet.endswith(".safetensors")
-            pipeline = load_text_to_image_pipeline(args.model, torch.float32, torch.device("cpu"),
-                                                   unet_path=None if lora else args.unet or None,
-                                                   lora_path=args.unet if lora else None)
-            prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
-            measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt, args.images_per_neutral_prompt,
-                                            args.steps, args.guidance, args.seed, gender_majority=args.gender_majority,
-                                            race_majority=args.race_majority)
-            measurement["world"] = world.record()
-            print(format_measurement(measurement))
-            if args.out:
-                atomic_write_json(args.out, measurement)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if args.unet and not Path(args.unet).exists():
+            raise InputError(f"--unet {args.unet}: no such U-Net folder or LoRA file")
+        lora = args.unet.endswith(".safetensors")
+        pipeline = load_text_to_image_pipeline(args.model, torch.float32, torch.device("cpu"),
+                                               unet_path=None if lora else args.unet or None,
+                                               lora_path=args.unet if lora else None)
+        prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
+        measurement = measure_toy_model(pipeline, world, prompts, args.images_per_identity_prompt, args.images_per_neutral_prompt,
+                                        args.steps, args.guidance, args.seed, gender_majority=args.gender_majority,
+                                        race_majority=args.race_majority)
+        measurement["world"] = world.record()
+        print(format_measurement(measurement))
+        if args.out:
+            atomic_write_json(args.out, measurement)
     return 0
 
 
