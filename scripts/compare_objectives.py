@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             raise InputError(f"--num_processes {args.num_processes} does not divide the batch of "
                              f"{comparison.COMMON_SETTINGS['train_batch_size']}")
         world = load_world(args.occupations, args.attributes)
-        check_base_world(args.pretrained_model, world, args.occupations)
+        check_base_world(args.pretrained_model, world, args.occupations, args.attributes)
         attributes = load_attributes(args.attributes)
         prompts = {split: expand_prompts(read_neutral_prompts(args.occupations, split), attributes, ["gender", "race"],
                                          DEFAULT_TEMPLATE) for split in (args.validation_split, args.test_split)}

@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from popalign.evaluate import metrics  # noqa: E402
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import atomic_write_text  # noqa: E402
+from popalign.io import atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
+from popalign.toy.base import check_base_world  # noqa: E402
 from popalign.toy.world import load_world  # noqa: E402
 
 REFERENCE = ("default", 20)
@@ -84,6 +85,7 @@ def same_seed_table(runs: dict, prompts) -> list[str]:
     return lines
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/toy_base")
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     world = load_world(args.occupations, args.attributes)
+    check_base_world(args.model, world, args.occupations, args.attributes)
     prompts = expand_prompts(read_neutral_prompts(args.occupations), load_attributes(args.attributes), ["gender", "race"], DEFAULT_TEMPLATE)
     runs = {setting: measure(args.model, *setting, prompts, world, args.images_per_neutral_prompt, args.images_per_identity_prompt, args.seed)
             for setting in (REFERENCE, *CANDIDATES)}

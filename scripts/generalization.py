@@ -97,10 +97,10 @@ def finished_elsewhere(run_dir: Path, pairs_file: Path, pretrained_model: str) -
         then_pairs, then_model = fingerprint["pairs_sha256"], fingerprint["settings"]["pretrained_model"]
     except (OSError, ValueError, KeyError, TypeError):
         return "its finished.json does not say what it trained on"
-    if then_model != pretrained_model:
+    if then_model != pretrained_model and Path(then_model).resolve() != Path(pretrained_model).resolve():
         return f"it trained {then_model}, not --pretrained_model {pretrained_model}"
     if then_pairs != file_sha256(pairs_file):
-        return f"it trained on other pairs than {pairs_file}"
+        return f"it trained on other pairs than {pairs_file} (another pairs file, or its images moved since)"
     return ""
 
 
@@ -247,9 +247,11 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
 
 def smallest_holm_p(rows: list[dict]) -> float:
     """The smallest Holm-adjusted p the run's family can reach: min(1, m x p_min), m = rows x axes tests and p_min the
-    smallest p any of them allows (the exact paired test over n prompts: 2 / 2^n, every prompt moving the same way).
+    smallest p any of them allows (the exact paired test over n prompts: 2 / 2^n, every prompt moving the same way; a
+    row without paired prompts allows none).
     Below 0.05 only when enough held-out prompts were measured; the table says so beside its p values."""
-    return min(1.0, len(rows) * len(AXES) * min(row[f"{axis}_min_p"] for row in rows for axis in AXES))
+    allowed = [row[f"{axis}_min_p"] for row in rows for axis in AXES if not np.isnan(row[f"{axis}_min_p"])]
+    return min(1.0, len(rows) * len(AXES) * min(allowed)) if allowed else 1.0
 
 
 def fewer_prompts(row: dict, axis: str, total: int) -> str:
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     from popalign.toy.world import load_world
 
     world = load_world(args.occupations, args.attributes)
-    check_base_world(args.pretrained_model, world, args.occupations)
+    check_base_world(args.pretrained_model, world, args.occupations, args.attributes)
     output_dir = Path(args.output_dir)
     validation_prompts = output_dir / "validation_prompts.csv"
     atomic_write_csv(validation_prompts, neutral[args.validation_split])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.io import InputError, atomic_write_json, exit_2_on_input_error, file_sha256
-from popalign.toy.base import GATES_NAME, assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
+from popalign.toy.base import GATES_NAME, WORLD_RECORD_NAME, assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
 from popalign.toy.world import load_world
@@ -83,25 +83,25 @@ def main(argv=None) -> int:
             print(f"{args.out}/train.csv: already built with these settings")
             return 0
         prompts = pd.read_csv(args.prompts, dtype=str, keep_default_na=False)
+        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)  # first: a build killed before train.csv is rebuilt
         frame = build_biased_dataset(world, prompts, args.out, args.images_per_neutral_prompt, args.images_per_identity_prompt,
                                      args.gender_majority, args.race_majority, args.seed)
-        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
         print(f"wrote {len(frame)} pictures and {args.out}/train.csv")
     elif args.stage == "check":
         if not args.model:
             raise InputError("--model: the toy base to check")
-        check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv")
-        print(f"{args.model}: built for this world" if (Path(args.model) / GATES_NAME).is_file()
-              else f"{args.model}: no {GATES_NAME}, not checked")
+        check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv", args.attributes)
+        recorded = any((Path(args.model) / name).is_file() for name in (WORLD_RECORD_NAME, GATES_NAME))
+        print(f"{args.model}: built for this world" if recorded else f"{args.model}: no record of its world, not checked")
     elif args.stage == "pipeline":
         build = {"world": world.record(), "vae_steps": args.vae_steps, "vae_background": args.vae_background, "seed": args.seed}
         if already_built(Path(args.out), build, "model_index.json"):
             print(f"{args.out}: untrained pipeline already built with these settings")
             return 0
+        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)  # first: a build killed before model_index.json is rebuilt
         print(f"saved {build_toy_pipeline(args.out, world, args.vae_steps, args.seed, args.vae_background)}")
-        atomic_write_json(Path(args.out) / BUILD_RECORD_NAME, build)
     elif args.stage == "assemble":
-        print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out)}")
+        print(f"saved {assemble_pipeline(args.untrained, args.unet, args.out, world)}")
     elif args.stage == "vae_check":
         if not args.model or not (Path(args.model) / "vae").is_dir():
             raise InputError(f"--model {args.model or '(missing)'}: no toy pipeline folder with a vae/ folder")

@@ -262,3 +262,15 @@ def test_evaluate_adds_how_two_classifiers_agree(folders, tmp_path):
     assert 0 <= agreement.loc[("base", "gender"), "ci_low"] <= agreement.loc[("base", "gender"), "ci_high"] <= 1
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Two classifiers on the same pictures" in text and "`deepface` (the report's) against `clip`" in text
+
+
+def test_generation_cells_name_another_vae_and_skip_folders_without_the_column():
+    """A model whose folders mix manifests with a `vae` column and older ones without it (NaN after concatenation):
+    the report names the VAE once and writes no 'nan'."""
+    from popalign.evaluate.report import _generation_cells
+
+    manifest = pd.concat([pd.DataFrame({"model": ["m"], "unet": [""], "lora": [""], "vae": ["madebyollin/sdxl-vae-fp16-fix"]}),
+                          pd.DataFrame({"model": ["m"], "unet": [""], "lora": [""]})], ignore_index=True)
+    model, weights, _ = _generation_cells(manifest)
+    assert weights == "vae `madebyollin/sdxl-vae-fp16-fix`" and "nan" not in weights
+    assert _generation_cells(manifest.drop(columns="vae"))[1] == "-"

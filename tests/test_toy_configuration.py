@@ -3,6 +3,7 @@ What a user-made configuration gets wrong is refused in one line naming the file
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def test_split_cells_are_read_without_their_spaces_and_every_row_is_named_by_its
                              "--output", str(tmp_path / "out.csv"), "--axes", "gender"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "row 3: pilot is in two splits (train, heldout)" in result.stderr and not (tmp_path / "out.csv").exists()
+    source.write_text("occupation,activity,split\npilot,in a cockpit,train\nPilot,in the air,heldout\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"row 3: Pilot is in two splits \(train, heldout\)"):
+        read_neutral_prompts(source)  # names that differ only in case are one occupation
 
 
 def test_a_file_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path):
@@ -86,7 +90,7 @@ def test_a_base_is_refused_for_a_world_it_was_not_built_for(tmp_path, capsys):
     toy, toy36 = REPO / "data" / "toy" / "occupations.csv", REPO / "data" / "toy" / "occupations_36.csv"
     for model, occupations in (("toy_base", toy), ("toy_base_36", toy36), ("toy_base_36_v2", toy36)):
         check_base_world(REPO / "models" / model, load_world(occupations), occupations)  # each shipped base fits its file
-    with pytest.raises(InputError, match=r"toy_base/gates.json: this toy base was built for another world than .*occupations_36.csv "
+    with pytest.raises(InputError, match=r"toy_base/toy_world.json: this toy base was built for another world than .*occupations_36.csv "
                                          r"\(the base draws 12 occupations, the file has 36\)"):
         check_base_world(REPO / "models" / "toy_base", load_world(toy36), toy36)
     rows = toy.read_text(encoding="utf-8").splitlines()
@@ -102,27 +106,51 @@ def test_a_base_is_refused_for_a_world_it_was_not_built_for(tmp_path, capsys):
     check_base_world(REPO / "models" / "toy_base", load_world(skewed), skewed)  # the same majorities, written out
     frame.loc[2, "majority_race"] = "white"
     frame.to_csv(skewed, index=False)
-    with pytest.raises(InputError, match=r"majority races number 3: the base's 'black', the file's 'white'"):
+    with pytest.raises(InputError, match=r"another world than .*skewed.csv \(majority races number 3: the base's 'black', the file's 'white'\)"):
         check_base_world(REPO / "models" / "toy_base", load_world(skewed), skewed)
-    # a base whose gates record its world: the order of the race labels (each one's skin colour) is checked too
-    model = tmp_path / "base"
-    model.mkdir()
-    check_base_world(model, world, toy)  # no gates.json: nothing to check against
+    # the order of the race labels (each one's skin colour): the error names the attribute file
     reordered = tmp_path / "attributes.json"
     attributes = json.loads((REPO / "data" / "toy" / "attributes.json").read_text(encoding="utf-8"))
-    (model / "gates.json").write_text(json.dumps({"world": world.record(), "neutral": []}), encoding="utf-8")
-    check_base_world(model, world, toy)
     race = attributes["attributes"]["race"]
     race["values"] = dict(reversed(list(race["values"].items())))  # black, asian, white
     reordered.write_text(json.dumps(attributes), encoding="utf-8")
-    with pytest.raises(InputError, match=r"race labels number 1: the base's 'white', the file's 'black'"):
-        check_base_world(model, load_world(toy, reordered), toy)
+    with pytest.raises(InputError, match=r"another world than .*attributes.json \(race labels number 1: the base's 'white', the file's 'black'\)"):
+        check_base_world(REPO / "models" / "toy_base", load_world(toy, reordered), toy, reordered)
+    # a base measured before it recorded its world: its gates' neutral rows (occupations and majorities, in order)
+    model = tmp_path / "base"
+    model.mkdir()
+    with pytest.raises(InputError, match=r"base: no toy pipeline there"):
+        check_base_world(model, world, toy)
+    (model / "model_index.json").write_text("{}", encoding="utf-8")
+    check_base_world(model, load_world(swapped), swapped)  # no record at all: not checked
+    shutil.copy(REPO / "models" / "toy_base" / "gates.json", model / "gates.json")
+    check_base_world(model, world, toy)
+    with pytest.raises(InputError, match=r"base/gates.json: .*occupations number 1: the base's 'doctor'"):
+        check_base_world(model, load_world(swapped), swapped)
     script = load_script("train_toy_base")
     capsys.readouterr()
     assert script.main(["check", "--model", str(REPO / "models" / "toy_base"), "--occupations", str(toy36)]) == 2
     error = capsys.readouterr().err
     assert error.strip().count("\n") == 0 and "built for another world" in error
     assert script.main(["check", "--model", str(REPO / "models" / "toy_base")]) == 0
+    assert script.main(["check", "--model", str(tmp_path / "typo")]) == 2
+
+
+def test_an_assembled_base_records_its_world(tmp_path):
+    from popalign.toy.base import assemble_pipeline
+
+    source = tmp_path / "untrained"
+    for component in ("vae", "unet"):
+        (source / component).mkdir(parents=True)
+        (source / component / "weights").write_text(component)
+    (source / "model_index.json").write_text("{}")
+    (tmp_path / "trained").mkdir()
+    world = load_world(REPO / "data" / "toy" / "occupations_36.csv")
+    base = assemble_pipeline(source, tmp_path / "trained", tmp_path / "base", world)
+    assert json.loads((base / "toy_world.json").read_text(encoding="utf-8")) == world.record()
+    check_base_world(base, world, "occupations_36.csv")
+    with pytest.raises(InputError, match=r"toy_world.json: .*the base draws 36 occupations, the file has 12"):
+        check_base_world(base, load_world(), "occupations.csv")
 
 
 def test_a_build_folder_of_another_world_is_refused_not_trained_on(tmp_path):
@@ -153,7 +181,8 @@ def test_the_study_refuses_a_run_folder_of_another_study_and_pairs_of_another_wo
     assert script.finished_elsewhere(run, pairs, "models/toy_base_36") == "it trained models/toy_base, not --pretrained_model models/toy_base_36"
     other = tmp_path / "other.csv"
     other.write_text("winner_path,loser_path,caption\na.png,b.png,a photo of a nurse in a ward\n", encoding="utf-8")
-    assert script.finished_elsewhere(run, other, "models/toy_base") == f"it trained on other pairs than {other}"
+    assert script.finished_elsewhere(run, other, "models/toy_base").startswith(f"it trained on other pairs than {other}")
+    assert script.finished_elsewhere(run, pairs, str((Path.cwd() / "models" / "toy_base").resolve())) == ""  # the same folder
 
     class Settings:
         pretrained_model = "models/toy_base_36"

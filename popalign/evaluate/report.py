@@ -410,7 +410,8 @@ def _counts_table(result: EvaluationResult) -> str:
 
 
 def _distinct(manifest: pd.DataFrame, column: str) -> str:
-    return ", ".join(sorted({str(value) for value in manifest[column] if str(value)})) if column in manifest else ""
+    """The column's distinct values; empty cells (and those of folders whose manifest lacks the column) left out."""
+    return ", ".join(sorted({str(value) for value in manifest[column] if pd.notna(value) and str(value)})) if column in manifest else ""
 
 
 def _generation_cells(manifest: pd.DataFrame) -> list[str]:

@@ -132,15 +132,18 @@ def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
 
 
 def occupation_splits(path) -> dict[str, str]:
-    """occupation -> split, from a neutral prompt file with a `split` column (an occupation has one split)."""
+    """occupation -> split, from a neutral prompt file with a `split` column (an occupation has one split; names that
+    differ only in case are one occupation)."""
     frame = read_csv_checked(path, ["occupation", SPLIT_COLUMN])
     splits: dict[str, str] = {}
+    by_name: dict[str, str] = {}
     for position, (occupation, split) in enumerate(zip(frame["occupation"].str.strip(), frame[SPLIT_COLUMN].str.strip())):
         if not split:
             raise InputError(f"{path}: row {csv_row_number(position)}: empty split")
-        if splits.setdefault(occupation, split) != split:
+        if by_name.setdefault(occupation.lower(), split) != split:
             raise InputError(f"{path}: row {csv_row_number(position)}: {occupation} is in two splits "
-                             f"({splits[occupation]}, {split})")
+                             f"({by_name[occupation.lower()]}, {split})")
+        splits[occupation] = split
     return splits
 
 

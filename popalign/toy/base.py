@@ -28,44 +28,53 @@ from popalign.toy.quality import toy_quality
 from popalign.toy.world import IMAGE_SIZE, ToyWorld, read_figure, render_figure
 
 IDENTITY_ACCURACY_GATE = 0.9
-GATES_NAME = "gates.json"  # a base's measured gates (train_toy_base.sh), and the world it was built for
+GATES_NAME = "gates.json"  # a base's measured gates (train_toy_base.sh measure)
+WORLD_RECORD_NAME = "toy_world.json"  # the world a base was built for (ToyWorld.record), written when it is assembled
 
 
-def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str | Path) -> None:
-    """Refuse a toy base built for another world than `world` (read from `occupations_path`): a base draws each
-    occupation in the colour of its row and each race in the colour of its label's place, so a base measured with
-    another occupation file or attribute file is read wrongly, without an error, by the classifier.
+def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str | Path, attributes_path: str | Path | None = None) -> None:
+    """Refuse a toy base built for another world than `world` (read from `occupations_path` and `attributes_path`): a
+    base draws each occupation in the colour of its row and each race in the colour of its label's place, so a base
+    used with another occupation file or attribute file is read wrongly, without an error, by the classifier.
 
-    The base's gates.json says what it was built for: its `world` (ToyWorld.record) where train_toy_base.py
-    wrote one, else its neutral rows (occupation and majority identity, in file order). A folder without
-    gates.json (a fine-tuned run, a model made elsewhere) is not checked.
+    What the base was built for: its toy_world.json (written by train_toy_base.py assemble), else the `world` of its
+    gates.json, else its gates' neutral rows (occupation and majority identity, in file order; label order unknown).
+    A folder that is no pipeline is refused; a pipeline with none of these records (made elsewhere) is not checked.
     """
-    gates = Path(model) / GATES_NAME
-    if not gates.is_file():
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise InputError(f"{model}: no toy pipeline there (model_index.json missing)")
+    record_path = model / WORLD_RECORD_NAME if (model / WORLD_RECORD_NAME).is_file() else model / GATES_NAME
+    if not record_path.is_file():
         return
     try:
-        record = json.loads(gates.read_text(encoding="utf-8"))
-        built = record.get("world") or {"occupations": [row["occupation"] for row in record["neutral"]],
-                                        "majority_genders": [row["majority_gender"] for row in record["neutral"]],
-                                        "majority_races": [row["majority_race"] for row in record["neutral"]]}
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record_path.name == GATES_NAME:
+            record = record.get("world") or {"occupations": [row["occupation"] for row in record["neutral"]],
+                                             "majority_genders": [row["majority_gender"] for row in record["neutral"]],
+                                             "majority_races": [row["majority_race"] for row in record["neutral"]]}
+        built = {key: list(record[key]) for key in record}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{gates}: not a toy base's gates file (occupation, majority_gender, majority_race per neutral row)") from None
+        raise InputError(f"{record_path}: not the record of a toy base's world") from None
     wanted = world.record()
-    for key, what in (("occupations", "occupations"), ("genders", "gender labels"), ("races", "race labels"),
-                      ("majority_genders", "majority genders"), ("majority_races", "majority races")):
-        if key not in built or list(built[key]) == wanted[key]:
+    attributes = attributes_path or "the default attribute file"
+    for key, what, source in (("occupations", "occupations", occupations_path), ("genders", "gender labels", attributes),
+                              ("races", "race labels", attributes), ("majority_genders", "majority genders", occupations_path),
+                              ("majority_races", "majority races", occupations_path)):
+        if key not in built or built[key] == wanted[key]:
             continue
-        then, now = list(built[key]), wanted[key]
+        then, now = built[key], wanted[key]
         position = next((index for index, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
         where = (f"the base draws {len(then)} {what}, the file has {len(now)}" if position == min(len(then), len(now))
                  else f"{what} number {position + 1}: the base's {then[position]!r}, the file's {now[position]!r}")
-        raise InputError(f"{gates}: this toy base was built for another world than {occupations_path} ({where}); "
+        raise InputError(f"{record_path}: this toy base was built for another world than {source} ({where}); "
                          f"build a base for it with scripts/train_toy_base.sh (OCCUPATIONS, ATTRIBUTES, OUT) and use that one")
 
 
-def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, out_dir: str | Path) -> Path:
+def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, out_dir: str | Path, world: ToyWorld | None = None) -> Path:
     """Copy the toy pipeline `untrained_pipeline` (its model_index.json and component folders, nothing else: no README or
-    gates of an earlier build) to `out_dir` with the trained U-Net in place of its own."""
+    gates of an earlier build) to `out_dir` with the trained U-Net in place of its own, and, given the `world` it was
+    built for, that world's record (toy_world.json, which check_base_world reads)."""
     source, out_dir = Path(untrained_pipeline), Path(out_dir)
     if out_dir.resolve() == source.resolve():
         raise InputError(f"--out {out_dir}: the same folder as the pipeline it is assembled from; write it elsewhere")
@@ -77,6 +86,8 @@ def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, o
     for component in sorted(path for path in source.iterdir() if path.is_dir() and path.name != "unet"):
         shutil.copytree(component, staging / component.name)
     shutil.copytree(unet_folder, staging / "unet")
+    if world is not None:
+        (staging / WORLD_RECORD_NAME).write_text(json.dumps(world.record(), indent=2) + "\n", encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)

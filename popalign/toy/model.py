@@ -111,12 +111,13 @@ def figure_weights(pictures: torch.Tensor, figure_weight: float = 5.0, split_row
 
 
 def train_toy_vae(world: ToyWorld, steps: int, batch_size: int = 32, learning_rate: float = 3e-3,
-                  kl_weight: float = 1e-6, seed: int = 0, background: str = "border"):
+                  kl_weight: float = 1e-6, seed: int = 0, background: str = "halves"):
     """Train the toy AutoencoderKL to reconstruct toy pictures from posterior samples.
 
     loss = mean(w * (decode(z) - x)^2) + kl_weight * KL(q(z|x) || N(0, I)), z ~ q(z|x),
-    with w the per-pixel weights of `figure_weights`: against the whole border's median (background "border", how
-    the shipped bases were built) or, in a two-tone world, each half's own (background "halves").
+    with w the per-pixel weights of `figure_weights`: in a two-tone world against each half's own border median
+    (background "halves", as models/toy_base_36_v2) or the whole border's (background "border", as models/toy_base_36,
+    where that median is neither colour); in a world of one-colour backgrounds both are the same.
     Decoding from samples (not the mean) teaches a small posterior variance, so the latents the
     trainer samples decode to the same picture. Returns the VAE with `scaling_factor` set to
     1 / std of the posterior means over a fresh batch of pictures.
@@ -148,7 +149,7 @@ def train_toy_vae(world: ToyWorld, steps: int, batch_size: int = 32, learning_ra
     return vae
 
 
-def build_toy_pipeline(path: str | Path, world: ToyWorld, vae_steps: int = 600, seed: int = 0, vae_background: str = "border") -> Path:
+def build_toy_pipeline(path: str | Path, world: ToyWorld, vae_steps: int = 600, seed: int = 0, vae_background: str = "halves") -> Path:
     """Save the untrained toy pipeline (trained VAE, random U-Net and text encoder) to `path`."""
     from diffusers import StableDiffusionPipeline
 
