@@ -41,6 +41,9 @@ def test_split_cells_are_read_without_their_spaces_and_every_row_is_named_by_its
     source.write_text("occupation,activity,split\npilot,in a cockpit,train\nchef,in a kitchen,\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"row 3: empty split"):
         read_neutral_prompts(source, "train")  # before: chef silently left out of training
+    source.write_text("occupation,activity,split\npilot,in a cockpit,train\nchef,in a kitchen,held out\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"row 3: split 'held out': use letters, digits"):
+        read_neutral_prompts(source)  # it would name a folder and be split into two words by the shell scripts
     source.write_text("occupation,activity,split\npilot,in a cockpit,train\npilot,in the air,heldout\n", encoding="utf-8")
     result = subprocess.run([sys.executable, "1_generate_diverse_prompts.py", "--input", str(source), "--split", "train",
                              "--output", str(tmp_path / "out.csv"), "--axes", "gender"], cwd=REPO, capture_output=True, text=True)

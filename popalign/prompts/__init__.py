@@ -95,6 +95,7 @@ def parse_restrictions(specs: Sequence[str], attributes: AttributeSet) -> dict[s
 
 
 SPLIT_COLUMN = "split"
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
@@ -140,6 +141,9 @@ def occupation_splits(path) -> dict[str, str]:
     for position, (occupation, split) in enumerate(zip(frame["occupation"].str.strip(), frame[SPLIT_COLUMN].str.strip())):
         if not split:
             raise InputError(f"{path}: row {csv_row_number(position)}: empty split")
+        if not SPLIT_NAME.fullmatch(split):
+            raise InputError(f"{path}: row {csv_row_number(position)}: split {split!r}: use letters, digits, '_', '.' or '-' "
+                             "(a split names its report's folder, report_<split>)")
         if by_name.setdefault(occupation.lower(), split) != split:
             raise InputError(f"{path}: row {csv_row_number(position)}: {occupation} is in two splits "
                              f"({by_name[occupation.lower()]}, {split})")
