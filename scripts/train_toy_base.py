@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.io import InputError, atomic_write_json, exit_2_on_input_error, file_sha256
-from popalign.toy.base import GATES_NAME, WORLD_RECORD_NAME, assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
+from popalign.toy.base import assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
 from popalign.toy.world import load_world
@@ -90,9 +90,8 @@ def main(argv=None) -> int:
     elif args.stage == "check":
         if not args.model:
             raise InputError("--model: the toy base to check")
-        check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv", args.attributes)
-        recorded = any((Path(args.model) / name).is_file() for name in (WORLD_RECORD_NAME, GATES_NAME))
-        print(f"{args.model}: built for this world" if recorded else f"{args.model}: no record of its world, not checked")
+        record = check_base_world(args.model, world, args.occupations or "data/toy/occupations.csv", args.attributes)
+        print(f"{args.model}: built for this world ({record.name})" if record else f"{args.model}: no record of its world, not checked")
     elif args.stage == "pipeline":
         build = {"world": world.record(), "vae_steps": args.vae_steps, "vae_background": args.vae_background, "seed": args.seed}
         if already_built(Path(args.out), build, "model_index.json"):

@@ -120,7 +120,7 @@ def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
         seen[key] = row
     frame = frame.assign(occupation=frame["occupation"].str.strip(), activity=frame["activity"].str.strip())
     if SPLIT_COLUMN in frame.columns:
-        splits = occupation_splits(path)
+        splits = _checked_splits(frame, path)
         frame = frame.assign(**{SPLIT_COLUMN: frame[SPLIT_COLUMN].str.strip()})
     split = (split or "").strip()
     if split:
@@ -135,7 +135,11 @@ def read_neutral_prompts(path, split: str | None = None) -> pd.DataFrame:
 def occupation_splits(path) -> dict[str, str]:
     """occupation -> split, from a neutral prompt file with a `split` column (an occupation has one split; names that
     differ only in case are one occupation)."""
-    frame = read_csv_checked(path, ["occupation", SPLIT_COLUMN])
+    return _checked_splits(read_csv_checked(path, ["occupation", SPLIT_COLUMN]), path)
+
+
+def _checked_splits(frame: pd.DataFrame, path) -> dict[str, str]:
+    """occupation_splits of a file already read: one non-empty split name per row and per occupation."""
     splits: dict[str, str] = {}
     by_name: dict[str, str] = {}
     for position, (occupation, split) in enumerate(zip(frame["occupation"].str.strip(), frame[SPLIT_COLUMN].str.strip())):

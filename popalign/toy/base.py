@@ -32,7 +32,7 @@ GATES_NAME = "gates.json"  # a base's measured gates (train_toy_base.sh measure)
 WORLD_RECORD_NAME = "toy_world.json"  # the world a base was built for (ToyWorld.record), written when it is assembled
 
 
-def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str | Path, attributes_path: str | Path | None = None) -> None:
+def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str | Path, attributes_path: str | Path | None = None) -> Path | None:
     """Refuse a toy base built for another world than `world` (read from `occupations_path` and `attributes_path`): a
     base draws each occupation in the colour of its row and each race in the colour of its label's place, so a base
     used with another occupation file or attribute file is read wrongly, without an error, by the classifier.
@@ -40,13 +40,14 @@ def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str |
     What the base was built for: its toy_world.json (written by train_toy_base.py assemble), else the `world` of its
     gates.json, else its gates' neutral rows (occupation and majority identity, in file order; label order unknown).
     A folder that is no pipeline is refused; a pipeline with none of these records (made elsewhere) is not checked.
+    Returns the record checked against, or None when there was none.
     """
     model = Path(model)
     if not (model / "model_index.json").is_file():
         raise InputError(f"{model}: no toy pipeline there (model_index.json missing)")
     record_path = model / WORLD_RECORD_NAME if (model / WORLD_RECORD_NAME).is_file() else model / GATES_NAME
     if not record_path.is_file():
-        return
+        return None
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record_path.name == GATES_NAME:
@@ -69,6 +70,7 @@ def check_base_world(model: str | Path, world: ToyWorld, occupations_path: str |
                  else f"{what} number {position + 1}: the base's {then[position]!r}, the file's {now[position]!r}")
         raise InputError(f"{record_path}: this toy base was built for another world than {source} ({where}); "
                          f"build a base for it with scripts/train_toy_base.sh (OCCUPATIONS, ATTRIBUTES, OUT) and use that one")
+    return record_path
 
 
 def assemble_pipeline(untrained_pipeline: str | Path, unet_folder: str | Path, out_dir: str | Path, world: ToyWorld | None = None) -> Path:
