@@ -3,7 +3,8 @@
     python scripts/train_toy_base.py data --prompts P.csv --out DIR        biased training pictures + train.csv
     python scripts/train_toy_base.py pipeline --out DIR                    untrained toy pipeline (trains the VAE)
     python scripts/train_toy_base.py assemble --untrained DIR --unet U --out M   pipeline with the trained U-Net
-    python scripts/train_toy_base.py measure --model M --prompts P.csv     identity accuracy and neutral skew
+    python scripts/train_toy_base.py measure --model M --prompts P.csv     identity accuracy and neutral skew (exit 1
+                                                                           when the base M fails a gate)
         [--unet U]   measure a fine-tuned U-Net folder (or a LoRA .safetensors file) in place of M's own
     python scripts/train_toy_base.py vae_check --model M                   per occupation, pictures M's VAE gives back right
     python scripts/train_toy_base.py check --model M                       exit 2 unless M was built for this world
@@ -21,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from popalign.io import InputError, atomic_write_json, exit_2_on_input_error, file_sha256
-from popalign.toy.base import assemble_pipeline, check_base_world, format_measurement, measure_toy_model, vae_round_trip_accuracy
+from popalign.toy.base import (assemble_pipeline, check_base_world, format_measurement, gate_failures, measure_toy_model,
+                               vae_round_trip_accuracy)
 from popalign.toy.dataset import build_biased_dataset
 from popalign.toy.model import VAE_BACKGROUNDS, build_toy_pipeline
 from popalign.toy.world import load_world
@@ -134,6 +136,9 @@ def main(argv=None) -> int:
         print(format_measurement(measurement))
         if args.out:
             atomic_write_json(args.out, measurement)
+        if not args.unet and gate_failures(measurement):
+            return 1  # a base below its gates: train_toy_base.sh stops there (its gates.json kept); a fine-tuned U-Net is
+            # meant to lose the skew, so measuring one exits 0
     return 0
 
 

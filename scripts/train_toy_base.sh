@@ -4,7 +4,8 @@
 # Stages: step-1 prompts over the toy occupations -> biased training pictures -> untrained toy
 # pipeline (its small VAE trained on toy pictures) -> U-Net trained from scratch with the
 # project's trainer in SFT mode (train_popalign.py --loss sft) -> assembled pipeline -> gates
-# measured (identity-specific prompts drawn right, neutral-prompt skew) into $OUT/gates.json.
+# measured (identity-specific prompts drawn right, neutral-prompt skew) into $OUT/gates.json; exits 1 when the
+# base fails a gate (its gates.json kept, the failing gate printed).
 # Every stage is deterministic for a given SEED; training resumes from its latest checkpoint.
 # START_MODEL=<a toy pipeline folder> continues the U-Net training of that pipeline (its VAE and text encoder
 # kept) instead of starting from a random U-Net.

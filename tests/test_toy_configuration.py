@@ -239,3 +239,28 @@ def test_the_base_builder_stops_at_a_work_folder_built_for_another_world(tmp_pat
     assert "prompts_sha256" in result.stderr and "world" in result.stderr
     assert (work / "data" / "build.json").read_text(encoding="utf-8") == before
     assert not (work / "untrained").exists() and not (tmp_path / "base").exists()
+
+
+def test_gate_failures_by_hand_and_on_the_shipped_bases():
+    """A base's gates: identity accuracy >= 90%, and per neutral prompt the data set's majority gender and race each a
+    strict majority of its clean figures. Hand rows first, then the measured gates.json of the three shipped bases
+    (their READMEs: toy_base and toy_base_36_v2 pass; toy_base_36 is at 85.3% and keeps the skew on 34 of 36)."""
+    from popalign.toy.base import gate_failures
+
+    def row(occupation, gender_share, race_share):
+        return {"occupation": occupation, "majority_gender": "male", "model_gender_share": gender_share,
+                "majority_race": "white", "model_race_share": race_share}
+
+    passing = {"identity_accuracy": 0.9, "neutral": [row("doctor", 0.51, 0.51)]}
+    assert gate_failures(passing) == []
+    failing = {"identity_accuracy": 0.899, "neutral": [row("doctor", 0.5, 0.9), row("nurse", 0.8, float("nan")), row("chef", 0.8, 0.7)]}
+    failures = gate_failures(failing)
+    assert len(failures) == 3
+    assert failures[0].startswith("identity gate: 89.9%")
+    assert "'doctor'" in failures[1] and "male 50%" in failures[1] and "white" not in failures[1]
+    assert "'nurse'" in failures[2] and "white nan%" in failures[2]
+    measured = {name: gate_failures(json.loads((REPO / "models" / name / "gates.json").read_text(encoding="utf-8")))
+                for name in ("toy_base", "toy_base_36", "toy_base_36_v2")}
+    assert measured["toy_base"] == [] and measured["toy_base_36_v2"] == []
+    assert [failure.split(":")[0] for failure in measured["toy_base_36"]] == ["identity gate", "skew gate", "skew gate"]
+    assert "'scientist'" in measured["toy_base_36"][1] and "'journalist'" in measured["toy_base_36"][2]

@@ -196,6 +196,26 @@ def vae_round_trip_accuracy(vae, world: ToyWorld, pictures_per_identity: int = 5
     return accuracy
 
 
+def gate_failures(measurement: dict) -> list[str]:
+    """The gates a measured base (measure_toy_model) fails, one line each; empty when it passes both.
+
+    Identity gate: identity_accuracy >= IDENTITY_ACCURACY_GATE. Skew gate, per neutral prompt: the data set's
+    majority gender and majority race each stay a strict majority of the prompt's clean figures
+    (model_gender_share > 1/2 and model_race_share > 1/2; a prompt with no clean figure fails).
+    """
+    failures = []
+    if not measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE:
+        failures.append(f"identity gate: {measurement['identity_accuracy']:.1%} of identity-specific pictures drawn right, "
+                        f"below {IDENTITY_ACCURACY_GATE:.0%}")
+    for row in measurement["neutral"]:
+        lost = [f"{row[f'majority_{axis}']} {row[f'model_{axis}_share']:.0%}" for axis in ("gender", "race")
+                if not row[f"model_{axis}_share"] > 0.5]
+        if lost:
+            failures.append(f"skew gate: neutral '{row['occupation']}' no longer drawn mostly as its data set's majority "
+                            f"({', '.join(lost)} of clean figures)")
+    return failures
+
+
 def format_measurement(measurement: dict) -> str:
     """A few lines a person can read: the identity gate and the neutral skew per occupation."""
     gate = "PASS" if measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE else "FAIL"
@@ -209,4 +229,6 @@ def format_measurement(measurement: dict) -> str:
         lines.append(f"neutral '{row['occupation']}': clean {row['clean_rate']:.0%}; {row['majority_gender']} "
                      f"{row['model_gender_share']:.0%} (data {row['data_gender_share']:.0%}); {row['majority_race']} "
                      f"{row['model_race_share']:.0%} (data {row['data_race_share']:.0%}) over {row['images']} images")
+    failures = gate_failures(measurement)
+    lines += failures or ["gates: both passed"]
     return "\n".join(lines)
