@@ -10,7 +10,8 @@ the best checkpoint by the trainer's declared rule is then measured on the held-
 (popalign.toy.base.measure_toy_model), against the base on the same prompts and seeds. Per point: held-out gender and
 race discrepancy (mean over prompts, 95% interval over prompts, pooled over seeds), the exact paired sign-flip test of
 tuned vs base over prompts with Holm's correction over every (method, size, axis) of the run, identity accuracy and
-toy quality. Run it in the project's environment (source .venv/bin/activate: 4_train.sh calls python). Writes <output_dir>/table.md, results.json and generalization.png. Re-running resumes (finished trainings
+toy quality; where a size has two or more methods, each is tested against the first of --methods per held-out prompt
+(method_tests: superiority, and equivalence within declared margins). Run it in the project's environment (source .venv/bin/activate: 4_train.sh calls python). Writes <output_dir>/table.md, results.json and generalization.png. Re-running resumes (finished trainings
 and measurements are kept).
 """
 
@@ -245,6 +246,33 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+def method_tests(runs: dict, methods: list[str]) -> list[dict]:
+    """Methods compared with each other, per size measured with two or more of them: each against the first of `methods`
+    measured at that size, on the held-out prompts (comparison.objective_tests: difference = method - reference per
+    prompt, each value the mean over seeds, and per prompt x seed; a paired superiority test and an equivalence test
+    against comparison.EQUIVALENCE_MARGINS, declared before any run; each family Holm-corrected over its size's tests)."""
+    rows = []
+    for size in sorted({size for _, size in runs}):
+        held_out = {method: runs[method, size] for method in methods if (method, size) in runs}
+        if len(held_out) < 2:
+            continue
+        reference = next(iter(held_out))
+        rows += [{"size": size, "reference": reference, **row} for row in comparison.objective_tests(held_out, reference)]
+    return rows
+
+
+def method_tests_table(rows: list[dict]) -> str:
+    """Markdown of method_tests, one line per size, method, axis and unit."""
+    lines = ["| training occupations | method | against | axis | unit | pairs | difference [95% interval] | p (Holm) | verdict | "
+             "p equivalence within +-margin (Holm) | equivalence |", "|" + "---|" * 11]
+    for row in rows:
+        lines.append(f"| {row['size']} | {row['objective']} | {row['reference']} | {row['metric'].removesuffix('_discrepancy')} | "
+                     f"{row['unit']} | {row['num_pairs']} | {row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | "
+                     f"{row['p_value']:.3g} ({row['p_value_holm']:.3g}) | {row['verdict']} | {row['p_equivalence']:.3g} "
+                     f"({row['p_equivalence_holm']:.3g}), +-{row['margin']:g} | {row['equivalence']} |")
+    return "\n".join(lines)
+
+
 def smallest_holm_p(rows: list[dict]) -> float:
     """The smallest Holm-adjusted p the run's family can reach: min(1, m x p_min), m = rows x axes tests and p_min the
     smallest p any of them allows (the exact paired test over n prompts: 2 / 2^n, every prompt moving the same way; a
@@ -367,9 +395,17 @@ def main(argv=None) -> int:
                       f"figure leaves that row, as noted); with these prompts the smallest Holm p possible is {smallest_holm:.3g} "
                       f"(every prompt moving the same way). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
+    between = method_tests(runs, methods)
+    if between:
+        text += "\n".join(["", "Between methods, per size (lower is better; difference = method - the first of --methods measured "
+                           "there), per held-out prompt (each value the mean over seeds) and per prompt x seed (seeds taken as "
+                           "independent: more pairs, anti-conservative if seeds share an effect); equivalence margins declared "
+                           "before the runs; Holm over each size's superiority tests, and over its equivalence tests, per unit.",
+                           "", method_tests_table(between), ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},
-                                                    "common": COMMON, "base": base, "rows": rows, "floors": floors})
+                                                    "common": COMMON, "base": base, "rows": rows, "floors": floors,
+                                                    "method_tests": between})
     print(text)
     return 0
 

@@ -174,6 +174,35 @@ def test_the_generalization_study_leaves_out_a_prompt_of_which_a_model_drew_no_c
     assert not any(math.isnan(value) for value in tuned)
 
 
+def test_the_generalization_study_tests_methods_against_the_first_at_each_size_they_share():
+    """Only a size measured with two or more methods gets between-method tests, each against the first of --methods
+    measured there; 12 prompts where SFT reads 0.1 lower on gender everywhere: exact p 2/4096, Holm over that size's
+    4 superiority tests of a unit; race within the declared margin is shown equivalent."""
+    script = load_script("generalization")
+    runs = {("popalign_unet", 2): held_out_measurements(0.0, 0.0, 3, prompts=12, seed=0),
+            ("popalign_unet", 20): held_out_measurements(0.0, 0.0, 3, prompts=12, seed=1),
+            ("sft", 20): held_out_measurements(-0.1, 0.0, 3, prompts=12, seed=2),
+            ("popalign_text_encoder", 20): held_out_measurements(0.15, 0.2, 3, prompts=12, seed=3)}
+    rows = script.method_tests(runs, ["popalign_unet", "popalign_text_encoder", "sft"])
+    assert {row["size"] for row in rows} == {20} and {row["reference"] for row in rows} == {"popalign_unet"}
+    assert len(rows) == 2 * 2 * 2  # 2 methods x 2 axes x 2 units
+    by_key = {(row["objective"], row["metric"], row["unit"]): row for row in rows}
+    sft_gender = by_key["sft", "gender_discrepancy", "prompt"]
+    assert sft_gender["difference"] == pytest.approx(-0.1, abs=0.01) and sft_gender["num_pairs"] == 12
+    assert sft_gender["p_value"] == pytest.approx(2 / 4096) and sft_gender["p_value_holm"] == pytest.approx(4 * 2 / 4096)
+    assert sft_gender["verdict"] == "better"
+    assert by_key["sft", "race_discrepancy", "prompt"]["equivalence"] == "equivalent within +-0.05"
+    assert by_key["popalign_text_encoder", "race_discrepancy", "prompt"]["verdict"] == "worse"
+    assert by_key["sft", "gender_discrepancy", "prompt x seed"]["num_pairs"] == 36
+    table = script.method_tests_table(rows)
+    assert table.count("\n") == 1 + len(rows)
+    sft_line = next(line for line in table.splitlines() if line.startswith("| 20 | sft | popalign_unet | gender | prompt | 12 | "))
+    assert "| better |" in sft_line and "(0.00195)" in sft_line
+    # the reference is the first of --methods measured at that size, whatever order the runs came in
+    assert {row["reference"] for row in script.method_tests(runs, ["sft", "popalign_unet"])} == {"sft"}
+    assert script.method_tests({key: value for key, value in runs.items() if key[0] == "popalign_unet"}, ["popalign_unet"]) == []
+
+
 def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_its_own_setting_wins(tmp_path):
     import argparse
     import json
