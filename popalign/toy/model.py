@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from popalign.tiny_models import build_tiny_clip_tokenizer
+from popalign.training.data import image_to_tensor
 from popalign.toy.world import IMAGE_SIZE, SPLIT_ROW, ToyWorld, render_figure
 
 TEXT_HIDDEN = 64
@@ -77,8 +78,7 @@ def random_pictures(world: ToyWorld, count: int, rng: np.random.Generator) -> to
         occupation = world.occupations[rng.integers(len(world.occupations))]
         gender = world.genders[rng.integers(len(world.genders))]
         race = world.races[rng.integers(len(world.races))]
-        pixels = np.asarray(render_figure(world, occupation, gender, race, rng), dtype=np.float32)
-        pictures.append(torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0)
+        pictures.append(image_to_tensor(render_figure(world, occupation, gender, race, rng)))
     return torch.stack(pictures)
 
 
