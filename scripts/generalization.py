@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     command = "python scripts/generalization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"Held-out occupations ({args.test_split}, {len(set(test_prompts['occupation']))}): mean over prompts [95% interval "
                       f"over prompts], per-prompt values averaged over {len(seeds)} seed(s); the change is against the base; Holm p over the "
-                      f"{len(rows) * len(AXES)} tests of this run (exact paired sign-flip over prompts; a prompt of which a model drew no clean "
+                      f"{len(rows) * len(AXES)} tests against the base of this run (exact paired sign-flip over prompts; a prompt of which a model drew no clean "
                       f"figure leaves that row, as noted); with these prompts the smallest Holm p possible is {smallest_holm:.3g} "
                       f"(every prompt moving the same way). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
@@ -400,7 +400,8 @@ def main(argv=None) -> int:
         text += "\n".join(["", "Between methods, per size (lower is better; difference = method - the first of --methods measured "
                            "there), per held-out prompt (each value the mean over seeds) and per prompt x seed (seeds taken as "
                            "independent: more pairs, anti-conservative if seeds share an effect); equivalence margins declared "
-                           "before the runs; Holm over each size's superiority tests, and over its equivalence tests, per unit.",
+                           "before the runs; Holm over each size's superiority tests, and over its equivalence tests, per unit (sizes "
+                           "not corrected together).",
                            "", method_tests_table(between), ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},

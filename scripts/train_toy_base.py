@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pictures_per_identity", type=int, default=5, help="vae_check: pictures per occupation x gender x race")
     args = parser.parse_args(argv)
+    for flag in ("gender_majority", "race_majority"):
+        if not 0.5 < getattr(args, flag) <= 1.0:  # a majority; the skew gate asks the base to keep it above 1/2
+            raise InputError(f"--{flag} {getattr(args, flag)}: the share of a majority, above 0.5 and at most 1")
     world = load_world(args.occupations, args.attributes)
     if args.stage == "data":
         build = {"world": world.record(), "prompts_sha256": file_sha256(Path(args.prompts)),
@@ -133,12 +136,12 @@ def main(argv=None) -> int:
                                         args.steps, args.guidance, args.seed, gender_majority=args.gender_majority,
                                         race_majority=args.race_majority)
         measurement["world"] = world.record()
-        print(format_measurement(measurement))
+        print(format_measurement(measurement, base=not args.unet))
         if args.out:
             atomic_write_json(args.out, measurement)
         if not args.unet and gate_failures(measurement):
-            return 1  # a base below its gates: train_toy_base.sh stops there (its gates.json kept); a fine-tuned U-Net is
-            # meant to lose the skew, so measuring one exits 0
+            return 1  # a base below its gates: train_toy_base.sh ends with exit 1 (the base is already in --model, its
+            # gates.json beside it); a fine-tuned U-Net is meant to lose the skew, so measuring one exits 0
     return 0
 
 

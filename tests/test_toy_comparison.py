@@ -201,6 +201,10 @@ def test_the_generalization_study_tests_methods_against_the_first_at_each_size_t
     # the reference is the first of --methods measured at that size, whatever order the runs came in
     assert {row["reference"] for row in script.method_tests(runs, ["sft", "popalign_unet"])} == {"sft"}
     assert script.method_tests({key: value for key, value in runs.items() if key[0] == "popalign_unet"}, ["popalign_unet"]) == []
+    # a size without the first method: the next one measured there is the reference, and the table says so
+    without_first = {key: value for key, value in runs.items() if key != ("popalign_unet", 20)}
+    rows = script.method_tests(without_first, ["popalign_unet", "popalign_text_encoder", "sft"])
+    assert {(row["reference"], row["objective"]) for row in rows} == {("popalign_text_encoder", "sft")}
 
 
 def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_its_own_setting_wins(tmp_path):

@@ -156,6 +156,15 @@ def test_an_assembled_base_records_its_world(tmp_path):
         check_base_world(base, load_world(), "occupations.csv")
 
 
+def test_a_majority_share_of_one_half_or_less_is_refused_before_any_stage(tmp_path, capsys):
+    """The skew gate asks a base to keep each data set majority above 1/2, so a data set without one is refused."""
+    script = load_script("train_toy_base")
+    for flag, value in (("--gender_majority", "0.5"), ("--race_majority", "1.2"), ("--race_majority", "0.4")):
+        assert script.main(["data", "--prompts", str(tmp_path / "p.csv"), "--out", str(tmp_path / "data"), flag, value]) == 2
+        assert f"error: {flag} {float(value)}: the share of a majority, above 0.5 and at most 1" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_build_folder_of_another_world_is_refused_not_trained_on(tmp_path):
     script = load_script("train_toy_base")
     build = {"world": load_world().record(), "seed": 0, "gender_majority": 0.85}
@@ -251,14 +260,16 @@ def test_gate_failures_by_hand_and_on_the_shipped_bases():
         return {"occupation": occupation, "majority_gender": "male", "model_gender_share": gender_share,
                 "majority_race": "white", "model_race_share": race_share}
 
-    passing = {"identity_accuracy": 0.9, "neutral": [row("doctor", 0.51, 0.51)]}
+    passing = {"identity_accuracy": 0.9, "identity_images": 10, "neutral": [row("doctor", 0.51, 0.51)]}
     assert gate_failures(passing) == []
-    failing = {"identity_accuracy": 0.899, "neutral": [row("doctor", 0.5, 0.9), row("nurse", 0.8, float("nan")), row("chef", 0.8, 0.7)]}
+    failing = {"identity_accuracy": 0.899, "identity_images": 1000, "neutral": [row("doctor", 0.5, 0.9), row("nurse", 0.8, float("nan")), row("chef", 0.8, 0.7)]}
     failures = gate_failures(failing)
     assert len(failures) == 3
     assert failures[0].startswith("identity gate: 89.9%")
     assert "'doctor'" in failures[1] and "male 50%" in failures[1] and "white" not in failures[1]
     assert "'nurse'" in failures[2] and "white nan%" in failures[2]
+    assert gate_failures({"identity_accuracy": 0.0, "identity_images": 0, "neutral": []}) == [
+        "identity gate: no identity-specific prompt was measured"]
     measured = {name: gate_failures(json.loads((REPO / "models" / name / "gates.json").read_text(encoding="utf-8")))
                 for name in ("toy_base", "toy_base_36", "toy_base_36_v2")}
     assert measured["toy_base"] == [] and measured["toy_base_36_v2"] == []

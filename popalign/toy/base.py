@@ -204,7 +204,9 @@ def gate_failures(measurement: dict) -> list[str]:
     (model_gender_share > 1/2 and model_race_share > 1/2; a prompt with no clean figure fails).
     """
     failures = []
-    if not measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE:
+    if not measurement["identity_images"]:
+        failures.append("identity gate: no identity-specific prompt was measured")
+    elif not measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE:
         failures.append(f"identity gate: {measurement['identity_accuracy']:.1%} of identity-specific pictures drawn right, "
                         f"below {IDENTITY_ACCURACY_GATE:.0%}")
     for row in measurement["neutral"]:
@@ -216,8 +218,9 @@ def gate_failures(measurement: dict) -> list[str]:
     return failures
 
 
-def format_measurement(measurement: dict) -> str:
-    """A few lines a person can read: the identity gate and the neutral skew per occupation."""
+def format_measurement(measurement: dict, base: bool = True) -> str:
+    """A few lines a person can read: the identity gate and the neutral skew per occupation, and, for a `base`, the
+    gates it fails (a fine-tuned model is meant to lose the skew)."""
     gate = "PASS" if measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE else "FAIL"
     lines = [f"identity-specific prompts drawn right (occupation, gender and race): {measurement['identity_accuracy']:.1%} "
              f"[{gate}: gate {IDENTITY_ACCURACY_GATE:.0%}] over {measurement['identity_images']} images "
@@ -229,6 +232,6 @@ def format_measurement(measurement: dict) -> str:
         lines.append(f"neutral '{row['occupation']}': clean {row['clean_rate']:.0%}; {row['majority_gender']} "
                      f"{row['model_gender_share']:.0%} (data {row['data_gender_share']:.0%}); {row['majority_race']} "
                      f"{row['model_race_share']:.0%} (data {row['data_race_share']:.0%}) over {row['images']} images")
-    failures = gate_failures(measurement)
-    lines += failures or ["gates: both passed"]
+    if base:
+        lines += gate_failures(measurement) or ["gates: both passed"]
     return "\n".join(lines)
