@@ -275,3 +275,10 @@ def test_gate_failures_by_hand_and_on_the_shipped_bases():
     assert measured["toy_base"] == [] and measured["toy_base_36_v2"] == []
     assert [failure.split(":")[0] for failure in measured["toy_base_36"]] == ["identity gate", "skew gate", "skew gate"]
     assert "'scientist'" in measured["toy_base_36"][1] and "'journalist'" in measured["toy_base_36"][2]
+    # printed for a base (the failures given), not for a fine-tuned model (None)
+    from popalign.toy.base import format_measurement
+
+    gates_36 = json.loads((REPO / "models" / "toy_base_36" / "gates.json").read_text(encoding="utf-8"))
+    assert format_measurement(gates_36, measured["toy_base_36"]).splitlines()[-3:] == measured["toy_base_36"]
+    assert format_measurement(gates_36, []).splitlines()[-1] == "gates: both passed"
+    assert "gate:" not in format_measurement(gates_36, None) and "gates:" not in format_measurement(gates_36, None)

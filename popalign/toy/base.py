@@ -218,9 +218,9 @@ def gate_failures(measurement: dict) -> list[str]:
     return failures
 
 
-def format_measurement(measurement: dict, base: bool = True) -> str:
-    """A few lines a person can read: the identity gate and the neutral skew per occupation, and, for a `base`, the
-    gates it fails (a fine-tuned model is meant to lose the skew)."""
+def format_measurement(measurement: dict, failures: list[str] | None = None) -> str:
+    """A few lines a person can read: the identity gate and the neutral skew per occupation, and, for a base, the
+    gates it fails (`failures`, from gate_failures; None for a fine-tuned model, which is meant to lose the skew)."""
     gate = "PASS" if measurement["identity_accuracy"] >= IDENTITY_ACCURACY_GATE else "FAIL"
     lines = [f"identity-specific prompts drawn right (occupation, gender and race): {measurement['identity_accuracy']:.1%} "
              f"[{gate}: gate {IDENTITY_ACCURACY_GATE:.0%}] over {measurement['identity_images']} images "
@@ -232,6 +232,6 @@ def format_measurement(measurement: dict, base: bool = True) -> str:
         lines.append(f"neutral '{row['occupation']}': clean {row['clean_rate']:.0%}; {row['majority_gender']} "
                      f"{row['model_gender_share']:.0%} (data {row['data_gender_share']:.0%}); {row['majority_race']} "
                      f"{row['model_race_share']:.0%} (data {row['data_race_share']:.0%}) over {row['images']} images")
-    if base:
-        lines += gate_failures(measurement) or ["gates: both passed"]
+    if failures is not None:
+        lines += failures or ["gates: both passed"]
     return "\n".join(lines)
