@@ -46,9 +46,10 @@ def train(run_dir: Path, objective: comparison.Objective, point: dict, seed: int
                TRAIN_BATCH_SIZE=str(settings["train_batch_size"] // processes), MIXED_PRECISION="no",
                GRADIENT_CHECKPOINTING="off", USE_8BIT_ADAM="off", CHECKPOINTING_STEPS="0", REPORT_TO="none",
                NUM_PROCESSES=str(processes), SEED=str(seed), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    log = run_dir.with_suffix(".log")
+    log = comparison.training_log(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as handle:
+    # Appended: a re-run of a finished training (4_train.sh says "nothing to do") keeps the log of the training itself.
+    with open(log, "a", encoding="utf-8") as handle:
         result = subprocess.run(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"training {run_dir} failed (exit {result.returncode}); see {log}")

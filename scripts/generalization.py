@@ -115,7 +115,7 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
         return False
     env = training_environment(run_dir, method, pairs_file, validation_prompts, seed, args)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.with_suffix(".log")
+    log = comparison.training_log(run_dir)
     with open(log, "w", encoding="utf-8") as handle:
         # Its own session, so that an interrupted study (Ctrl-C, SIGTERM, or SIGHUP when its terminal closes: each
         # raised here as an exception) stops the launcher's training processes before it exits.

@@ -1,6 +1,7 @@
 """The objective comparison's protocol: equal budgets, the declared selection rule, the table over seeds."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,9 @@ def test_every_objective_grid_comes_from_one_rule_and_run_names_are_distinct():
     assert comparison.on_grid_edge({"learning_rate": 4e-4}) and not comparison.on_grid_edge({"learning_rate": 1e-4})
     names = [comparison.run_name(objective, point) for objective in comparison.OBJECTIVES for point in objective.grid]
     assert len(names) == len(set(names))
+    logs = {comparison.training_log(Path("study/runs") / f"{name}_seed0") for name in names}
+    assert len(logs) == len(names)  # each run its own log, though the names hold dots
+    assert comparison.training_log(Path("runs/sft_learning_rate0.0001_seed0")) == Path("runs/sft_learning_rate0.0001_seed0.log")
     assert comparison.run_name(comparison.OBJECTIVES[0], {"beta": 0.5, "learning_rate": 2e-4}) == \
         "popalign_beta0.5_learning_rate0.0002"
     anchors = {objective.name: objective.fixed.get("popalign_anchor") for objective in comparison.OBJECTIVES}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +92,13 @@ SELECTION_RULE = (
 def run_name(objective: Objective, point: dict) -> str:
     """A folder name for one grid point: the objective and its tuned values."""
     return objective.name + "".join(f"_{key}{value:g}" for key, value in point.items())
+
+
+def training_log(run_dir: Path) -> Path:
+    """The log of the training in `run_dir`: `<run folder>.log` beside it, named after the folder's whole name (run names
+    hold dots, e.g. learning_rate0.0001, which Path.with_suffix would cut, giving two runs one log)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.name}.log"
 
 
 def bias_score(measurement: dict) -> float:
@@ -270,7 +278,6 @@ def measurement_settings(weights: dict, prompts, split: str, args, cache) -> dic
     in its place (relative to the cache's folder, so that a run folder copied with its cache keeps it) and the prompts."""
     import hashlib
     import os
-    from pathlib import Path
 
     folder = Path(cache).resolve().parent
     return {"split": split, "images_per_neutral_prompt": args.images_per_neutral_prompt,
@@ -284,7 +291,6 @@ def measure_cached(weights: dict, prompts, split: str, args, world, cache) -> di
     """popalign.toy.base.measure_toy_model of the base (weights {}) or of tuned weights ({"unet_path": ...} or
     {"lora_path": ...}) on `prompts`, kept in the JSON file `cache` and reused while its measurement_settings are the same."""
     import json
-    from pathlib import Path
 
     from popalign.io import atomic_write_json
 
