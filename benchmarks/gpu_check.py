@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -169,8 +168,7 @@ def training_step(unet_config: dict, latent: int, text_tokens: int, text_dim: in
     seconds = (time.perf_counter() - start) / steps
     result = {"seconds_per_step": seconds, "peak_gib": peak_gib(device),
               "trainable_parameters": sum(parameter.numel() for parameter in policy.parameters())}
-    del policy, reference, optimizer
-    return result
+    return result  # the models and the optimizer's states are freed on return
 
 
 def main(argv=None) -> int:

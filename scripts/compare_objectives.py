@@ -14,7 +14,6 @@ finished.json) and measurements already written are kept.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -257,20 +257,8 @@ def method_tests(runs: dict, methods: list[str]) -> list[dict]:
         if len(held_out) < 2:
             continue
         reference = next(iter(held_out))
-        rows += [{"size": size, "reference": reference, **row} for row in comparison.objective_tests(held_out, reference)]
+        rows += [{"size": size, **row} for row in comparison.objective_tests(held_out, reference)]
     return rows
-
-
-def method_tests_table(rows: list[dict]) -> str:
-    """Markdown of method_tests, one line per size, method, axis and unit."""
-    lines = ["| training occupations | method | against | axis | unit | pairs | difference [95% interval] | p (Holm) | verdict | "
-             "p equivalence within +-margin (Holm) | equivalence |", "|" + "---|" * 11]
-    for row in rows:
-        lines.append(f"| {row['size']} | {row['objective']} | {row['reference']} | {row['metric'].removesuffix('_discrepancy')} | "
-                     f"{row['unit']} | {row['num_pairs']} | {row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | "
-                     f"{row['p_value']:.3g} ({row['p_value_holm']:.3g}) | {row['verdict']} | {row['p_equivalence']:.3g} "
-                     f"({row['p_equivalence_holm']:.3g}), +-{row['margin']:g} | {row['equivalence']} |")
-    return "\n".join(lines)
 
 
 def smallest_holm_p(rows: list[dict]) -> float:
@@ -402,7 +390,7 @@ def main(argv=None) -> int:
                            "independent: more pairs, anti-conservative if seeds share an effect); equivalence margins declared "
                            "before the runs; Holm over each size's superiority tests, and over its equivalence tests, per unit (sizes "
                            "not corrected together).",
-                           "", method_tests_table(between), ""])
+                           "", comparison.tests_table(between, leading=(("training occupations", "size"),), name_header="method"), ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},
                                                     "common": COMMON, "base": base, "rows": rows, "floors": floors,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from popalign.toy.small_run import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, stage_arguments, write_inputs
 
-__all__ = ["REPO_ROOT", "TOY_ENVIRONMENT", "TOY_MODEL", "build_world", "build_world_apart", "reset_accelerate", "root_script", "stage_arguments", "stage_mains"]
+__all__ = ["REPO_ROOT", "TOY_ENVIRONMENT", "TOY_MODEL", "build_world", "build_world_apart", "reset_accelerate", "root_script", "snapshot", "stage_arguments", "stage_mains"]
 
 
 def root_script(name: str):
@@ -22,6 +22,11 @@ def root_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` (relative path -> bytes): equal before and after a refused run when nothing changed."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def reset_accelerate() -> None:

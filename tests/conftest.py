@@ -50,3 +50,20 @@ def small_run_world(tmp_path_factory) -> Path:
     from bad_input_world import build_world_apart
 
     return build_world_apart(tmp_path_factory.mktemp("small_run") / "world")
+
+
+@pytest.fixture
+def small_run_copy(small_run_world, tmp_path, monkeypatch) -> Path:
+    """A copy of small_run_world as the working directory, with the toy environment set, to break and run stages in."""
+    import shutil
+
+    from bad_input_world import TOY_ENVIRONMENT, reset_accelerate
+
+    copy = tmp_path / "world"
+    shutil.copytree(small_run_world, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    for name, value in TOY_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    reset_accelerate()
+    yield copy
+    reset_accelerate()

@@ -27,25 +27,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, reset_accelerate, stage_arguments, stage_mains
+from bad_input_world import REPO_ROOT, TOY_ENVIRONMENT, TOY_MODEL, reset_accelerate, snapshot, stage_arguments, stage_mains
 from popalign.io import InputError, read_jsonl
 from popalign.toy.small_run import stage_command
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
 @pytest.fixture
-def world(small_run_world, tmp_path, monkeypatch):
-    copy = tmp_path / "world"
-    shutil.copytree(small_run_world, copy, symlinks=True)
-    monkeypatch.chdir(copy)
-    for name, value in TOY_ENVIRONMENT.items():
-        monkeypatch.setenv(name, value)
-    reset_accelerate()
-    yield copy
-    reset_accelerate()
+def world(small_run_copy):
+    return small_run_copy
 
 
 def run_main(stage: str, arguments: list[str], capsys) -> tuple[int, list[str]]:

@@ -1,7 +1,6 @@
 """Training the text encoder(s) with LoRA (--train_text_encoder) on tiny SDXL- and SD-shaped pipelines: what moves and
 what stays, the loss at the first step, resume, and the output loading in stock diffusers and step 2's generation."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -72,7 +72,7 @@ def test_objective_tests_find_a_difference_and_an_equivalence_with_holm():
     assert rows[("dpo", "race_discrepancy", "prompt")]["equivalence"].startswith("not shown equivalent")
     assert rows[("sft", "gender_discrepancy", "prompt x seed")]["num_pairs"] == 40
     table = comparison.tests_table(list(rows.values()))
-    assert table.count("\n") == 1 + len(rows) and "| sft | gender_discrepancy | prompt | 8 |" in table
+    assert table.count("\n") == 1 + len(rows) and "| sft | popalign | gender | prompt | 8 | -0.1" in table
     with pytest.raises(ValueError, match="reference"):
         comparison.objective_tests({"sft": held_out["sft"]})
 
@@ -198,7 +198,7 @@ def test_the_generalization_study_tests_methods_against_the_first_at_each_size_t
     assert by_key["sft", "race_discrepancy", "prompt"]["equivalence"] == "equivalent within +-0.05"
     assert by_key["popalign_text_encoder", "race_discrepancy", "prompt"]["verdict"] == "worse"
     assert by_key["sft", "gender_discrepancy", "prompt x seed"]["num_pairs"] == 36
-    table = script.method_tests_table(rows)
+    table = comparison.tests_table(rows, leading=(("training occupations", "size"),), name_header="method")
     assert table.count("\n") == 1 + len(rows)
     sft_line = next(line for line in table.splitlines() if line.startswith("| 20 | sft | popalign_unet | gender | prompt | 12 | "))
     assert "| better |" in sft_line and "(0.00195)" in sft_line

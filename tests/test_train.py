@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bad_input_world import snapshot
 from popalign.io import InputError
 from popalign.training.config import TrainConfig
 from popalign.training.trainer import UNetCondition, denoising_prediction, prepare_run, run_training, train
@@ -422,10 +423,6 @@ def test_4_train_sh_runs_one_accelerate_launch(tiny_sdxl_path, pairs_data, tmp_p
     assert (tmp_path / "run" / "unet").is_dir() and [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-2"]
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
     assert [line["lr"] for line in metrics(tmp_path / "run")] == pytest.approx([0.0, 5e-7])
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_8bit_adam_without_cuda_is_refused_before_anything_is_written(tiny_sdxl_path, pairs_data, tmp_path):

@@ -17,7 +17,7 @@ Conventions shared by the bias metrics:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Sequence
 

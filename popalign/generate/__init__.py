@@ -23,8 +23,8 @@ import pandas as pd
 from popalign.image_folder import ATTRIBUTE_COLUMNS, MANIFEST_COLUMNS, MANIFEST_NAME, PROMPT_KINDS  # noqa: F401
 from popalign.locks import check_not_locked, output_lock
 from popalign.prompts import read_prompt_table
-from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location, csv_row_number,
-                         file_sha256, read_csv_checked, refuse_symlink, remove_orphaned_temporary_files)
+from popalign.io import (InputError, atomic_save_image, atomic_write_csv, atomic_write_json, check_model_location, check_output_location,
+                         file_sha256, refuse_symlink, remove_orphaned_temporary_files)
 
 CONFIG_FILE = "generation_config.json"
 

@@ -119,7 +119,7 @@ def load_common_images(folders: dict[str, Path]) -> pd.DataFrame:
                              f"{first_name}'s reads {row['prompt']!r}")
         common = merged[[column for column in merged.columns if not column.endswith(":other") and column != "row"]]
     if common.empty:
-        raise InputError(f"--image_dirs: the folders share no (prompt_id, image_index): nothing to compare")
+        raise InputError("--image_dirs: the folders share no (prompt_id, image_index): nothing to compare")
     return common.sort_values(["prompt_id", "image_index"], kind="stable").reset_index(drop=True)
 
 

@@ -219,7 +219,7 @@ def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_
                 other_values = [b for _, b in pairs]
                 superiority = metrics.paired_test(base_values, other_values, confidence)
                 equivalence = metrics.paired_equivalence_test(base_values, other_values, margin, confidence)
-                unit_rows.append({"objective": name, "metric": metric, "unit": unit, "num_pairs": len(pairs),
+                unit_rows.append({"objective": name, "reference": reference, "metric": metric, "unit": unit, "num_pairs": len(pairs),
                                   "difference": superiority.mean_difference, "ci_low": superiority.ci_low,
                                   "ci_high": superiority.ci_high, "p_value": superiority.p_value, "margin": margin,
                                   "p_equivalence": equivalence.p_value, "_superiority": superiority,
@@ -242,16 +242,20 @@ def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_
     return rows
 
 
-def tests_table(rows: list[dict], reference: str = REFERENCE_OBJECTIVE) -> str:
-    """Markdown of objective_tests: one row per objective, metric and unit."""
-    header = ["objective", "metric", "unit", "pairs", f"difference vs {reference} [95% CI]", "p (Holm)", "verdict",
-              "equivalence margin", "p equivalence (Holm)", "equivalence"]
+def tests_table(rows: list[dict], leading: tuple[tuple[str, str], ...] = (), name_header: str = "objective") -> str:
+    """Markdown of objective_tests rows, one line per objective, axis and unit: `leading` (header, row key) columns
+    first (e.g. the study size), then the objective, the reference it is tested against, the paired difference with
+    its interval, the superiority p (Holm-adjusted in brackets) and verdict, the equivalence p and verdict."""
+    header = [title for title, _ in leading] + [name_header, "against", "axis", "unit", "pairs", "difference [95% interval]",
+                                                 "p (Holm)", "verdict", "p equivalence within +-margin (Holm)", "equivalence"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append(f"| {row['objective']} | {row['metric']} | {row['unit']} | {row['num_pairs']} | "
-                     f"{row['difference']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
-                     f"{row['p_value']:.3f} ({row['p_value_holm']:.3f}) | {row['verdict']} | +-{row['margin']:g} | "
-                     f"{row['p_equivalence']:.3f} ({row['p_equivalence_holm']:.3f}) | {row['equivalence']} |")
+        cells = [str(row[key]) for _, key in leading] + [
+            row["objective"], row["reference"], row["metric"].removesuffix("_discrepancy"), row["unit"], str(row["num_pairs"]),
+            f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]",
+            f"{row['p_value']:.3g} ({row['p_value_holm']:.3g})", row["verdict"],
+            f"{row['p_equivalence']:.3g} ({row['p_equivalence_holm']:.3g}), +-{row['margin']:g}", row["equivalence"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
