@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -605,8 +606,12 @@ def shard_policy(unet, accelerator, reference) -> None:
     what it holds."""
     shards = shard_unet(unet, accelerator.device)
     kept = "no reference" if reference is None else f"reference whole, {next(reference.parameters()).dtype}"
-    print(f"process {accelerator.process_index}: holds {shards['local_parameters']:,} of the U-Net's {shards['parameters']:,} "
-          f"parameters ({shards['units']} FSDP2 units over {shards['processes']} processes); {kept}", flush=True)
+    # One write of the whole line: every process prints one, and print's text and newline, written apart on an unbuffered
+    # stdout, let two processes' lines run into each other.
+    sys.stdout.write(f"process {accelerator.process_index}: holds {shards['local_parameters']:,} of the U-Net's "
+                     f"{shards['parameters']:,} parameters ({shards['units']} FSDP2 units over {shards['processes']} processes); "
+                     f"{kept}\n")
+    sys.stdout.flush()
 
 
 def micro_step_timestep(config: TrainConfig, micro_step: int, timestep_range: tuple[int, int]) -> Optional[int]:
