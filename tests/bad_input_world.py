@@ -1,4 +1,4 @@
-"""The bad-input suite's world: a small valid run of every stage (popalign.toy.small_run), built once per module in
+"""The bad-input suite's world: a small valid run of every stage (popalign.toy.small_run), built once per test session in
 this process. Each case copies it, breaks one thing, runs the stage's entry point in the copy and checks that nothing
 written before changed. Every path is relative to the world's folder (the working directory of each run), so a copy
 is a world of its own.
