@@ -53,6 +53,8 @@ VARIANTS = {"popalign_unet_600_steps": {"MAX_TRAIN_STEPS": "600"}, "popalign_une
             "popalign_unet_no_caption_dropout": {"CAPTION_DROPOUT": "0"}}
 MAIN_METHODS = tuple(METHODS)
 METHODS.update({name: {**METHODS["popalign_unet"], **change} for name, change in VARIANTS.items()})
+# SFT trained as long as the demo's PopAlign, declared before its run: which of the two the demo should train.
+METHODS["sft_600_steps"] = {**METHODS["sft"], "MAX_TRAIN_STEPS": "600"}
 AXES = ("gender", "race")
 
 
@@ -116,7 +118,8 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
     env = training_environment(run_dir, method, pairs_file, validation_prompts, seed, args)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = comparison.training_log(run_dir)
-    with open(log, "w", encoding="utf-8") as handle:
+    # Appended: a training resumed after a kill keeps the log of its first part.
+    with open(log, "a", encoding="utf-8") as handle:
         # Its own session, so that an interrupted study (Ctrl-C, SIGTERM, or SIGHUP when its terminal closes: each
         # raised here as an exception) stops the launcher's training processes before it exits.
         process = subprocess.Popen(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
