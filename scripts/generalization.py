@@ -53,8 +53,10 @@ VARIANTS = {"popalign_unet_600_steps": {"MAX_TRAIN_STEPS": "600"}, "popalign_une
             "popalign_unet_no_caption_dropout": {"CAPTION_DROPOUT": "0"}}
 MAIN_METHODS = tuple(METHODS)
 METHODS.update({name: {**METHODS["popalign_unet"], **change} for name, change in VARIANTS.items()})
-# SFT trained as long as the demo's PopAlign, declared before its run: which of the two the demo should train.
+# Declared before their runs: SFT trained as long as the demo's PopAlign (which of the two the demo should train), and
+# PopAlign trained twice as long as the demo (whether the held-out race cut keeps growing with steps).
 METHODS["sft_600_steps"] = {**METHODS["sft"], "MAX_TRAIN_STEPS": "600"}
+METHODS["popalign_unet_1200_steps"] = {**METHODS["popalign_unet"], "MAX_TRAIN_STEPS": "1200"}
 AXES = ("gender", "race")
 
 
