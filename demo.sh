@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy demo: the real numbered scripts 1 -> 2 -> 3 -> 4 -> eval on CPU, starting from the shipped
 # biased toy base model (models/toy_base), with the toy settings passed through the scripts' variables.
-#   bash demo.sh                 base vs PopAlign (about 14 minutes on 2 cores)
+#   bash demo.sh                 base vs PopAlign (about 9 minutes on 2 cores)
 #   BASELINES=1 bash demo.sh     also Diffusion-DPO and SFT trained on the same pairs
 # In the toy world a figure's occupation, gender and race are drawn as colours and shapes that the
 # toy classifier reads back from the pixels (popalign/toy/). The base model draws neutral prompts
