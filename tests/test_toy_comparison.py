@@ -225,11 +225,14 @@ def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_it
                               validation_steps=100, num_validation_images=24, num_validation_identity_images=2, attributes="a.json",
                               steps=20, guidance=3.0, occupations="o.csv")
     environment = {method: script.training_environment(tmp_path / "run", method, tmp_path / "pairs.csv", tmp_path / "v.csv", 1, args)
-                   for method in ("popalign_unet", "popalign_unet_600_steps", "popalign_unet_no_caption_dropout", "sft", "sft_600_steps")}
+                   for method in ("popalign_unet", "popalign_unet_600_steps", "popalign_unet_no_caption_dropout", "sft", "sft_600_steps",
+                                  "popalign_unet_1200_steps")}
     assert environment["popalign_unet"]["MAX_TRAIN_STEPS"] == "300" and environment["popalign_unet_600_steps"]["MAX_TRAIN_STEPS"] == "600"
-    # SFT at the demo's length differs from SFT in its length alone
-    assert {key for key in environment["sft"] if environment["sft"][key] != environment["sft_600_steps"][key]} == {"MAX_TRAIN_STEPS"}
-    assert environment["sft_600_steps"]["LOSS"] == "sft" and environment["sft_600_steps"]["MAX_TRAIN_STEPS"] == "600"
+    # the longer trainings differ from their method in their length alone, and that length reaches the environment
+    for longer, method, steps in (("sft_600_steps", "sft", "600"), ("popalign_unet_1200_steps", "popalign_unet", "1200")):
+        keys = set(environment[longer]) | set(environment[method])
+        assert {key for key in keys if environment[longer].get(key) != environment[method].get(key)} == {"MAX_TRAIN_STEPS"}, longer
+        assert environment[longer]["MAX_TRAIN_STEPS"] == steps and environment[longer]["LOSS"] == environment[method]["LOSS"]
     assert environment["popalign_unet"]["CAPTION_DROPOUT"] == "0.2" and environment["popalign_unet_no_caption_dropout"]["CAPTION_DROPOUT"] == "0"
     # the selection's score of the measured weights: the best step's validation (mean over axes), the last one's otherwise
     records = [{"step": 0, "discrepancy_gender": 0.7, "discrepancy_race": 0.8, "discrepancy_gender_low": 0.1},
