@@ -10,7 +10,9 @@ declared rule, trains it with every seed (at least popalign.toy.comparison.MIN_S
 held-out occupations, then tests each objective against PopAlign per held-out prompt (superiority and
 equivalence against the declared margins, each family Holm-corrected). Writes `<output_dir>/table.md` and
 `results.json`. Re-running resumes: finished trainings are skipped (their
-finished.json) and measurements already written are kept.
+finished.json) and measurements already written are kept. `--chosen_settings popalign=<run name>` takes an
+objective's setting as an earlier run of this protocol chose it (its grid is not trained again; its seeds are,
+and the table marks the setting), so that objectives can be added to a comparison whose folder was not kept.
 """
 
 import argparse
@@ -69,6 +71,9 @@ def main(argv=None) -> int:
                         help=f"training seeds of each chosen setting (at least {comparison.MIN_SEEDS}); the first also "
                              "trains the grid")
     parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--chosen_settings", default="",
+                        help="objective=run name,...: settings an earlier run of this protocol chose (same pairs, base "
+                             "and steps), whose grids are not trained again; the table marks them")
     args = parser.parse_args(argv)
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
@@ -82,6 +87,12 @@ def main(argv=None) -> int:
         if unknown or not names:
             raise InputError(f"--objectives: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(known)})")
         objectives = [known[name] for name in names]
+        try:
+            given = comparison.parse_chosen_settings(args.chosen_settings)
+        except ValueError as error:
+            raise InputError(f"--chosen_settings {error}") from None
+        if set(given) - set(names):
+            raise InputError(f"--chosen_settings: {', '.join(sorted(set(given) - set(names)))} not in --objectives")
         if not Path(args.pairs_file).is_file():
             raise InputError(f"--pairs_file {args.pairs_file}: not found (run make demo first)")
         if comparison.COMMON_SETTINGS["train_batch_size"] % args.num_processes:
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
     validation, chosen, met, held_out = {}, {}, {}, {}
     for objective in objectives:
         runs = {}
-        for point in objective.grid:
+        for point in (() if objective.name in given else objective.grid):
             name = comparison.run_name(objective, point)
             run_dir = output_dir / "runs" / f"{name}_seed{seeds[0]}"
             print(f"[grid] {name}, seed {seeds[0]}", flush=True)
@@ -110,7 +121,10 @@ def main(argv=None) -> int:
             runs[name] = measure(unet, prompts[args.validation_split], args.validation_split, args, world,
                                  run_dir / f"measure_{args.validation_split}.json")
         validation[objective.name] = runs
-        chosen[objective.name], met[objective.name] = comparison.select(runs, base[args.validation_split])
+        if objective.name in given:
+            chosen[objective.name], met[objective.name] = given[objective.name], None
+        else:
+            chosen[objective.name], met[objective.name] = comparison.select(runs, base[args.validation_split])
         point = next(point for point in objective.grid if comparison.run_name(objective, point) == chosen[objective.name])
         held_out[objective.name] = []
         for seed in seeds:
@@ -132,9 +146,10 @@ def main(argv=None) -> int:
         "† cut to the metric's range].",
         "", table, "",
         f"Selection rule (declared before the runs): {comparison.SELECTION_RULE}.",
-        "Grid rule (declared before the runs): " + "; ".join(f"{objective.name} {len(objective.grid)} runs"
-                                                          for objective in objectives)
-        + f", {args.max_train_steps} steps each.",
+        "Grid rule (declared before the runs): " + "; ".join(
+            f"{objective.name} {len(objective.grid)} runs" + (" (trained by the earlier run that chose its setting, "
+                                                              "not here)" if objective.name in given else "")
+            for objective in objectives) + f", {args.max_train_steps} steps each.",
         ("Chosen on the edge of the learning-rate grid (not bracketed): " + ", ".join(edges) + ".") if edges else
         "Every chosen learning rate is inside its grid.", "",
         f"Each objective against {comparison.REFERENCE_OBJECTIVE} per held-out prompt (difference = objective - "

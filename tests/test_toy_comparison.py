@@ -108,6 +108,23 @@ def test_table_gives_mean_and_interval_over_seeds():
     lines = table.splitlines()
     assert lines[2].startswith("| base | - | - | 0.700 | 0.800 | 98.0% | 0.960 |")
     assert lines[3].startswith("| popalign | popalign_beta0.5_learning_rate0.0002 (no run met the constraints) | 3 | 0.120 [")
+    given = comparison.comparison_table(BASE, {"popalign": "popalign_beta0.5_learning_rate0.0002"}, held_out,
+                                        {"popalign": None}).splitlines()[3]
+    assert given.startswith("| popalign | popalign_beta0.5_learning_rate0.0002 (chosen by an earlier run of this protocol) | 3 |")
+
+
+def test_a_setting_chosen_by_an_earlier_run_must_be_a_point_of_its_objectives_grid():
+    given = comparison.parse_chosen_settings(" popalign=popalign_beta2_lambda_loser1_learning_rate0.0001 , sft=sft_learning_rate0.0004")
+    assert given == {"popalign": "popalign_beta2_lambda_loser1_learning_rate0.0001", "sft": "sft_learning_rate0.0004"}
+    assert comparison.parse_chosen_settings("") == {}
+    with pytest.raises(ValueError, match="unknown objective 'ppo'"):
+        comparison.parse_chosen_settings("ppo=ppo_learning_rate0.0001")
+    with pytest.raises(ValueError, match="is not a point of sft's grid"):
+        comparison.parse_chosen_settings("sft=sft_learning_rate0.003")
+    with pytest.raises(ValueError, match="is not a point of dpo's grid"):  # DPO has no loser-weight knob
+        comparison.parse_chosen_settings("dpo=dpo_beta2_lambda_loser1_learning_rate0.0001")
+    with pytest.raises(ValueError, match="sft given twice"):
+        comparison.parse_chosen_settings("sft=sft_learning_rate0.0004,sft=sft_learning_rate0.0001")
 
 
 def test_the_script_refuses_an_unknown_objective(capsys):
@@ -121,6 +138,10 @@ def test_the_script_refuses_an_unknown_objective(capsys):
     assert "--objectives: unknown ppo (known: popalign, popalign_per_pair, dpo, sft)" in capsys.readouterr().err
     assert script.main(["--seeds", "0,1,2"]) == 2
     assert "--seeds: give at least 5 distinct seeds (got 3)" in capsys.readouterr().err
+    assert script.main(["--objectives", "popalign,dpo", "--chosen_settings", "sft=sft_learning_rate0.0004"]) == 2
+    assert "--chosen_settings: sft not in --objectives" in capsys.readouterr().err
+    assert script.main(["--chosen_settings", "popalign=popalign_learning_rate0.0001"]) == 2
+    assert "--chosen_settings 'popalign=popalign_learning_rate0.0001': 'popalign_learning_rate0.0001' is not a point" in capsys.readouterr().err
 
 
 def load_script(name: str):

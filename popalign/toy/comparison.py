@@ -75,6 +75,26 @@ OBJECTIVES = (
 )
 
 
+def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTIVES) -> dict[str, str]:
+    """`objective=run name[,objective=run name...]` -> {objective: run name}: settings that an earlier run of this
+    protocol chose (same pairs, base, steps and SELECTION_RULE), so that the objective's grid is not trained again.
+    Each name must be one of its objective's grid points (run_name); raises ValueError naming the entry otherwise."""
+    known = {objective.name: objective for objective in objectives}
+    chosen: dict[str, str] = {}
+    for entry in [entry.strip() for entry in text.split(",") if entry.strip()]:
+        name, _, setting = entry.partition("=")
+        name, setting = name.strip(), setting.strip()
+        if name not in known:
+            raise ValueError(f"{entry!r}: unknown objective {name!r} (known: {', '.join(known)})")
+        if name in chosen:
+            raise ValueError(f"{entry!r}: {name} given twice")
+        points = [run_name(known[name], point) for point in known[name].grid]
+        if setting not in points:
+            raise ValueError(f"{entry!r}: {setting!r} is not a point of {name}'s grid ({', '.join(points)})")
+        chosen[name] = setting
+    return chosen
+
+
 def on_grid_edge(point: dict) -> bool:
     """Whether a chosen setting's learning rate is the smallest or largest of LEARNING_RATES (not bracketed)."""
     return point.get("learning_rate") in (min(LEARNING_RATES), max(LEARNING_RATES))
@@ -154,16 +174,21 @@ def _cell(mean: float, low: float, high: float, percent: bool, clipped: bool = F
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]{mark}"
 
 
+# How the table marks a setting by whether its choice met the rule's constraints (None: chosen by an earlier run).
+CHOICE_NOTES = {True: "", False: " (no run met the constraints)", None: " (chosen by an earlier run of this protocol)"}
+
+
 def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, list[dict]],
-                     met_constraints: dict[str, bool]) -> str:
-    """Markdown: the base, then each objective's chosen setting with its held-out mean [95% CI over seeds]."""
+                     met_constraints: dict[str, bool | None]) -> str:
+    """Markdown: the base, then each objective's chosen setting with its held-out mean [95% CI over seeds]; a
+    setting is marked by CHOICE_NOTES[met_constraints[objective]]."""
     header = ["objective", "chosen setting (on validation)", "seeds"] + [label for _, label in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append("| base | - | - | " + " | ".join(_cell(base[key], math.nan, math.nan, key == "identity_accuracy")
                                                    for key, _ in TABLE_METRICS) + " |")
     for name, measurements in held_out.items():
         summary = seed_summary(measurements)
-        setting = chosen[name] + ("" if met_constraints[name] else " (no run met the constraints)")
+        setting = chosen[name] + CHOICE_NOTES[met_constraints[name]]
         lines.append(f"| {name} | {setting} | {len(measurements)} | "
                      + " | ".join(_cell(*summary[key][:3], key == "identity_accuracy", summary[key][3])
                                   for key, _ in TABLE_METRICS) + " |")
