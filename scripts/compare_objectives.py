@@ -91,8 +91,9 @@ def main(argv=None) -> int:
             given = comparison.parse_chosen_settings(args.chosen_settings)
         except ValueError as error:
             raise InputError(f"--chosen_settings {error}") from None
-        if set(given) - set(names):
-            raise InputError(f"--chosen_settings: {', '.join(sorted(set(given) - set(names)))} not in --objectives")
+        not_run = sorted(set(given) - set(names))
+        if not_run:
+            raise InputError(f"--chosen_settings: {', '.join(not_run)} not in --objectives")
         if not Path(args.pairs_file).is_file():
             raise InputError(f"--pairs_file {args.pairs_file}: not found (run make demo first)")
         if comparison.COMMON_SETTINGS["train_batch_size"] % args.num_processes:
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     base = {split: measure(None, prompts[split], split, args, world, output_dir / f"base_{split}.json")
             for split in prompts}
 
-    validation, chosen, met, held_out = {}, {}, {}, {}
+    validation, chosen, chosen_points, met, held_out = {}, {}, {}, {}, {}
     for objective in objectives:
         runs = {}
         for point in (() if objective.name in given else objective.grid):
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
             chosen[objective.name], met[objective.name] = given[objective.name], None
         else:
             chosen[objective.name], met[objective.name] = comparison.select(runs, base[args.validation_split])
-        point = next(point for point in objective.grid if comparison.run_name(objective, point) == chosen[objective.name])
+        point = chosen_points[objective.name] = next(
+            point for point in objective.grid if comparison.run_name(objective, point) == chosen[objective.name])
         held_out[objective.name] = []
         for seed in seeds:
             run_dir = output_dir / "runs" / f"{chosen[objective.name]}_seed{seed}"
@@ -135,9 +137,7 @@ def main(argv=None) -> int:
                                                     run_dir / f"measure_{args.test_split}.json"))
 
     table = comparison.comparison_table(base[args.test_split], chosen, held_out, met)
-    edges = [name for name in chosen if comparison.on_grid_edge(
-        next(point for objective in objectives if objective.name == name for point in objective.grid
-             if comparison.run_name(objective, point) == chosen[name]))]
+    edges = [name for name, point in chosen_points.items() if comparison.on_grid_edge(point)]
     tests = (comparison.objective_tests(held_out) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
              else [])
     command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
