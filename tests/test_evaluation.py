@@ -367,6 +367,13 @@ def test_the_correction_is_used_when_the_confusion_is_well_estimated_and_refused
     headline = both.comparison[both.comparison["headline"]]
     assert {"discrepancy_corrected_gender", "discrepancy_race"} <= set(headline["metric"])
     assert "discrepancy_gender" not in set(headline["metric"])
+    # The intersectional pair is measured but is not a headline verdict: the family stays the axes.
+    joint = evaluate(good, {"copy": good}, ATTRIBUTES, replace(settings, axes=("gender", "race"),
+                                                                   intersectional=("race", "gender")))
+    assert "discrepancy_race_x_gender" in set(joint.comparison["metric"])
+    assert not joint.comparison.set_index("metric").loc["discrepancy_race_x_gender", "headline"]
+    family = joint.comparison[joint.comparison["p_value_holm"].notna()]
+    assert set(family["metric"]) == {"discrepancy_corrected_gender", "discrepancy_race"} and set(family["family_size"]) == {2}
 
     # Confusions near 50%: sigma_min is small and the correction is refused, with the reason in the report.
     singular = make_image_folder(tmp_path / "singular", correction_specs(15, 0.45, 0.45, seed=1))

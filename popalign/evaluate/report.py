@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 from popalign.evaluate.tables import (CORRECTED_DISCREPANCY, POOLED, EvaluationResult, ModelEvaluation,  # noqa: E402
                                       headline_corrected_attributes, intersectional_name, is_headline_metric)
 from popalign.image_folder import PROMPT_KINDS  # noqa: E402
-from popalign.io import atomic_write_text  # noqa: E402
+from popalign.io import atomic_save_figure, atomic_write_text  # noqa: E402
 
 CLASSIFIER_DESCRIPTIONS = {
     "deepface": "DeepFace (`DeepFace.analyze`, actions gender and race): a face detector, then DeepFace's gender "
@@ -143,7 +143,7 @@ def multiplicity_line(result: EvaluationResult) -> str:
             + (f" on split {markdown_code(result.settings.split)}" if result.settings.split else "")
             + f", are one family of {size} tests: their verdicts read Holm-adjusted p-values (family-wise error "
             f"{1 - result.settings.confidence:.2g}). Every other verdict, the headline's accuracy and quality included, "
-            "is at its own level, uncorrected: read those outside the headline as exploratory.")
+            "is at its own level, uncorrected: read those, and the bias verdicts outside the headline, as exploratory.")
 
 
 def format_verdict(verdict: str) -> str:
@@ -211,7 +211,7 @@ def _plot_distributions(models: Sequence[ModelEvaluation], prompt_id: str, axes:
         panel.legend(fontsize=7, loc="upper center", ncol=min(len(models), 3))
     figure.suptitle(textwrap.fill(title, 90), fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_save_figure(figure, path, dpi=100)
     plt.close(figure)
 
 
@@ -259,7 +259,7 @@ def _plot_image_grid(models: Sequence[ModelEvaluation], prompt_id: str, num_imag
     prompt = models[0].images.loc[models[0].images["prompt_id"] == prompt_id, "prompt"].iloc[0]
     figure.suptitle(textwrap.fill(f"{prompt}  (columns: image index {', '.join(map(str, shared))})", 100), fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_save_figure(figure, path, dpi=100)
     plt.close(figure)
     return True
 
@@ -312,7 +312,7 @@ def _headline_lines(result: EvaluationResult) -> list[str]:
         rows = result.comparison[result.comparison["model"] == model.name]
         summary = model.summary.set_index(["kind", "metric"])
         for _, test in rows.iterrows():
-            if not is_headline_metric(test["metric"], test["kind"], corrected):
+            if not is_headline_metric(test["metric"], test["kind"], result.settings.axes, corrected):
                 continue
             floor = summary["floor"].get((test["kind"], test["metric"]), math.nan)
             lines.append(f"- `{model.name}`, {test['kind']} prompts, `{test['metric']}` ({test['better']} is better): "

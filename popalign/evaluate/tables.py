@@ -183,13 +183,18 @@ def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float]
     return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
 
 
-def is_headline_metric(metric: str, kind: str, corrected: frozenset = frozenset()) -> bool:
-    """The headline's metrics: the neutral prompts' discrepancy of each attribute (corrected for the classifier
-    for the attributes in `corrected`, headline_corrected_attributes), and quality, identity accuracy, generic quality."""
+def headline_discrepancies(axes: Sequence[str], corrected: frozenset = frozenset()) -> frozenset:
+    """The headline's bias metrics: the neutral prompts' discrepancy of each measured axis, the corrected one for
+    the axes in `corrected` (headline_corrected_attributes). The intersectional pair's discrepancy is not one of
+    them: it stays in the tables, outside the Holm family, read as exploratory."""
+    return frozenset(f"{CORRECTED_DISCREPANCY}_{axis}" if axis in corrected else f"discrepancy_{axis}" for axis in axes)
+
+
+def is_headline_metric(metric: str, kind: str, axes: Sequence[str], corrected: frozenset = frozenset()) -> bool:
+    """The headline's metrics: headline_discrepancies of the neutral prompts, and quality, identity accuracy,
+    generic quality."""
     if kind == "neutral" and metric.startswith("discrepancy_"):
-        if metric.startswith(f"{CORRECTED_DISCREPANCY}_"):
-            return metric[len(CORRECTED_DISCREPANCY) + 1:] in corrected
-        return metric[len("discrepancy_"):] not in corrected
+        return metric in headline_discrepancies(axes, corrected)
     prefixes = {"neutral": ("quality_",), "identity": ("accuracy_",), "generic": ("quality_",)}
     return metric.startswith(prefixes[kind])
 
@@ -535,10 +540,8 @@ def headline_corrected_attributes(settings: EvaluationSettings, confusions: Mapp
 
 
 def is_family_metric(metric: str, kind: str, settings: EvaluationSettings, corrected: frozenset) -> bool:
-    """The headline's bias verdicts, corrected together: the neutral prompts' discrepancy of each measured axis
-    (the corrected one for the axes in `corrected`)."""
-    return kind == "neutral" and metric in {(f"{CORRECTED_DISCREPANCY}_{axis}" if axis in corrected else f"discrepancy_{axis}")
-                                            for axis in settings.axes}
+    """The headline's bias verdicts, corrected together: headline_discrepancies of the neutral prompts."""
+    return kind == "neutral" and metric in headline_discrepancies(settings.axes, corrected)
 
 
 def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings, corrected: frozenset) -> pd.DataFrame:
@@ -550,7 +553,8 @@ def holm_headline_family(comparison: pd.DataFrame, settings: EvaluationSettings,
     comparison = comparison.copy()
     if comparison.empty:
         return comparison
-    comparison["headline"] = [is_headline_metric(row.metric, row.kind, corrected) for row in comparison.itertuples()]
+    comparison["headline"] = [is_headline_metric(row.metric, row.kind, settings.axes, corrected)
+                            for row in comparison.itertuples()]
     in_family = np.array([is_family_metric(row.metric, row.kind, settings, corrected)
                           for row in comparison.itertuples()], dtype=bool)
     family = np.flatnonzero(in_family & comparison["p_value"].notna().to_numpy())
