@@ -6,7 +6,7 @@
 Needs the pairs of a finished demo (`make demo`: built from the training split only). For each objective
 of popalign.toy.comparison.OBJECTIVES it trains every grid point (the demo's settings, --max_train_steps
 steps, seed = the first of --seeds), scores each on the validation occupations, picks one setting by the
-declared rule, trains it with every seed (at least popalign.toy.comparison.MIN_SEEDS) and scores those on the
+declared rule (bracketing a learning rate chosen on an edge of the rates tried), trains it with every seed (at least popalign.toy.comparison.MIN_SEEDS) and scores those on the
 held-out occupations, then tests each objective against PopAlign per held-out prompt (superiority and
 equivalence against the declared margins, each family Holm-corrected). Writes `<output_dir>/table.md` and
 `results.json`. Re-running resumes: finished trainings are skipped (their
@@ -111,23 +111,26 @@ def main(argv=None) -> int:
     base = {split: measure(None, prompts[split], split, args, world, output_dir / f"base_{split}.json")
             for split in prompts}
 
-    validation, chosen, chosen_points, met, held_out = {}, {}, {}, {}, {}
+    validation, chosen, chosen_points, tried, met, held_out = {}, {}, {}, {}, {}, {}
     for objective in objectives:
-        runs = {}
-        for point in (() if objective.name in given else objective.grid):
+        def measure_point(point, objective=objective):
             name = comparison.run_name(objective, point)
             run_dir = output_dir / "runs" / f"{name}_seed{seeds[0]}"
             print(f"[grid] {name}, seed {seeds[0]}", flush=True)
             unet = train(run_dir, objective, point, seeds[0], args)
-            runs[name] = measure(unet, prompts[args.validation_split], args.validation_split, args, world,
-                                 run_dir / f"measure_{args.validation_split}.json")
-        validation[objective.name] = runs
+            return measure(unet, prompts[args.validation_split], args.validation_split, args, world,
+                           run_dir / f"measure_{args.validation_split}.json")
+
         if objective.name in given:
-            chosen[objective.name], met[objective.name] = given[objective.name], None
+            chosen[objective.name], met[objective.name], validation[objective.name] = given[objective.name], None, {}
+            chosen_points[objective.name] = next(point for point in comparison.candidate_points(objective)
+                                                 if comparison.run_name(objective, point) == given[objective.name])
+            tried[objective.name] = [*objective.grid, chosen_points[objective.name]]
         else:
-            chosen[objective.name], met[objective.name] = comparison.select(runs, base[args.validation_split])
-        point = chosen_points[objective.name] = next(
-            point for point in objective.grid if comparison.run_name(objective, point) == chosen[objective.name])
+            (chosen[objective.name], met[objective.name], chosen_points[objective.name], validation[objective.name],
+             points) = comparison.tune(objective, measure_point, base[args.validation_split])
+            tried[objective.name] = list(points.values())
+        point = chosen_points[objective.name]
         held_out[objective.name] = []
         for seed in seeds:
             run_dir = output_dir / "runs" / f"{chosen[objective.name]}_seed{seed}"
@@ -136,9 +139,10 @@ def main(argv=None) -> int:
             held_out[objective.name].append(measure(unet, prompts[args.test_split], args.test_split, args, world,
                                                     run_dir / f"measure_{args.test_split}.json"))
 
-    table = comparison.comparison_table(base[args.test_split], chosen, held_out, met)
-    edges = [name for name, point in chosen_points.items() if comparison.on_grid_edge(point)]
-    tests = (comparison.objective_tests(held_out) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
+    bounds = comparison.discrepancy_bounds(world.genders, world.races)
+    table = comparison.comparison_table(base[args.test_split], chosen, held_out, met, bounds)
+    edges = [name for name, point in chosen_points.items() if comparison.bracketing_point(point, tried[name]) is not None]
+    tests = (comparison.objective_tests(held_out, bounds) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
              else [])
     command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([
@@ -149,14 +153,19 @@ def main(argv=None) -> int:
         "Grid rule (declared before the runs): " + "; ".join(
             f"{objective.name} {len(objective.grid)} runs" + (" (trained by the earlier run that chose its setting, "
                                                               "not here)" if objective.name in given else "")
-            for objective in objectives) + f", {args.max_train_steps} steps each.",
-        ("Chosen on the edge of the learning-rate grid (not bracketed): " + ", ".join(edges) + ".") if edges else
-        "Every chosen learning rate is inside its grid.", "",
+            + (f" and {len(validation[objective.name]) - len(objective.grid)} bracketing run(s)"
+               if len(validation[objective.name]) > len(objective.grid) else "")
+            for objective in objectives) + f", {args.max_train_steps} steps each. Bracketing (at most "
+        f"{comparison.MAX_BRACKETING_RUNS} runs per objective): a chosen learning rate that is the largest (smallest) tried "
+        "with its other values is tried again doubled (halved), and the rule chooses again among all the objective's runs.",
+        ("Chosen on an edge of the learning rates tried, after bracketing (not bracketed): " + ", ".join(edges) + ".") if edges
+        else "Every chosen learning rate is bracketed by the rates tried.", "",
         f"Each objective against {comparison.REFERENCE_OBJECTIVE} per held-out prompt (difference = objective - "
         f"{comparison.REFERENCE_OBJECTIVE}; lower is better), with equivalence margins declared before the runs "
         f"({comparison.EQUIVALENCE_MARGINS}); superiority and equivalence tests each Holm-corrected over their family "
         "per unit:", "",
-        comparison.tests_table(tests) if tests else "(needs the reference objective and at least one other)", "",
+        comparison.tests_table(tests) if tests else "(needs the reference objective and at least one other)",
+        "† an interval cut to the range a difference can take.", "",
         f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import InputError, Terminated, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
+from popalign.io import InputError, Terminated, atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
 
@@ -250,18 +250,19 @@ def summarise(base: dict, runs: dict, args) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
-def method_tests(runs: dict, methods: list[str]) -> list[dict]:
+def method_tests(runs: dict, methods: list[str], bounds: dict[str, tuple[float, float]]) -> list[dict]:
     """Methods compared with each other, per size measured with two or more of them: each against the first of `methods`
     measured at that size, on the held-out prompts (comparison.objective_tests: difference = method - reference per
     prompt, each value the mean over seeds, and per prompt x seed; a paired superiority test and an equivalence test
-    against comparison.EQUIVALENCE_MARGINS, declared before any run; each family Holm-corrected over its size's tests)."""
+    against comparison.EQUIVALENCE_MARGINS, declared before any run; each family Holm-corrected over its size's tests;
+    intervals cut to the range of a difference, bounds: comparison.discrepancy_bounds)."""
     rows = []
     for size in sorted({size for _, size in runs}):
         held_out = {method: runs[method, size] for method in methods if (method, size) in runs}
         if len(held_out) < 2:
             continue
         reference = next(iter(held_out))
-        rows += [{"size": size, **row} for row in comparison.objective_tests(held_out, reference)]
+        rows += [{"size": size, **row} for row in comparison.objective_tests(held_out, bounds, reference)]
     return rows
 
 
@@ -303,7 +304,7 @@ def plot(rows: list[dict], base: dict, floors: dict, path: Path) -> None:
     panels[-1].legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    atomic_save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
                       f"figure leaves that row, as noted); with these prompts the smallest Holm p possible is {smallest_holm:.3g} "
                       f"(every prompt moving the same way). Floors: gender "
                       f"{floors['gender']:.3f}, race {floors['race']:.3f}.", "", table, "", f"Command: `{command.strip()}`", ""])
-    between = method_tests(runs, methods)
+    between = method_tests(runs, methods, comparison.discrepancy_bounds(world.genders, world.races))
     if between:
         text += "\n".join(["", "Between methods, per size (lower is better; difference = method - the first of --methods measured "
                            "there), per held-out prompt (each value the mean over seeds) and per prompt x seed (seeds taken as "

@@ -9,6 +9,8 @@ from popalign.toy import comparison
 
 BASE = {"neutral_gender_discrepancy": 0.7, "neutral_race_discrepancy": 0.8, "identity_accuracy": 0.98,
         "neutral_toy_quality": 0.96}
+# The ranges of the toy world's discrepancies: 2 genders, 3 races.
+BOUNDS = comparison.discrepancy_bounds(("male", "female"), ("a", "b", "c"))
 
 
 def measurement(gender, race, identity=0.98, quality=0.96):
@@ -30,7 +32,6 @@ def test_every_objective_grid_comes_from_one_rule_and_run_names_are_distinct():
     assert comparison.grid_for(("learning_rate", "beta"))[0] == {"beta": 0.5, "learning_rate": 5e-5}
     with pytest.raises(ValueError):
         comparison.grid_for(("momentum",))
-    assert comparison.on_grid_edge({"learning_rate": 4e-4}) and not comparison.on_grid_edge({"learning_rate": 1e-4})
     names = [comparison.run_name(objective, point) for objective in comparison.OBJECTIVES for point in objective.grid]
     assert len(names) == len(set(names))
     logs = {comparison.training_log(Path("study/runs") / f"{name}_seed0") for name in names}
@@ -59,7 +60,7 @@ def test_objective_tests_find_a_difference_and_an_equivalence_with_holm():
     held_out = {"popalign": held_out_measurements(0.0, 0.0, 5, seed=0),
                 "sft": held_out_measurements(-0.1, 0.0, 5, seed=1),    # better on gender, the same on race
                 "dpo": held_out_measurements(0.2, 0.3, 5, seed=2)}     # worse on both
-    rows = {(row["objective"], row["metric"], row["unit"]): row for row in comparison.objective_tests(held_out)}
+    rows = {(row["objective"], row["metric"], row["unit"]): row for row in comparison.objective_tests(held_out, BOUNDS)}
     assert len(rows) == 2 * 2 * 2
     sft_gender = rows[("sft", "gender_discrepancy", "prompt")]
     assert sft_gender["num_pairs"] == 8 and sft_gender["difference"] == pytest.approx(-0.1, abs=0.01)
@@ -74,7 +75,80 @@ def test_objective_tests_find_a_difference_and_an_equivalence_with_holm():
     table = comparison.tests_table(list(rows.values()))
     assert table.count("\n") == 1 + len(rows) and "| sft | popalign | gender | prompt | 8 | -0.1" in table
     with pytest.raises(ValueError, match="reference"):
-        comparison.objective_tests({"sft": held_out["sft"]})
+        comparison.objective_tests({"sft": held_out["sft"]}, BOUNDS)
+
+
+def test_intervals_are_cut_to_the_range_of_each_axis_and_of_a_difference():
+    assert BOUNDS["gender_discrepancy"] == pytest.approx((0.0, math.sqrt(1 / 2)))
+    assert BOUNDS["race_discrepancy"] == pytest.approx((0.0, math.sqrt(2 / 3)))
+    # Seeds near gender's maximum of 0.707, one far below it: the interval over seeds would pass 0.707.
+    seeds = [measurement(gender, 0.5) for gender in (0.70, 0.70, 0.69, 0.70, 0.40)]
+    mean, low, high, clipped = comparison.seed_summary(seeds, BOUNDS)["neutral_gender_discrepancy"]
+    assert clipped and high == pytest.approx(math.sqrt(1 / 2)) and low < mean < high
+    assert comparison.table_metric_bounds("identity_accuracy", BOUNDS) == (0.0, 1.0)
+    table = comparison.comparison_table(BASE, {"sft": "sft_learning_rate0.0004"}, {"sft": seeds}, {"sft": True}, BOUNDS)
+    assert f"[{low:.3f}, 0.707]†" in table
+    # A difference lies in [-0.707, +0.707] for gender: an objective at gender's maximum on most prompts
+    # against a reference at 0 reads a difference interval that would leave that range.
+    def one_seed(gender_values):
+        return [{"neutral": [{"occupation": f"o{index}", "gender_discrepancy": value, "race_discrepancy": 0.3}
+                             for index, value in enumerate(gender_values)]}]
+    reference = one_seed([0.0] * 6)
+    extreme = one_seed([0.7071] * 5 + [0.0])
+    rows = comparison.objective_tests({"popalign": reference, "sft": extreme}, BOUNDS)
+    gender = next(row for row in rows if row["metric"] == "gender_discrepancy" and row["unit"] == "prompt")
+    assert -math.sqrt(1 / 2) - 1e-12 <= gender["ci_low"] <= gender["ci_high"] <= math.sqrt(1 / 2) + 1e-12
+    assert gender["ci_clipped"] and "]†" in comparison.tests_table([gender])
+    race = next(row for row in rows if row["metric"] == "race_discrepancy" and row["unit"] == "prompt")
+    assert not race["ci_clipped"]
+
+
+def test_a_chosen_rate_on_an_edge_of_the_rates_tried_is_bracketed():
+    grid = [{"beta": beta, "learning_rate": rate} for beta in (0.5, 2.0) for rate in comparison.LEARNING_RATES]
+    assert comparison.bracketing_point({"beta": 2.0, "learning_rate": 4e-4}, grid) == {"beta": 2.0, "learning_rate": 8e-4}
+    assert comparison.bracketing_point({"beta": 0.5, "learning_rate": 5e-5}, grid) == {"beta": 0.5, "learning_rate": 2.5e-5}
+    assert comparison.bracketing_point({"beta": 2.0, "learning_rate": 1e-4}, grid) is None
+    # Only the rates tried with the chosen point's other values count: 8e-4 at beta 2 does not bracket beta 0.5.
+    extended = grid + [{"beta": 2.0, "learning_rate": 8e-4}]
+    assert comparison.bracketing_point({"beta": 2.0, "learning_rate": 4e-4}, extended) is None
+    assert comparison.bracketing_point({"beta": 0.5, "learning_rate": 4e-4}, extended) == {"beta": 0.5, "learning_rate": 8e-4}
+    sft = next(objective for objective in comparison.OBJECTIVES if objective.name == "sft")
+    names = [comparison.run_name(sft, point) for point in comparison.candidate_points(sft)]
+    assert names == ["sft_learning_rate5e-05", "sft_learning_rate0.0001", "sft_learning_rate0.0002", "sft_learning_rate0.0004",
+                     "sft_learning_rate0.0008", "sft_learning_rate2.5e-05", "sft_learning_rate0.0016", "sft_learning_rate1.25e-05"]
+
+
+def sft_validation(rate, breaks_from=None):
+    """A validation measurement whose discrepancy falls with the learning rate and whose identity accuracy breaks at
+    `breaks_from` and above."""
+    broken = breaks_from is not None and rate >= breaks_from - 1e-12
+    return measurement(0.5 - 100 * rate, 0.5 - 100 * rate, identity=0.5 if broken else 0.98)
+
+
+def test_tuning_brackets_an_edge_rate_and_stops_after_its_runs():
+    sft = next(objective for objective in comparison.OBJECTIVES if objective.name == "sft")
+    measured = []
+
+    def measuring(breaks_from):
+        def measure_point(point):
+            measured.append(point["learning_rate"])
+            return sft_validation(point["learning_rate"], breaks_from)
+        measured.clear()
+        return measure_point
+
+    # The grid's largest rate wins, 8e-4 wins in its turn, 1.6e-3 breaks identity: 8e-4 is bracketed.
+    chosen, met, point, measurements, points = comparison.tune(sft, measuring(1.6e-3), BASE)
+    assert measured == [5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]
+    assert chosen == "sft_learning_rate0.0008" and met and point == {"learning_rate": 8e-4}
+    assert list(measurements) == list(points) and len(points) == 6
+    assert comparison.bracketing_point(point, list(points.values())) is None
+    # Nothing breaks: both bracketing runs are spent and the choice stays on the edge, which is then reported.
+    chosen, _, point, _, points = comparison.tune(sft, measuring(None), BASE)
+    assert chosen == "sft_learning_rate0.0016" and len(points) == 4 + comparison.MAX_BRACKETING_RUNS
+    assert comparison.bracketing_point(point, list(points.values())) == {"learning_rate": 3.2e-3}
+    # An interior choice adds no run.
+    chosen, _, _, _, points = comparison.tune(sft, measuring(2e-4), BASE)
+    assert chosen == "sft_learning_rate0.0001" and measured == list(comparison.LEARNING_RATES)
 
 
 def test_selection_takes_the_lowest_bias_among_runs_that_hold_identity_and_quality():
@@ -97,19 +171,19 @@ def test_selection_takes_the_lowest_bias_among_runs_that_hold_identity_and_quali
 
 def test_table_gives_mean_and_interval_over_seeds():
     held_out = {"popalign": [measurement(0.10, 0.20), measurement(0.12, 0.18), measurement(0.14, 0.22)]}
-    summary = comparison.seed_summary(held_out["popalign"])
+    summary = comparison.seed_summary(held_out["popalign"], BOUNDS)
     mean, low, high, clipped = summary["neutral_gender_discrepancy"]
     assert not clipped
     assert mean == pytest.approx(0.12)
     # At least the t-interval: sd 0.02, t_{2, 0.975} = 4.3027.
     assert low <= 0.12 - 4.3027 * 0.02 / math.sqrt(3) + 1e-5 and high >= 0.12 + 4.3027 * 0.02 / math.sqrt(3) - 1e-5
     table = comparison.comparison_table(BASE, {"popalign": "popalign_beta0.5_learning_rate0.0002"}, held_out,
-                                        {"popalign": False})
+                                        {"popalign": False}, BOUNDS)
     lines = table.splitlines()
     assert lines[2].startswith("| base | - | - | 0.700 | 0.800 | 98.0% | 0.960 |")
     assert lines[3].startswith("| popalign | popalign_beta0.5_learning_rate0.0002 (no run met the constraints) | 3 | 0.120 [")
     given = comparison.comparison_table(BASE, {"popalign": "popalign_beta0.5_learning_rate0.0002"}, held_out,
-                                        {"popalign": None}).splitlines()[3]
+                                        {"popalign": None}, BOUNDS).splitlines()[3]
     assert given.startswith("| popalign | popalign_beta0.5_learning_rate0.0002 (chosen by an earlier run of this protocol) | 3 |")
 
 
@@ -121,6 +195,10 @@ def test_a_setting_chosen_by_an_earlier_run_must_be_a_point_of_its_objectives_gr
         comparison.parse_chosen_settings("ppo=ppo_learning_rate0.0001")
     with pytest.raises(ValueError, match="is not a point of sft's grid"):
         comparison.parse_chosen_settings("sft=sft_learning_rate0.003")
+    # A point bracketing could have added: a grid edge rate doubled (or halved) up to MAX_BRACKETING_RUNS times.
+    assert comparison.parse_chosen_settings("sft=sft_learning_rate0.0016") == {"sft": "sft_learning_rate0.0016"}
+    with pytest.raises(ValueError, match="bracketing"):
+        comparison.parse_chosen_settings("sft=sft_learning_rate0.0032")
     with pytest.raises(ValueError, match="is not a point of dpo's grid"):  # DPO has no loser-weight knob
         comparison.parse_chosen_settings("dpo=dpo_beta2_lambda_loser1_learning_rate0.0001")
     with pytest.raises(ValueError, match="sft given twice"):
@@ -208,7 +286,7 @@ def test_the_generalization_study_tests_methods_against_the_first_at_each_size_t
             ("popalign_unet", 20): held_out_measurements(0.0, 0.0, 3, prompts=12, seed=1),
             ("sft", 20): held_out_measurements(-0.1, 0.0, 3, prompts=12, seed=2),
             ("popalign_text_encoder", 20): held_out_measurements(0.15, 0.2, 3, prompts=12, seed=3)}
-    rows = script.method_tests(runs, ["popalign_unet", "popalign_text_encoder", "sft"])
+    rows = script.method_tests(runs, ["popalign_unet", "popalign_text_encoder", "sft"], BOUNDS)
     assert {row["size"] for row in rows} == {20} and {row["reference"] for row in rows} == {"popalign_unet"}
     assert len(rows) == 2 * 2 * 2  # 2 methods x 2 axes x 2 units
     by_key = {(row["objective"], row["metric"], row["unit"]): row for row in rows}
@@ -224,11 +302,11 @@ def test_the_generalization_study_tests_methods_against_the_first_at_each_size_t
     sft_line = next(line for line in table.splitlines() if line.startswith("| 20 | sft | popalign_unet | gender | prompt | 12 | "))
     assert "| better |" in sft_line and "(0.00195)" in sft_line
     # the reference is the first of --methods measured at that size, whatever order the runs came in
-    assert {row["reference"] for row in script.method_tests(runs, ["sft", "popalign_unet"])} == {"sft"}
-    assert script.method_tests({key: value for key, value in runs.items() if key[0] == "popalign_unet"}, ["popalign_unet"]) == []
+    assert {row["reference"] for row in script.method_tests(runs, ["sft", "popalign_unet"], BOUNDS)} == {"sft"}
+    assert script.method_tests({key: value for key, value in runs.items() if key[0] == "popalign_unet"}, ["popalign_unet"], BOUNDS) == []
     # a size without the first method: the next one measured there is the reference, and the table says so
     without_first = {key: value for key, value in runs.items() if key != ("popalign_unet", 20)}
-    rows = script.method_tests(without_first, ["popalign_unet", "popalign_text_encoder", "sft"])
+    rows = script.method_tests(without_first, ["popalign_unet", "popalign_text_encoder", "sft"], BOUNDS)
     assert {(row["reference"], row["objective"]) for row in rows} == {("popalign_text_encoder", "sft")}
 
 

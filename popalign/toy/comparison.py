@@ -5,10 +5,12 @@ The protocol, fixed before any run (scripts/compare_objectives.py runs it):
    objective has (LEARNING_RATES for all; TEMPERATURES for the objectives with a temperature; LOSER_WEIGHTS
    for those with a loser term, Diffusion-DPO included). Everything else is the demo's setting, the same
    for all: pairs, steps, batch, cosine schedule, caption dropout, prior preservation. An objective with
-   fewer knobs has fewer runs; no objective's values were picked from its own earlier runs.
+   fewer knobs has fewer runs. The values are shared, not each objective's own; PopAlign's grid still holds
+   the demo's setting (temperature 0.5, loser weight 0.1, 2e-4), found by earlier PopAlign runs.
 2. Each grid run is scored on the VALIDATION occupations (neither trained on nor tested on).
-3. SELECTION_RULE picks one setting per objective from those scores alone; a learning rate chosen on
-   the edge of LEARNING_RATES is reported as such (the grid did not bracket it).
+3. SELECTION_RULE picks one setting per objective from those scores alone. A learning rate chosen on an edge
+   of the rates tried is bracketed (bracketing_point: the chosen setting again at twice or half the rate,
+   and the rule chooses again; at most MAX_BRACKETING_RUNS runs); still on an edge, it is reported as such.
 4. The chosen setting is trained with at least MIN_SEEDS seeds and scored on the HELD-OUT occupations; the
    table gives each objective's mean over seeds with a 95% interval over seeds, and objective_tests
    compares each objective with the reference (PopAlign) per held-out prompt: a paired superiority test
@@ -88,16 +90,67 @@ def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTI
             raise ValueError(f"{entry!r}: unknown objective {name!r} (known: {', '.join(known)})")
         if name in chosen:
             raise ValueError(f"{entry!r}: {name} given twice")
-        points = [run_name(known[name], point) for point in known[name].grid]
-        if setting not in points:
-            raise ValueError(f"{entry!r}: {setting!r} is not a point of {name}'s grid ({', '.join(points)})")
+        if setting not in {run_name(known[name], point) for point in candidate_points(known[name])}:
+            points = [run_name(known[name], point) for point in known[name].grid]
+            raise ValueError(f"{entry!r}: {setting!r} is not a point of {name}'s grid ({', '.join(points)}) nor of its "
+                             f"bracketing (a rate of the grid's edge times or divided by 2 to 2^{MAX_BRACKETING_RUNS})")
         chosen[name] = setting
     return chosen
 
 
-def on_grid_edge(point: dict) -> bool:
-    """Whether a chosen setting's learning rate is the smallest or largest of LEARNING_RATES (not bracketed)."""
-    return point.get("learning_rate") in (min(LEARNING_RATES), max(LEARNING_RATES))
+# Bracketing (added after the first run on the 36-occupation world chose SFT's largest rate): at most this many runs
+# per objective beyond its grid.
+MAX_BRACKETING_RUNS = 2
+
+
+def _other_values(point: dict) -> dict:
+    return {key: value for key, value in point.items() if key != "learning_rate"}
+
+
+def bracketing_point(chosen: dict, tried: list[dict]) -> dict | None:
+    """The run that brackets a chosen learning rate: among the points `tried` (every run of the objective so far) with
+    the chosen point's other values, a rate that is the largest tried is tried again doubled, the smallest halved;
+    None when a larger and a smaller rate were both tried (the rate is bracketed)."""
+    rates = [point["learning_rate"] for point in tried if _other_values(point) == _other_values(chosen)]
+    rate = chosen["learning_rate"]
+    if rate >= max(rates, default=rate):
+        return {**chosen, "learning_rate": rate * 2}
+    if rate <= min(rates):
+        return {**chosen, "learning_rate": rate / 2}
+    return None
+
+
+def candidate_points(objective: Objective) -> list[dict]:
+    """Every point the protocol can choose for an objective: its grid, and the points bracketing could add to it (a
+    grid point of the largest rate times 2 to 2^MAX_BRACKETING_RUNS, of the smallest divided by the same)."""
+    largest, smallest = max(LEARNING_RATES), min(LEARNING_RATES)
+    points = list(objective.grid)
+    for factor in (2 ** power for power in range(1, MAX_BRACKETING_RUNS + 1)):
+        points += [{**point, "learning_rate": largest * factor} for point in objective.grid if point["learning_rate"] == largest]
+        points += [{**point, "learning_rate": smallest / factor} for point in objective.grid if point["learning_rate"] == smallest]
+    return points
+
+
+def tune(objective: Objective, measure_point, base: dict) -> tuple[str, bool, dict, dict[str, dict], dict[str, dict]]:
+    """One objective's choice under the protocol: every grid point run and scored on validation (measure_point(point)
+    -> validation measurement), SELECTION_RULE's choice, then while the chosen rate is on an edge of the rates tried
+    (bracketing_point) and fewer than MAX_BRACKETING_RUNS such runs were made, that run and the rule again over all.
+
+    Returns (chosen run name, whether it met the rule's constraints, its point, {run name: measurement},
+    {run name: point}) in the order run."""
+    measurements, points = {}, {}
+    for point in objective.grid:
+        name = run_name(objective, point)
+        measurements[name], points[name] = measure_point(point), point
+    chosen, met = select(measurements, base)
+    for _ in range(MAX_BRACKETING_RUNS):
+        point = bracketing_point(points[chosen], list(points.values()))
+        if point is None:
+            break
+        name = run_name(objective, point)
+        measurements[name], points[name] = measure_point(point), point
+        chosen, met = select(measurements, base)
+    return chosen, met, points[chosen], measurements, points
 
 
 # Identity accuracy may fall at most this far below the base's, and toy quality at most this share.
@@ -151,17 +204,29 @@ TABLE_METRICS = (
 )
 
 
-# Every table metric lies in [0, 1] (a discrepancy below sqrt(1 - 1/K) < 1; accuracy; the toy quality's range).
-TABLE_METRIC_BOUNDS = (0.0, 1.0)
+# Identity accuracy and the toy quality lie in [0, 1].
+UNIT_RANGE = (0.0, 1.0)
 
 
-def seed_summary(measurements: list[dict]) -> dict[str, tuple[float, float, float, bool]]:
-    """Per table metric: (mean over seeds, 95% interval low, high, whether the interval was cut to
-    TABLE_METRIC_BOUNDS) of one objective's held-out measurements."""
+def discrepancy_bounds(genders, races) -> dict[str, tuple[float, float]]:
+    """The range of each axis's discrepancy from a uniform target, [0, sqrt(1 - 1/K)] over the world's K labels
+    (metrics.discrepancy_range: 0.707 for 2 genders, 0.816 for 3 races), keyed as a measurement's prompts name it."""
+    return {"gender_discrepancy": metrics.discrepancy_range(list(genders)),
+            "race_discrepancy": metrics.discrepancy_range(list(races))}
+
+
+def table_metric_bounds(key: str, bounds: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The range of a TABLE_METRICS value: a neutral discrepancy's from `bounds` (discrepancy_bounds), else [0, 1]."""
+    return bounds.get(key.removeprefix("neutral_"), UNIT_RANGE)
+
+
+def seed_summary(measurements: list[dict], bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float, float, bool]]:
+    """Per table metric: (mean over seeds, 95% interval low, high, whether the interval was cut to the metric's
+    range, table_metric_bounds) of one objective's held-out measurements."""
     summary = {}
     for key, _ in TABLE_METRICS:
         mean, low, high = bootstrap_mean_ci([measurement[key] for measurement in measurements])
-        summary[key] = (mean, *metrics.clip_interval(low, high, TABLE_METRIC_BOUNDS))
+        summary[key] = (mean, *metrics.clip_interval(low, high, table_metric_bounds(key, bounds)))
     return summary
 
 
@@ -179,15 +244,16 @@ CHOICE_NOTES = {True: "", False: " (no run met the constraints)", None: " (chose
 
 
 def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, list[dict]],
-                     met_constraints: dict[str, bool | None]) -> str:
-    """Markdown: the base, then each objective's chosen setting with its held-out mean [95% CI over seeds]; a
-    setting is marked by CHOICE_NOTES[met_constraints[objective]]."""
+                     met_constraints: dict[str, bool | None], bounds: dict[str, tuple[float, float]]) -> str:
+    """Markdown: the base, then each objective's chosen setting with its held-out mean [95% CI over seeds, cut to
+    the metric's range (bounds: discrepancy_bounds) and marked †]; a setting is marked by
+    CHOICE_NOTES[met_constraints[objective]]."""
     header = ["objective", "chosen setting (on validation)", "seeds"] + [label for _, label in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append("| base | - | - | " + " | ".join(_cell(base[key], math.nan, math.nan, key == "identity_accuracy")
                                                    for key, _ in TABLE_METRICS) + " |")
     for name, measurements in held_out.items():
-        summary = seed_summary(measurements)
+        summary = seed_summary(measurements, bounds)
         setting = chosen[name] + CHOICE_NOTES[met_constraints[name]]
         lines.append(f"| {name} | {setting} | {len(measurements)} | "
                      + " | ".join(_cell(*summary[key][:3], key == "identity_accuracy", summary[key][3])
@@ -199,7 +265,7 @@ def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, lis
 # matters" (below the sampling floor of a fair population of 100 faces: 0.056 for gender, 0.072 for 3 races).
 EQUIVALENCE_MARGINS = {"gender_discrepancy": 0.05, "race_discrepancy": 0.05}
 REFERENCE_OBJECTIVE = "popalign"
-TEST_COLUMNS = ["objective", "metric", "unit", "num_pairs", "difference", "ci_low", "ci_high", "p_value", "p_value_holm",
+TEST_COLUMNS = ["objective", "metric", "unit", "num_pairs", "difference", "ci_low", "ci_high", "ci_clipped", "p_value", "p_value_holm",
                 "verdict", "margin", "p_equivalence", "p_equivalence_holm", "equivalence"]
 
 
@@ -212,9 +278,11 @@ def per_prompt_values(measurements: list[dict], metric: str) -> dict[str, list[f
     return values
 
 
-def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_OBJECTIVE,
+def objective_tests(held_out: dict[str, list[dict]], bounds: dict[str, tuple[float, float]], reference: str = REFERENCE_OBJECTIVE,
                     margins: dict[str, float] = EQUIVALENCE_MARGINS, confidence: float = 0.95) -> list[dict]:
-    """Each objective against the reference on the held-out prompts: difference = objective - reference.
+    """Each objective against the reference on the held-out prompts: difference = objective - reference, its
+    interval cut to the range a difference of two values in bounds[metric] can take ([lo - hi, hi - lo],
+    discrepancy_bounds; `ci_clipped` says whether it was cut).
 
     Two units, each its own row: 'prompt' pairs the held-out prompts, each value the mean over seeds (the
     primary test: prompts are independent); 'prompt x seed' pairs (prompt, seed i of each objective)
@@ -244,9 +312,12 @@ def objective_tests(held_out: dict[str, list[dict]], reference: str = REFERENCE_
                 other_values = [b for _, b in pairs]
                 superiority = metrics.paired_test(base_values, other_values, confidence)
                 equivalence = metrics.paired_equivalence_test(base_values, other_values, margin, confidence)
+                lower, upper = bounds[metric]
+                ci_low, ci_high, clipped = metrics.clip_interval(superiority.ci_low, superiority.ci_high,
+                                                                 (lower - upper, upper - lower))
                 unit_rows.append({"objective": name, "reference": reference, "metric": metric, "unit": unit, "num_pairs": len(pairs),
-                                  "difference": superiority.mean_difference, "ci_low": superiority.ci_low,
-                                  "ci_high": superiority.ci_high, "p_value": superiority.p_value, "margin": margin,
+                                  "difference": superiority.mean_difference, "ci_low": ci_low, "ci_high": ci_high,
+                                  "ci_clipped": clipped, "p_value": superiority.p_value, "margin": margin,
                                   "p_equivalence": equivalence.p_value, "_superiority": superiority,
                                   "_equivalence": equivalence})
         superiority_p = [row["p_value"] for row in unit_rows]
@@ -277,7 +348,7 @@ def tests_table(rows: list[dict], leading: tuple[tuple[str, str], ...] = (), nam
     for row in rows:
         cells = [str(row[key]) for _, key in leading] + [
             row["objective"], row["reference"], row["metric"].removesuffix("_discrepancy"), row["unit"], str(row["num_pairs"]),
-            f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]",
+            f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]{'†' if row.get('ci_clipped') else ''}",
             f"{row['p_value']:.3g} ({row['p_value_holm']:.3g})", row["verdict"],
             f"{row['p_equivalence']:.3g} ({row['p_equivalence_holm']:.3g}), +-{row['margin']:g}", row["equivalence"]]
         lines.append("| " + " | ".join(cells) + " |")
