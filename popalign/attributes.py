@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def load_attributes(path: str | Path = DEFAULT_ATTRIBUTES_PATH) -> AttributeSet:
         raise InputError(f"{path}: expected an object with a non-empty 'attributes' object (docs/data_formats.md)")
     attributes = {}
     for name, spec in raw["attributes"].items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise InputError(f"{path}: attribute name {name!r}: use lowercase letters, digits and _ (it names columns, "
+                             "metrics and flags)")
         if not isinstance(spec, dict):
             raise InputError(f"{path}: attribute {name!r} must be an object with 'values'")
         values = spec.get("values")

@@ -266,15 +266,24 @@ def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> None:
     _atomic_write(Path(path), lambda stream: frame.to_csv(stream, index=False, quoting=csv.QUOTE_MINIMAL))
 
 
-def atomic_save_image(image, path: str | Path) -> None:
-    """Save a PIL image as PNG through a temporary file, so no partial image ever has the final name."""
-    path = Path(path)
+def _atomic_write_png(path: Path, write) -> None:
     with _temporary_beside(path, ".png") as temporary:
         with os.fdopen(temporary.take_handle(), "wb") as stream:
-            image.save(stream, format="PNG")
+            write(stream)
             stream.flush()
         os.chmod(temporary.name, _default_file_mode())
         os.replace(temporary.name, path)
+
+
+def atomic_save_image(image, path: str | Path) -> None:
+    """Save a PIL image as PNG through a temporary file, so no partial image ever has the final name."""
+    _atomic_write_png(Path(path), lambda stream: image.save(stream, format="PNG"))
+
+
+def atomic_save_figure(figure, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG as atomic_save_image saves an image (a link at `path` refused, a full disk one
+    line naming it)."""
+    _atomic_write_png(Path(path), lambda stream: figure.savefig(stream, format="png", dpi=dpi))
 
 
 def read_jsonl(paths: Iterable[str | Path]) -> list[dict]:

@@ -356,6 +356,7 @@ def test_a_truncated_image_found_while_classifying_is_named_and_nothing_before_c
     ({"attributes": {"gender": ["male", "female"]}}, "attribute 'gender' must be an object with 'values'"),
     ({"attributes": {"gender": {"values": {"male": "male"}, "classifier_labels": ["Man"]}}}, "'classifier_labels' must map"),
     ({"attributes": {"gender": {"values": {"male": "male"}}}, "word_order": "gender"}, "'word_order' must be a list"),
+    ({"attributes": {"gender`<b>": {"values": {"male": "male"}}}}, "attribute name 'gender`<b>': use lowercase letters"),
 ])
 def test_attribute_files_of_the_wrong_shape(tmp_path, content, message):
     path = tmp_path / "attributes.json"

@@ -170,6 +170,35 @@ def test_a_part_file_is_never_opened_through_a_link(tmp_path):
     assert outside.read_text() == ""
 
 
+def test_a_chart_is_never_written_through_a_link_and_never_left_half_written(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from popalign.io import atomic_save_figure
+
+    figure, panel = plt.subplots(figsize=(2, 2))
+    panel.plot([0, 1], [0, 1])
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"someone else's file")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report/chart_gender.png").symlink_to(outside)
+    with pytest.raises(InputError, match=r"chart_gender\.png: is a symbolic link"):
+        atomic_save_figure(figure, tmp_path / "report/chart_gender.png")
+    assert outside.read_bytes() == b"someone else's file"
+    # A figure that fails while drawing leaves no file under its name, nor a temporary one beside it.
+    broken, broken_panel = plt.subplots(figsize=(2, 2))
+    broken_panel.set_title("$\\frac{1}{$", usetex=False)
+    with pytest.raises(ValueError):
+        atomic_save_figure(broken, tmp_path / "report/chart_race.png")
+    assert sorted(path.name for path in (tmp_path / "report").iterdir()) == ["chart_gender.png"]
+    atomic_save_figure(figure, tmp_path / "report/chart_age.png", dpi=50)
+    with Image.open(tmp_path / "report/chart_age.png") as image:
+        assert image.format == "PNG" and image.size == (100, 100)
+    plt.close("all")
+
+
 # ----- a full disk, a file-size limit, a read-only folder ---------------------------------------------------------
 
 @contextlib.contextmanager

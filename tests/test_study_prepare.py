@@ -135,6 +135,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders, run)
         (["--image_dirs", f"x/y={folders['base']}", str(folders["popalign"])], "model name"),
         (["--image_dirs", str(folders["base"]), str(tmp_path / "missing")], "missing"),
         (["--image_dirs", *map(str, folders.values()), "--image_tasks", "two"], "--image_tasks"),
+        (["--image_dirs", *map(str, folders.values()), "--seed", "-1"], "--seed"),
+        (["--image_dirs", *map(str, folders.values()), "--seed", "4294967296"], "out of range"),
     ]
     for flags, expected in cases:
         result = run("prepare", *flags, "--output_dir", str(out))
@@ -158,6 +160,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, folders, run)
     result = run("serve", "--study", str(out), "--port", "1")
     assert result.returncode == 2 and missing.stem in result.stderr and result.stderr.count("\n") == 1
     # analyze and serve: a folder that is not a study.
+    result = run("analyze", "--study", str(out), "--seed", "-1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--seed" in result.stderr
     for command in (["analyze", "--study", str(tmp_path / "nothing")], ["serve", "--study", str(tmp_path / "nothing")]):
         result = run(*command)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nothing" in result.stderr

@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from popalign.io import ArgumentParser, InputError, atomic_write_json, atomic_write_text, check_output_location, \
+from popalign.io import ArgumentParser, InputError, atomic_write_json, atomic_write_text, check_output_location, parse_seed, \
     exit_2_on_input_error
 from popalign.locks import output_lock
 from popalign.study import ANALYSIS_DIR
@@ -42,7 +42,7 @@ def build_parser() -> ArgumentParser:
             ("repeat_checks", "pairs each rater sees twice, the sides swapped"),
             ("max_failed_checks", "the exclusion rule: a rater failing more attention checks than this is left out"),
             ("seed", "seed of the task draw and of the raters' plans")]:
-        prepare.add_argument(f"--{field}", type=int, default=getattr(defaults, field), help=help_text)
+        prepare.add_argument(f"--{field}", type=parse_seed if field == "seed" else int, default=getattr(defaults, field), help=help_text)
     prepare.add_argument("--confidence", type=float, default=defaults.confidence, help="level of intervals and verdicts")
 
     serve = commands.add_parser("serve", help="serve the rating page", description="Serve a study's rating page.")
@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
     analyze.add_argument("--votes", default=None, help="a CSV exported from the server (default: <study>/votes.sqlite)")
     analyze.add_argument("--output_dir", default=None, help=f"where to write analysis.md and analysis.json (default: <study>/{ANALYSIS_DIR})")
     analyze.add_argument("--num_resamples", type=int, default=2000, help="bootstrap resamples over raters and prompts")
-    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--seed", type=parse_seed, default=0, help="seed of the bootstrap resampling")
     return parser
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from popalign.io import atomic_write_text
 from popalign.training.checkpoints import training_settings
 from popalign.training.objectives import OBJECTIVES
 
@@ -96,7 +97,7 @@ def write_model_card(output_dir: str | Path, settings: dict, weights: Path, glob
             *(["lora"] if settings.get("lora_rank", 0) > 0 else []), "stable-diffusion-xl" if kind == "sdxl" else "stable-diffusion"]
     card = populate_model_card(card, tags=tags)
     path = output_dir / MODEL_CARD_NAME
-    card.save(str(path))
+    atomic_write_text(path, str(card))  # as ModelCard.save writes it, through a temporary file and never through a link
     return path
 
 
@@ -111,7 +112,5 @@ def update_evaluation_section(card_path: str | Path, markdown: str) -> bool:
     start = text.index(EVALUATION_HEADING) + len(EVALUATION_HEADING)
     following = re.search(r"^## ", text[start:], re.M)
     end = start + following.start() if following else len(text)
-    from popalign.io import atomic_write_text
-
     atomic_write_text(card_path, text[:start] + "\n\n" + markdown.strip() + "\n" + ("\n" + text[end:] if following else ""))
     return True

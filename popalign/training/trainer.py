@@ -769,7 +769,7 @@ def run_training(run: PreparedRun) -> TrainResult:
             refuse_symlink(output_dir / "unet_raw")
             shutil.rmtree(output_dir / "unet_raw", ignore_errors=True)
             os.replace(output_dir / "unet", output_dir / "unet_raw")
-            with fresh_folder(output_dir / "unet") as folder:
+            with write_faults_named(output_dir / "unet"), fresh_folder(output_dir / "unet") as folder:
                 run.ema.save_pretrained(str(folder))
         if accelerator.is_main_process:
             from popalign.training.model_card import write_model_card
