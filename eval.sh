@@ -61,7 +61,7 @@ load_recipe
 : "${VAE_TILING:=off}"                 # decode in tiles (less memory at high resolution)
 : "${COMPILE_UNET:=off}"               # torch.compile the U-Net: minutes to compile on every process, then faster steps
 # Classification and quality.
-: "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), toy
+: "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), age_gender (offline weights; no race), toy
 : "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
 : "${CLIP_MODEL:=openai/clip-vit-large-patch14}"         # for CLASSIFIER=clip
 : "${CLASSIFY_BATCH_SIZE:=16}"

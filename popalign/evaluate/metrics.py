@@ -230,7 +230,7 @@ def unbiased_squared_discrepancy(labels: Sequence, classes: Sequence[str], targe
         S = sum_k n_k (n_k - 1) / (n (n - 1)) - 2 sum_k p_hat_k t_k + sum_k t_k^2
           = sum_k (n p_hat_k^2 - p_hat_k) / (n - 1) - 1/K        (uniform t)
 
-    S can be negative (a fair population reads below 0 in 58-67% of draws, docs/statistics.md): it is an estimate of
+    S can be negative (a fair population reads below 0 in 57-68% of draws, docs/statistics.md): it is an estimate of
     a square, not a square. NaN with fewer than 2 labels.
     """
     counts = label_counts(labels, classes).astype(float)
