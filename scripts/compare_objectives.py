@@ -17,7 +17,6 @@ and the table marks the setting), so that objectives can be added to a compariso
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import InputError, atomic_write_json, atomic_write_text  # noqa: E402
+from popalign.io import InputError, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
 from popalign.toy.base import check_base_world  # noqa: E402
@@ -50,10 +49,9 @@ def train(run_dir: Path, objective: comparison.Objective, point: dict, seed: int
     log = comparison.training_log(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # Appended: a re-run of a finished training (4_train.sh says "nothing to do") keeps the log of the training itself.
-    with open(log, "a", encoding="utf-8") as handle:
-        result = subprocess.run(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"training {run_dir} failed (exit {result.returncode}); see {log}")
+    returncode = comparison.run_training_script(env, log, REPO_ROOT)
+    if returncode != 0:
+        raise RuntimeError(f"training {run_dir} failed (exit {returncode}); see {log}")
     return run_dir / "unet"
 
 
@@ -62,6 +60,7 @@ def measure(unet: Path | None, prompts, split: str, args, world, cache: Path) ->
     return comparison.measure_cached({"unet_path": str(unet)} if unet else {}, prompts, split, args, world, cache)
 
 
+@exit_2_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     comparison.add_toy_study_arguments(parser, output_dir="outputs/toy_comparison")

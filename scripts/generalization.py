@@ -16,13 +16,9 @@ and measurements are kept).
 """
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from popalign.attributes import load_attributes  # noqa: E402
-from popalign.io import InputError, Terminated, atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
+from popalign.io import InputError, atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text, exit_2_on_input_error  # noqa: E402
 from popalign.prompts import DEFAULT_TEMPLATE, expand_prompts, read_neutral_prompts  # noqa: E402
 from popalign.toy import comparison  # noqa: E402
 
@@ -120,44 +116,10 @@ def train(run_dir: Path, method: str, pairs_file: Path, validation_prompts: Path
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = comparison.training_log(run_dir)
     # Appended: a training resumed after a kill keeps the log of its first part.
-    with open(log, "a", encoding="utf-8") as handle:
-        # Its own session, so that an interrupted study (Ctrl-C, SIGTERM, or SIGHUP when its terminal closes: each
-        # raised here as an exception) stops the launcher's training processes before it exits.
-        process = subprocess.Popen(["bash", "4_train.sh"], cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        previous = signal.signal(signal.SIGHUP, hang_up)
-        try:
-            returncode = process.wait()
-        except BaseException:
-            stop_process_group(process)
-            raise
-        finally:
-            signal.signal(signal.SIGHUP, previous)
+    returncode = comparison.run_training_script(env, log, REPO_ROOT)
     if returncode != 0:
         raise RuntimeError(f"training {run_dir} failed (exit {returncode}); see {log}")
     return True
-
-
-def hang_up(signum, frame):
-    """SIGHUP (the study's terminal closed) raised like SIGTERM, so that the training it started is stopped too."""
-    raise Terminated()
-
-
-def stop_process_group(process: subprocess.Popen, grace_seconds: float = 60.0) -> None:
-    """SIGTERM to the group `process` leads, then wait until the group is gone (the launcher stops its workers
-    first), SIGKILL to whatever is left after `grace_seconds`."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    process.wait()
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def best_or_final_weights(run_dir: Path) -> dict:

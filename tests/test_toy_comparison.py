@@ -342,8 +342,18 @@ def test_each_generalization_variant_changes_one_setting_of_popalign_unet_and_it
     assert math.isnan(script.validation_score(tmp_path, 200))
 
 
+TRAIN_CALLS = {
+    "generalization": "script.training_environment = lambda *arguments: dict(os.environ)\n"
+                      "script.train(Path(RUN), 'popalign_unet', None, None, 0, None)\n",
+    "compare_objectives": "import argparse\n"
+                          "script.train(Path(RUN), script.comparison.OBJECTIVES[0], script.comparison.OBJECTIVES[0].grid[0], 0, "
+                          "argparse.Namespace(num_processes=2, pairs_file='p.csv', pretrained_model='m', max_train_steps=1))\n",
+}
+
+
+@pytest.mark.parametrize("study_script", sorted(TRAIN_CALLS))
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGHUP"])
-def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_path, stop):
+def test_an_interrupted_study_stops_its_training_processes(tmp_path, stop, study_script):
     import os
     import signal
     import subprocess
@@ -353,14 +363,13 @@ def test_an_interrupted_generalization_study_stops_its_training_processes(tmp_pa
 
     # a stand-in for 4_train.sh (the study's subprocess boundary) whose child would outlive an interrupted study
     (tmp_path / "4_train.sh").write_text(f"sleep 120 &\necho $! > {tmp_path / 'child.pid'}\nwait\n")
-    script_path = Path(__file__).resolve().parent.parent / "scripts" / "generalization.py"
+    script_path = Path(__file__).resolve().parent.parent / "scripts" / f"{study_script}.py"
     code = (f"import importlib.util, os, signal, sys\nfrom pathlib import Path\n"
             f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even where the test runner ignores SIGINT
-            f"spec = importlib.util.spec_from_file_location('generalization', {str(script_path)!r})\n"
+            f"spec = importlib.util.spec_from_file_location({study_script!r}, {str(script_path)!r})\n"
             f"script = importlib.util.module_from_spec(spec); spec.loader.exec_module(script)\n"
             f"script.REPO_ROOT = Path({str(tmp_path)!r})\n"
-            f"script.training_environment = lambda *arguments: dict(os.environ)\n"
-            f"script.train(Path({str(tmp_path / 'run')!r}), 'popalign_unet', None, None, 0, None)\n")
+            f"RUN = {str(tmp_path / 'run')!r}\n" + TRAIN_CALLS[study_script])
     study = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     pid_file = tmp_path / "child.pid"
     child = None

@@ -355,6 +355,53 @@ def tests_table(rows: list[dict], leading: tuple[tuple[str, str], ...] = (), nam
     return "\n".join(lines)
 
 
+def run_training_script(env: dict, log: Path, cwd: Path) -> int:
+    """`bash 4_train.sh` in `cwd` with `env`, its output appended to `log`; its exit code. In its own session, so that an
+    interrupted study (Ctrl-C, SIGTERM, or SIGHUP when its terminal closes: each raised here as an exception) stops the
+    launcher's training processes (stop_process_group) before it exits."""
+    import signal
+    import subprocess
+
+    from popalign.io import Terminated
+
+    def hang_up(signum, frame):
+        raise Terminated()
+
+    with open(log, "a", encoding="utf-8") as handle:
+        process = subprocess.Popen(["bash", "4_train.sh"], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        previous = signal.signal(signal.SIGHUP, hang_up)
+        try:
+            return process.wait()
+        except BaseException:
+            stop_process_group(process)
+            raise
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+
+def stop_process_group(process, grace_seconds: float = 60.0) -> None:
+    """SIGTERM to the group `process` leads, then wait until the group is gone (the launcher stops its workers
+    first), SIGKILL to whatever is left after `grace_seconds`."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    process.wait()
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def add_toy_study_arguments(parser, output_dir: str) -> None:
     """The flags a toy-world study script shares: its inputs, and how tuned and base models are measured."""
     parser.add_argument("--pairs_file", default="outputs/toy_demo/preferences/pairs.csv")
