@@ -140,7 +140,9 @@ def main(argv=None) -> int:
 
     bounds = comparison.discrepancy_bounds(world.genders, world.races)
     table = comparison.comparison_table(base[args.test_split], chosen, held_out, met, bounds)
-    edges = [name for name, point in chosen_points.items() if comparison.bracketing_point(point, tried[name]) is not None]
+    on_edge = {name for name, point in chosen_points.items() if comparison.bracketing_point(point, tried[name]) is not None}
+    edges = [name for name in chosen_points if name in on_edge and name not in given]
+    given_edges = [name for name in chosen_points if name in on_edge and name in given]
     tests = (comparison.objective_tests(held_out, bounds) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
              else [])
     command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -158,7 +160,9 @@ def main(argv=None) -> int:
         f"{comparison.MAX_BRACKETING_RUNS} runs per objective): a chosen learning rate that is the largest (smallest) tried "
         "with its other values is tried again doubled (halved), and the rule chooses again among all the objective's runs.",
         ("Chosen on an edge of the learning rates tried, after bracketing (not bracketed): " + ", ".join(edges) + ".") if edges
-        else "Every chosen learning rate is bracketed by the rates tried.", "",
+        else "Every learning rate chosen here is bracketed by the rates tried.",
+        *([f"Chosen by an earlier run on an edge of {'its' if len(given_edges) == 1 else 'their'} grid (whether that run "
+           "bracketed it is for its own table to say): " + ", ".join(given_edges) + "."] if given_edges else []), "",
         f"Each objective against {comparison.REFERENCE_OBJECTIVE} per held-out prompt (difference = objective - "
         f"{comparison.REFERENCE_OBJECTIVE}; lower is better), with equivalence margins declared before the runs "
         f"({comparison.EQUIVALENCE_MARGINS}); superiority and equivalence tests each Holm-corrected over their family "

@@ -80,7 +80,8 @@ OBJECTIVES = (
 def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTIVES) -> dict[str, str]:
     """`objective=run name[,objective=run name...]` -> {objective: run name}: settings that an earlier run of this
     protocol chose (same pairs, base, steps and SELECTION_RULE), so that the objective's grid is not trained again.
-    Each name must be one of its objective's grid points (run_name); raises ValueError naming the entry otherwise."""
+    Each name must be one of its objective's candidate_points (its grid or a point bracketing could add; run_name);
+    raises ValueError naming the entry otherwise."""
     known = {objective.name: objective for objective in objectives}
     chosen: dict[str, str] = {}
     for entry in [entry.strip() for entry in text.split(",") if entry.strip()]:
