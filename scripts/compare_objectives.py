@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         f"{comparison.REFERENCE_OBJECTIVE}; lower is better), with equivalence margins declared before the runs "
         f"({comparison.EQUIVALENCE_MARGINS}); superiority and equivalence tests each Holm-corrected over their family "
         "per unit:", "",
-        comparison.tests_table(tests) if tests else "(needs the reference objective and at least one other)",
+        comparison.tests_table(tests) if tests else "(needs the reference objective and at least one other)", "",
         "† an interval cut to the range a difference can take.", "",
         f"Command: `{command.strip()}`", ""])
     atomic_write_text(output_dir / "table.md", text)

@@ -357,7 +357,7 @@ def main(argv=None) -> int:
                            "independent: more pairs, anti-conservative if seeds share an effect); equivalence margins declared "
                            "before the runs; Holm over each size's superiority tests, and over its equivalence tests, per unit (sizes "
                            "not corrected together).",
-                           "", comparison.tests_table(between, leading=(("training occupations", "size"),), name_header="method"),
+                           "", comparison.tests_table(between, leading=(("training occupations", "size"),), name_header="method"), "",
                            "† an interval cut to the range a difference can take.", ""])
     atomic_write_text(output_dir / "table.md", text)
     atomic_write_json(output_dir / "results.json", {"settings": vars(args), "methods": {name: METHODS[name] for name in methods},
