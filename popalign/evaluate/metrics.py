@@ -795,6 +795,11 @@ def discrepancy_range(classes: Sequence[str], target=None) -> tuple[float, float
     return 0.0, float(np.sqrt(np.sum((vertices - t) ** 2, axis=1)).max())
 
 
+def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range of a difference of two values in [lo, hi]: [lo - hi, hi - lo]."""
+    return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
+
+
 def clip_interval(low: float, high: float, bounds: tuple[float, float] | None) -> tuple[float, float, bool]:
     """An interval cut to the range its quantity can take: (max(low, lo), min(high, hi), whether it was cut).
 

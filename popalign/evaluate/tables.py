@@ -178,11 +178,6 @@ def metric_bounds(metric: str, attributes: AttributeSet, settings: EvaluationSet
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def difference_bounds(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
-    """The range of a difference of two values in [lo, hi]: [lo - hi, hi - lo]."""
-    return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
-
-
 def headline_discrepancies(axes: Sequence[str], corrected: frozenset = frozenset()) -> frozenset:
     """The headline's bias metrics: the neutral prompts' discrepancy of each measured axis, the corrected one for
     the axes in `corrected` (headline_corrected_attributes). The intersectional pair's discrepancy is not one of
@@ -515,7 +510,7 @@ def compare_to_base(base: ModelEvaluation, tuned: ModelEvaluation, attributes: A
                                          max(settings.num_resamples, 1), settings.seed)
             better = metric_direction(metric, kind)
             low, high, clipped = metrics.clip_interval(result.ci_low, result.ci_high,
-                                                       difference_bounds(metric_bounds(metric, attributes, settings)))
+                                                       metrics.difference_bounds(metric_bounds(metric, attributes, settings)))
             result = replace(result, ci_low=low, ci_high=high)
             rows.append({"model": tuned.name, "kind": kind, "metric": metric, "better": better,
                          "num_pairs": result.num_pairs,

@@ -114,7 +114,7 @@ def bracketing_point(chosen: dict, tried: list[dict]) -> dict | None:
     None when a larger and a smaller rate were both tried (the rate is bracketed)."""
     rates = [point["learning_rate"] for point in tried if _other_values(point) == _other_values(chosen)]
     rate = chosen["learning_rate"]
-    if rate >= max(rates, default=rate):
+    if rate >= max(rates):
         return {**chosen, "learning_rate": rate * 2}
     if rate <= min(rates):
         return {**chosen, "learning_rate": rate / 2}
@@ -266,8 +266,6 @@ def comparison_table(base: dict, chosen: dict[str, str], held_out: dict[str, lis
 # matters" (below the sampling floor of a fair population of 100 faces: 0.056 for gender, 0.072 for 3 races).
 EQUIVALENCE_MARGINS = {"gender_discrepancy": 0.05, "race_discrepancy": 0.05}
 REFERENCE_OBJECTIVE = "popalign"
-TEST_COLUMNS = ["objective", "metric", "unit", "num_pairs", "difference", "ci_low", "ci_high", "ci_clipped", "p_value", "p_value_holm",
-                "verdict", "margin", "p_equivalence", "p_equivalence_holm", "equivalence"]
 
 
 def per_prompt_values(measurements: list[dict], metric: str) -> dict[str, list[float]]:
@@ -313,9 +311,8 @@ def objective_tests(held_out: dict[str, list[dict]], bounds: dict[str, tuple[flo
                 other_values = [b for _, b in pairs]
                 superiority = metrics.paired_test(base_values, other_values, confidence)
                 equivalence = metrics.paired_equivalence_test(base_values, other_values, margin, confidence)
-                lower, upper = bounds[metric]
                 ci_low, ci_high, clipped = metrics.clip_interval(superiority.ci_low, superiority.ci_high,
-                                                                 (lower - upper, upper - lower))
+                                                                 metrics.difference_bounds(bounds[metric]))
                 unit_rows.append({"objective": name, "reference": reference, "metric": metric, "unit": unit, "num_pairs": len(pairs),
                                   "difference": superiority.mean_difference, "ci_low": ci_low, "ci_high": ci_high,
                                   "ci_clipped": clipped, "p_value": superiority.p_value, "margin": margin,
