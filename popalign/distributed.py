@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -34,7 +35,32 @@ def make_accelerator(**accelerator_options):
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
     check_distributed_type(accelerator)
+    release_process_group_at_exit()
     return accelerator
+
+
+_release_registered = False
+
+
+def release_process_group_at_exit() -> None:
+    """Destroy a gloo process group when the interpreter exits normally, before Python tears itself down (once per
+    process; a no-op without one). Left to interpreter finalization, gloo's worker threads can still hold tensors of
+    finished collectives whose release needs the interpreter, and the process aborts ("terminate called without an
+    active exception", SIGABRT) after its work is done, so the launcher reports a failed run. Only gloo: NCCL's
+    teardown may wait on its communicators and belongs to the code that knows they are idle (the trainer's
+    end_training)."""
+    global _release_registered
+    if not _release_registered:
+        atexit.register(release_gloo_process_group)
+        _release_registered = True
+
+
+def release_gloo_process_group() -> None:
+    """Destroy the default process group if one is up and its backend is gloo."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 # The launcher's request (accelerate launch sets these from its config) -> the distributed type that fulfils it.

@@ -1,5 +1,6 @@
 """popalign.distributed: every Accelerator it makes keeps DDP's gradients in the all-reduce buckets (no second copy of
-the gradients), checked on the handlers and on a model wrapped in DDP over 2 CPU processes."""
+the gradients), checked on the handlers and on a model wrapped in DDP over 2 CPU processes; and its gloo process group
+is destroyed when the process exits, before the interpreter's teardown (where gloo's threads can abort the process)."""
 
 import os
 import socket
@@ -29,14 +30,23 @@ def test_the_ddp_handler_gets_bucket_views_and_keeps_its_other_settings():
 
 # Two processes: a model prepared by make_accelerator's Accelerator is DDP with bucket views, and after a backward,
 # an optimizer step and zero_grad(set_to_none=True) (as the trainer does), the next backward's gradients still share
-# one bucket's storage (without bucket views every gradient has its own).
+# one bucket's storage (without bucket views every gradient has its own). An exit handler registered before the
+# Accelerator runs after make_accelerator's (exit handlers run last in, first out) and records whether the process group
+# was already gone.
 WORKER = textwrap.dedent("""
+    import atexit
     import os
     import sys
 
     import torch
+    import torch.distributed as dist
     from popalign.distributed import make_accelerator
 
+    def record_process_group():
+        with open(os.path.join(sys.argv[1], f"exit{os.environ['RANK']}.txt"), "a") as log:
+            print(f"initialized at exit {dist.is_initialized()}", file=log)
+
+    atexit.register(record_process_group)
     accelerator = make_accelerator()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
@@ -69,6 +79,7 @@ def test_ddp_over_two_processes_keeps_gradients_in_its_buckets(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     for rank in (0, 1):  # 2 steps each: the 4 gradients in one bucket
         assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["storages 1 bucket_view True"] * 2
+        assert (tmp_path / f"exit{rank}.txt").read_text().splitlines() == ["initialized at exit False"]
 
 
 def test_a_launch_that_asked_for_fsdp_and_got_plain_data_parallel_is_refused(tmp_path):
