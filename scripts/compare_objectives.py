@@ -70,6 +70,9 @@ def main(argv=None) -> int:
                         help=f"training seeds of each chosen setting (at least {comparison.MIN_SEEDS}); the first also "
                              "trains the grid")
     parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--max_bracketing_runs", type=int, default=comparison.MAX_BRACKETING_RUNS,
+                        help="runs per objective beyond its grid that may bracket a learning rate chosen on an edge "
+                             "(declare it before the run)")
     parser.add_argument("--chosen_settings", default="",
                         help="objective=run name,...: settings an earlier run of this protocol chose (same pairs, base "
                              "and steps), whose grids are not trained again; the table marks them")
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
             raise InputError(f"--seeds: give at least {comparison.MIN_SEEDS} distinct seeds (got {len(set(seeds))})")
         if any(not 0 <= seed < 2 ** 32 for seed in seeds):
             raise InputError("--seeds: each seed must be in [0, 2^32)")
+        if args.max_bracketing_runs < 0:
+            raise InputError(f"--max_bracketing_runs {args.max_bracketing_runs}: must be 0 or more")
         known = {objective.name: objective for objective in comparison.OBJECTIVES}
         names = [name.strip() for name in args.objectives.split(",") if name.strip()]
         unknown = [name for name in names if name not in known]
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
             raise InputError(f"--objectives: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(known)})")
         objectives = [known[name] for name in names]
         try:
-            given = comparison.parse_chosen_settings(args.chosen_settings)
+            given = comparison.parse_chosen_settings(args.chosen_settings, max_bracketing_runs=args.max_bracketing_runs)
         except ValueError as error:
             raise InputError(f"--chosen_settings {error}") from None
         not_run = sorted(set(given) - set(names))
@@ -122,12 +127,13 @@ def main(argv=None) -> int:
 
         if objective.name in given:
             chosen[objective.name], met[objective.name], validation[objective.name] = given[objective.name], None, {}
-            chosen_points[objective.name] = next(point for point in comparison.candidate_points(objective)
+            chosen_points[objective.name] = next(point for point in comparison.candidate_points(objective, args.max_bracketing_runs)
                                                  if comparison.run_name(objective, point) == given[objective.name])
             tried[objective.name] = [*objective.grid, chosen_points[objective.name]]
         else:
             (chosen[objective.name], met[objective.name], chosen_points[objective.name], validation[objective.name],
-             points) = comparison.tune(objective, measure_point, base[args.validation_split])
+             points) = comparison.tune(objective, measure_point, base[args.validation_split],
+                                             args.max_bracketing_runs)
             tried[objective.name] = list(points.values())
         point = chosen_points[objective.name]
         held_out[objective.name] = []
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
             + (f" and {len(validation[objective.name]) - len(objective.grid)} bracketing run(s)"
                if len(validation[objective.name]) > len(objective.grid) else "")
             for objective in objectives) + f", {args.max_train_steps} steps each. Bracketing (at most "
-        f"{comparison.MAX_BRACKETING_RUNS} runs per objective): a chosen learning rate that is the largest (smallest) tried "
+        f"{args.max_bracketing_runs} runs per objective): a chosen learning rate that is the largest (smallest) tried "
         "with its other values is tried again doubled (halved), and the rule chooses again among all the objective's runs.",
         ("Chosen on an edge of the learning rates tried, after bracketing (not bracketed): " + ", ".join(edges) + ".") if edges
         else "Every learning rate chosen here is bracketed by the rates tried.",

@@ -113,9 +113,11 @@ def test_a_chosen_rate_on_an_edge_of_the_rates_tried_is_bracketed():
     assert comparison.bracketing_point({"beta": 2.0, "learning_rate": 4e-4}, extended) is None
     assert comparison.bracketing_point({"beta": 0.5, "learning_rate": 4e-4}, extended) == {"beta": 0.5, "learning_rate": 8e-4}
     sft = next(objective for objective in comparison.OBJECTIVES if objective.name == "sft")
-    names = [comparison.run_name(sft, point) for point in comparison.candidate_points(sft)]
+    names = [comparison.run_name(sft, point) for point in comparison.candidate_points(sft, 2)]
     assert names == ["sft_learning_rate5e-05", "sft_learning_rate0.0001", "sft_learning_rate0.0002", "sft_learning_rate0.0004",
                      "sft_learning_rate0.0008", "sft_learning_rate2.5e-05", "sft_learning_rate0.0016", "sft_learning_rate1.25e-05"]
+    assert len(comparison.candidate_points(sft)) == 4 + 2 * comparison.MAX_BRACKETING_RUNS
+    assert comparison.candidate_points(sft, 0) == list(sft.grid)
 
 
 def sft_validation(rate, breaks_from=None):
@@ -142,10 +144,18 @@ def test_tuning_brackets_an_edge_rate_and_stops_after_its_runs():
     assert chosen == "sft_learning_rate0.0008" and met and point == {"learning_rate": 8e-4}
     assert list(measurements) == list(points) and len(points) == 6
     assert comparison.bracketing_point(point, list(points.values())) is None
-    # Nothing breaks: both bracketing runs are spent and the choice stays on the edge, which is then reported.
-    chosen, _, point, _, points = comparison.tune(sft, measuring(None), BASE)
-    assert chosen == "sft_learning_rate0.0016" and len(points) == 4 + comparison.MAX_BRACKETING_RUNS
+    # Nothing breaks: with a cap of 2, both bracketing runs are spent and the choice stays on the edge, which is
+    # then reported; the default cap goes on doubling until its runs are spent too.
+    chosen, _, point, _, points = comparison.tune(sft, measuring(None), BASE, max_bracketing_runs=2)
+    assert chosen == "sft_learning_rate0.0016" and len(points) == 4 + 2
     assert comparison.bracketing_point(point, list(points.values())) == {"learning_rate": 3.2e-3}
+    chosen, _, point, _, points = comparison.tune(sft, measuring(None), BASE)
+    assert len(points) == 4 + comparison.MAX_BRACKETING_RUNS
+    assert point == {"learning_rate": pytest.approx(4e-4 * 2 ** comparison.MAX_BRACKETING_RUNS)}
+    # Identity breaks at 3.2e-3: the larger cap ends inside, at 1.6e-3, bracketed by the run that broke.
+    chosen, met, point, _, points = comparison.tune(sft, measuring(3.2e-3), BASE)
+    assert chosen == "sft_learning_rate0.0016" and met and len(points) == 4 + 3
+    assert comparison.bracketing_point(point, list(points.values())) is None
     # An interior choice adds no run.
     chosen, _, _, _, points = comparison.tune(sft, measuring(2e-4), BASE)
     assert chosen == "sft_learning_rate0.0001" and measured == list(comparison.LEARNING_RATES)
@@ -195,10 +205,11 @@ def test_a_setting_chosen_by_an_earlier_run_must_be_a_point_of_its_objectives_gr
         comparison.parse_chosen_settings("ppo=ppo_learning_rate0.0001")
     with pytest.raises(ValueError, match="is not a point of sft's grid"):
         comparison.parse_chosen_settings("sft=sft_learning_rate0.003")
-    # A point bracketing could have added: a grid edge rate doubled (or halved) up to MAX_BRACKETING_RUNS times.
-    assert comparison.parse_chosen_settings("sft=sft_learning_rate0.0016") == {"sft": "sft_learning_rate0.0016"}
-    with pytest.raises(ValueError, match="bracketing"):
-        comparison.parse_chosen_settings("sft=sft_learning_rate0.0032")
+    # A point bracketing could have added: a grid edge rate doubled (or halved) up to the cap's number of times.
+    assert comparison.parse_chosen_settings("sft=sft_learning_rate0.0016", max_bracketing_runs=2) == {"sft": "sft_learning_rate0.0016"}
+    with pytest.raises(ValueError, match=r"bracketing \(a rate of the grid's edge times or divided by 2 to 2\^2\)"):
+        comparison.parse_chosen_settings("sft=sft_learning_rate0.0032", max_bracketing_runs=2)
+    assert comparison.parse_chosen_settings("sft=sft_learning_rate0.0032") == {"sft": "sft_learning_rate0.0032"}
     with pytest.raises(ValueError, match="is not a point of dpo's grid"):  # DPO has no loser-weight knob
         comparison.parse_chosen_settings("dpo=dpo_beta2_lambda_loser1_learning_rate0.0001")
     with pytest.raises(ValueError, match="sft given twice"):
@@ -220,6 +231,10 @@ def test_the_script_refuses_an_unknown_objective(capsys):
     assert "--chosen_settings: sft not in --objectives" in capsys.readouterr().err
     assert script.main(["--chosen_settings", "popalign=popalign_learning_rate0.0001"]) == 2
     assert "--chosen_settings 'popalign=popalign_learning_rate0.0001': 'popalign_learning_rate0.0001' is not a point" in capsys.readouterr().err
+    assert script.main(["--max_bracketing_runs", "-1"]) == 2
+    assert "--max_bracketing_runs -1: must be 0 or more" in capsys.readouterr().err
+    assert script.main(["--objectives", "popalign,sft", "--max_bracketing_runs", "1", "--chosen_settings", "sft=sft_learning_rate0.0016"]) == 2
+    assert "nor of its bracketing (a rate of the grid's edge times or divided by 2 to 2^1)" in capsys.readouterr().err
 
 
 def load_script(name: str):

@@ -10,7 +10,8 @@ The protocol, fixed before any run (scripts/compare_objectives.py runs it):
 2. Each grid run is scored on the VALIDATION occupations (neither trained on nor tested on).
 3. SELECTION_RULE picks one setting per objective from those scores alone. A learning rate chosen on an edge
    of the rates tried is bracketed (bracketing_point: the chosen setting again at twice or half the rate,
-   and the rule chooses again; at most MAX_BRACKETING_RUNS runs); still on an edge, it is reported as such.
+   and the rule chooses again; at most MAX_BRACKETING_RUNS runs unless the run declares another cap); still on an
+   edge, it is reported as such.
 4. The chosen setting is trained with at least MIN_SEEDS seeds and scored on the HELD-OUT occupations; the
    table gives each objective's mean over seeds with a 95% interval over seeds, and objective_tests
    compares each objective with the reference (PopAlign) per held-out prompt: a paired superiority test
@@ -77,11 +78,13 @@ OBJECTIVES = (
 )
 
 
-def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTIVES) -> dict[str, str]:
+def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTIVES,
+                          max_bracketing_runs: int | None = None) -> dict[str, str]:
     """`objective=run name[,objective=run name...]` -> {objective: run name}: settings that an earlier run of this
     protocol chose (same pairs, base, steps and SELECTION_RULE), so that the objective's grid is not trained again.
-    Each name must be one of its objective's candidate_points (its grid or a point bracketing could add; run_name);
-    raises ValueError naming the entry otherwise."""
+    Each name must be one of its objective's candidate_points (its grid or a point bracketing could add under the
+    cap `max_bracketing_runs`, MAX_BRACKETING_RUNS when None; run_name); raises ValueError naming the entry otherwise."""
+    cap = MAX_BRACKETING_RUNS if max_bracketing_runs is None else max_bracketing_runs
     known = {objective.name: objective for objective in objectives}
     chosen: dict[str, str] = {}
     for entry in [entry.strip() for entry in text.split(",") if entry.strip()]:
@@ -91,17 +94,19 @@ def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTI
             raise ValueError(f"{entry!r}: unknown objective {name!r} (known: {', '.join(known)})")
         if name in chosen:
             raise ValueError(f"{entry!r}: {name} given twice")
-        if setting not in {run_name(known[name], point) for point in candidate_points(known[name])}:
+        if setting not in {run_name(known[name], point) for point in candidate_points(known[name], cap)}:
             points = [run_name(known[name], point) for point in known[name].grid]
             raise ValueError(f"{entry!r}: {setting!r} is not a point of {name}'s grid ({', '.join(points)}) nor of its "
-                             f"bracketing (a rate of the grid's edge times or divided by 2 to 2^{MAX_BRACKETING_RUNS})")
+                             f"bracketing (a rate of the grid's edge times or divided by 2 to 2^{cap})")
         chosen[name] = setting
     return chosen
 
 
 # Bracketing (added after the first run on the 36-occupation world chose SFT's largest rate): at most this many runs
-# per objective beyond its grid.
-MAX_BRACKETING_RUNS = 2
+# per objective beyond its grid, unless a run declares its own cap (compare_objectives --max_bracketing_runs). The
+# four-objective run on that world declared 2 and ended with SFT's rate still on the edge; the default was then
+# raised to 6, declared before the SFT run that used it.
+MAX_BRACKETING_RUNS = 6
 
 
 def _other_values(point: dict) -> dict:
@@ -121,21 +126,22 @@ def bracketing_point(chosen: dict, tried: list[dict]) -> dict | None:
     return None
 
 
-def candidate_points(objective: Objective) -> list[dict]:
+def candidate_points(objective: Objective, max_bracketing_runs: int = MAX_BRACKETING_RUNS) -> list[dict]:
     """Every point the protocol can choose for an objective: its grid, and the points bracketing could add to it (a
-    grid point of the largest rate times 2 to 2^MAX_BRACKETING_RUNS, of the smallest divided by the same)."""
+    grid point of the largest rate times 2 to 2^max_bracketing_runs, of the smallest divided by the same)."""
     largest, smallest = max(LEARNING_RATES), min(LEARNING_RATES)
     points = list(objective.grid)
-    for factor in (2 ** power for power in range(1, MAX_BRACKETING_RUNS + 1)):
+    for factor in (2 ** power for power in range(1, max_bracketing_runs + 1)):
         points += [{**point, "learning_rate": largest * factor} for point in objective.grid if point["learning_rate"] == largest]
         points += [{**point, "learning_rate": smallest / factor} for point in objective.grid if point["learning_rate"] == smallest]
     return points
 
 
-def tune(objective: Objective, measure_point, base: dict) -> tuple[str, bool, dict, dict[str, dict], dict[str, dict]]:
+def tune(objective: Objective, measure_point, base: dict,
+         max_bracketing_runs: int = MAX_BRACKETING_RUNS) -> tuple[str, bool, dict, dict[str, dict], dict[str, dict]]:
     """One objective's choice under the protocol: every grid point run and scored on validation (measure_point(point)
     -> validation measurement), SELECTION_RULE's choice, then while the chosen rate is on an edge of the rates tried
-    (bracketing_point) and fewer than MAX_BRACKETING_RUNS such runs were made, that run and the rule again over all.
+    (bracketing_point) and fewer than max_bracketing_runs such runs were made, that run and the rule again over all.
 
     Returns (chosen run name, whether it met the rule's constraints, its point, {run name: measurement},
     {run name: point}) in the order run."""
@@ -144,7 +150,7 @@ def tune(objective: Objective, measure_point, base: dict) -> tuple[str, bool, di
         name = run_name(objective, point)
         measurements[name], points[name] = measure_point(point), point
     chosen, met = select(measurements, base)
-    for _ in range(MAX_BRACKETING_RUNS):
+    for _ in range(max_bracketing_runs):
         point = bracketing_point(points[chosen], list(points.values()))
         if point is None:
             break
