@@ -31,11 +31,11 @@ def make_accelerator(**accelerator_options):
 
     accelerator_options["kwargs_handlers"] = with_gradient_bucket_views(accelerator_options.get("kwargs_handlers") or [])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options)
+    release_process_group_at_exit()
     launched = launched_processes()
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
     check_distributed_type(accelerator)
-    release_process_group_at_exit()
     return accelerator
 
 
@@ -43,11 +43,11 @@ _release_registered = False
 
 
 def release_process_group_at_exit() -> None:
-    """Destroy a gloo process group when the interpreter exits normally, before Python tears itself down (once per
-    process; a no-op without one). Left to interpreter finalization, gloo's worker threads can still hold tensors of
-    finished collectives whose release needs the interpreter, and the process aborts ("terminate called without an
-    active exception", SIGABRT) after its work is done, so the launcher reports a failed run. Only gloo: NCCL's
-    teardown may wait on its communicators and belongs to the code that knows they are idle (the trainer's
+    """Destroy a gloo process group at interpreter exit (after the program ends or raises), while Python is still whole
+    (once per process; a no-op without one). Left to interpreter finalization, gloo's worker threads can still hold
+    tensors of finished collectives whose release needs the interpreter, and the process aborts ("terminate called
+    without an active exception", SIGABRT) after its work is done, so the launcher reports a failed run. Only gloo:
+    NCCL's teardown may wait on its communicators and belongs to the code that knows they are idle (the trainer's
     end_training)."""
     global _release_registered
     if not _release_registered:
@@ -56,11 +56,16 @@ def release_process_group_at_exit() -> None:
 
 
 def release_gloo_process_group() -> None:
-    """Destroy the default process group if one is up and its backend is gloo."""
+    """Destroy the default process group if one is up and its backend is gloo, then collect garbage, so that what
+    still refers to the group (a DDP wrapper in a reference cycle) goes now rather than during finalization. Gloo's
+    teardown sends nothing to the other processes: one that left early or raised cannot make this wait."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
         dist.destroy_process_group()
+        gc.collect()
 
 
 # The launcher's request (accelerate launch sets these from its config) -> the distributed type that fulfils it.

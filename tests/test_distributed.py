@@ -47,19 +47,23 @@ WORKER = textwrap.dedent("""
             print(f"initialized at exit {dist.is_initialized()}", file=log)
 
     atexit.register(record_process_group)
-    accelerator = make_accelerator()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    assert accelerator.num_processes == 2 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    for _ in range(2):
-        accelerator.backward(model(torch.ones(4, 8)).sum())
-        storages = {parameter.grad.untyped_storage().data_ptr() for parameter in model.parameters()}
-        with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.txt"), "a") as log:
-            print(f"storages {len(storages)} bucket_view {model.gradient_as_bucket_view}", file=log)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def main():  # as the stages do: the model and the Accelerator are a function's locals
+        accelerator = make_accelerator()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        assert accelerator.num_processes == 2 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        for _ in range(2):
+            accelerator.backward(model(torch.ones(4, 8)).sum())
+            storages = {parameter.grad.untyped_storage().data_ptr() for parameter in model.parameters()}
+            with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.txt"), "a") as log:
+                print(f"storages {len(storages)} bucket_view {model.gradient_as_bucket_view}", file=log)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    main()
 """)
 
 
