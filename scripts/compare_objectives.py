@@ -60,6 +60,15 @@ def measure(unet: Path | None, prompts, split: str, args, world, cache: Path) ->
     return comparison.measure_cached({"unet_path": str(unet)} if unet else {}, prompts, split, args, world, cache)
 
 
+def recorded_command(given: list[str], max_bracketing_runs: int) -> str:
+    """This run's command as table.md records it: the flags given, and the bracketing cap it kept even when that was
+    the default (so the command reruns the same protocol after the default changes)."""
+    flags = list(given)
+    if not any(flag.split("=")[0] == "--max_bracketing_runs" for flag in flags):
+        flags += ["--max_bracketing_runs", str(max_bracketing_runs)]
+    return " ".join(["python scripts/compare_objectives.py", *flags])
+
+
 @exit_2_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
     given_edges = [name for name in chosen_points if name in on_edge and name in given]
     tests = (comparison.objective_tests(held_out, bounds) if comparison.REFERENCE_OBJECTIVE in held_out and len(held_out) > 1
              else [])
-    command = "python scripts/compare_objectives.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = recorded_command(sys.argv[1:] if argv is None else argv, args.max_bracketing_runs)
     text = "\n".join([
         f"Held-out occupations ({args.test_split}): mean over {len(seeds)} training seeds [95% interval over seeds; "
         "† cut to the metric's range].",

@@ -231,6 +231,9 @@ def test_the_script_refuses_an_unknown_objective(capsys):
     assert "--chosen_settings: sft not in --objectives" in capsys.readouterr().err
     assert script.main(["--chosen_settings", "popalign=popalign_learning_rate0.0001"]) == 2
     assert "--chosen_settings 'popalign=popalign_learning_rate0.0001': 'popalign_learning_rate0.0001' is not a point" in capsys.readouterr().err
+    assert script.recorded_command(["--seeds", "0,1,2,3,4"], 6) == ("python scripts/compare_objectives.py --seeds 0,1,2,3,4 "
+                                                                      "--max_bracketing_runs 6")
+    assert script.recorded_command(["--max_bracketing_runs=2"], 2) == "python scripts/compare_objectives.py --max_bracketing_runs=2"
     assert script.main(["--max_bracketing_runs", "-1"]) == 2
     assert "--max_bracketing_runs -1: must be 0 or more" in capsys.readouterr().err
     assert script.main(["--objectives", "popalign,sft", "--max_bracketing_runs", "1", "--chosen_settings", "sft=sft_learning_rate0.0016"]) == 2
