@@ -64,6 +64,8 @@ load_recipe
 : "${CLASSIFIER:=deepface}"            # deepface, clip (zero-shot), age_gender (offline weights; no race), toy
 : "${DETECTOR:=yunet}"                 # DeepFace face detector (the original used yunet); fastmtcnn runs offline
 : "${CLIP_MODEL:=openai/clip-vit-large-patch14}"         # for CLASSIFIER=clip
+: "${SECOND_CLASSIFIER:=}"             # another backend labelling the same images (e.g. age_gender): the report adds
+                                      # how the two agree per axis; empty: none
 : "${CLASSIFY_BATCH_SIZE:=16}"
 : "${SCORERS=hpsv2,pickscore,clip,aesthetic,imagereward}"    # empty (SCORERS=): no quality scoring
 : "${SCORER_OPTIONS_JSON:=}"             # {scorer: {option: value}}: checkpoints, versions (see popalign.score)
@@ -89,12 +91,23 @@ generate_args=(
 )
 
 classify_args=(--classifier "$CLASSIFIER" --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE")
+second_classify_args=()
+if [ -n "$SECOND_CLASSIFIER" ]; then
+  if [ "$SECOND_CLASSIFIER" = "$CLASSIFIER" ]; then
+    echo "error: SECOND_CLASSIFIER=$SECOND_CLASSIFIER: the same as CLASSIFIER" >&2
+    exit 2
+  fi
+  second_classify_args=(--classifier "$SECOND_CLASSIFIER" --detector "$DETECTOR" --clip_model "$CLIP_MODEL" --batch_size "$CLASSIFY_BATCH_SIZE")
+fi
 score_args=(--scorers "$SCORERS" --batch_size "$SCORE_BATCH_SIZE")
 [ -n "$SCORER_OPTIONS_JSON" ] && score_args+=(--options_json "$SCORER_OPTIONS_JSON")
 
 # check_classify_score FOLDER: classification and scoring settings and FOLDER checked in one process (exit 2, nothing written).
 check_classify_score() {
   python -m popalign.classify --output_dir "$1" "${classify_args[@]}" --validate_only
+  if [ -n "$SECOND_CLASSIFIER" ]; then
+    python -m popalign.classify --output_dir "$1" "${second_classify_args[@]}" --validate_only
+  fi
   if [ -n "$SCORERS" ]; then
     python -m popalign.score --output_dir "$1" "${score_args[@]}" --validate_only
   fi
@@ -110,6 +123,14 @@ generate_classify() {
   check_classify_score "$folder"
   # shellcheck disable=SC2086
   accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --output_dir "$folder" "${classify_args[@]}"
+}
+
+# second_classify FOLDER: one model's labels from SECOND_CLASSIFIER (after the rounds: every image is drawn).
+second_classify() {
+  if [ -n "$SECOND_CLASSIFIER" ]; then
+    # shellcheck disable=SC2086
+    accelerate launch --quiet $LAUNCH_ARGS -m popalign.classify --output_dir "$1" "${second_classify_args[@]}"
+  fi
 }
 
 # score FOLDER: one model's quality scores.
@@ -225,11 +246,12 @@ else
     count_args=(--images_per_identity_prompt "$MIN_IMAGES_PER_IDENTITY_PROMPT" --images_per_prompt_csv "$counts")
   done
 fi
-for folder in "${folders[@]}"; do score "$folder"; done
+for folder in "${folders[@]}"; do second_classify "$folder"; score "$folder"; done
 
 scorer_args=()
 [ -n "$SCORERS" ] && scorer_args=(--scorers "$SCORERS")
 [ "$CORRECT_FOR_CLASSIFIER" = 1 ] && scorer_args+=(--correct_for_classifier)
+[ -n "$SECOND_CLASSIFIER" ] && scorer_args+=(--second_classifier "$SECOND_CLASSIFIER")
 card_args=()
 [ "$UPDATE_MODEL_CARDS" = 1 ] && card_args=(--update_model_cards)
 python -m popalign.evaluate "${evaluate_args[@]}" --base_name "$BASE_NAME" --classifier "$CLASSIFIER" "${scorer_args[@]}" \

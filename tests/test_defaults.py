@@ -18,6 +18,9 @@ ENTRY_POINTS = ["1_generate_diverse_prompts.py", "popalign.generate", "popalign.
                 "3_generate_preferences.py", "train_popalign.py", "popalign.evaluate", "popalign.evaluate.precision"]
 # Where a stage reads and writes is the pipeline's wiring (each stage its own folder), not a default to agree on.
 LOCATION_FLAGS = {"input", "output", "pairs_file", "output_dir", "out_dir", "prompts_csv", "report_dir"}
+# A shell variable whose empty default means "not at all" where the flag it feeds has a default of its own: eval.sh
+# runs the second classifier only when SECOND_CLASSIFIER is set.
+OFF_WHEN_EMPTY = {("popalign.classify", "classifier", "SECOND_CLASSIFIER")}
 FLAG_FROM_VARIABLE = re.compile(r'--(?P<flag>\w+) "\$(?:\{)?(?P<name>\w+)(?:\})?"')
 
 
@@ -72,6 +75,8 @@ def test_shell_defaults_equal_the_python_defaults(shell_script):
         parser_defaults = {option.lstrip("-"): action.default for action in parser_of(script)._actions for option in action.option_strings}
         for flag, variable in flags.items():
             if variable not in defaults or flag in LOCATION_FLAGS or flag not in parser_defaults or parser_defaults[flag] is None:
+                continue
+            if (script, flag, variable) in OFF_WHEN_EMPTY and defaults[variable] == "":
                 continue
             checked += 1
             python_default = parser_defaults[flag]

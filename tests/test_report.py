@@ -262,6 +262,21 @@ def test_evaluate_adds_how_two_classifiers_agree(folders, tmp_path):
     assert 0 <= agreement.loc[("base", "gender"), "ci_low"] <= agreement.loc[("base", "gender"), "ci_high"] <= 1
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Two classifiers on the same pictures" in text and "`deepface` (the report's) against `clip`" in text
+    # One split's report compares the two on that split's images only (the labels files hold every image).
+    manifest = pd.read_csv(copies["base"] / "manifest.csv", dtype=str, keep_default_na=False)
+    occupations = sorted(set(manifest["occupation"]) - {""})
+    splits = pd.DataFrame({"occupation": occupations, "split": ["heldout" if index % 2 else "train"
+                                                                for index in range(len(occupations))]})
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "popalign.evaluate", "--base", str(copies["base"]), "--tuned", f"popalign={copies['tuned']}",
+         "--second_classifier", "clip", "--num_resamples", "100", "--chart_prompts", "0", "--grid_prompts", "0",
+         "--occupation_splits", str(tmp_path / "splits.csv"), "--split", "heldout",
+         "--report_dir", str(tmp_path / "report_heldout")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    heldout = pd.read_csv(tmp_path / "report_heldout" / "classifier_agreement.csv").set_index(["model", "axis"])
+    in_split = manifest["occupation"].isin(splits.loc[splits["split"] == "heldout", "occupation"]) | (manifest["occupation"] == "")
+    assert heldout.loc[("base", "face_detected"), "images"] == in_split.sum() < len(manifest)
 
 
 def test_generation_cells_name_another_vae_and_skip_folders_without_the_column():
