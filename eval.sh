@@ -105,9 +105,6 @@ score_args=(--scorers "$SCORERS" --batch_size "$SCORE_BATCH_SIZE")
 # check_classify_score FOLDER: classification and scoring settings and FOLDER checked in one process (exit 2, nothing written).
 check_classify_score() {
   python -m popalign.classify --output_dir "$1" "${classify_args[@]}" --validate_only
-  if [ -n "$SECOND_CLASSIFIER" ]; then
-    python -m popalign.classify --output_dir "$1" "${second_classify_args[@]}" --validate_only
-  fi
   if [ -n "$SCORERS" ]; then
     python -m popalign.score --output_dir "$1" "${score_args[@]}" --validate_only
   fi
@@ -216,6 +213,10 @@ precision_args+=(--classifier "$CLASSIFIER" --attributes "$ATTRIBUTES" --target_
 python -m popalign.generate "${generate_args[@]}" --prompts_csv "$staged_all_prompts" \
   --output_dir "$OUT_DIR/images/$BASE_NAME" --validate_only
 check_classify_score "$OUT_DIR/images/$BASE_NAME"
+# The second classifier's settings (the same for every folder; each folder is checked again as it is labelled).
+if [ -n "$SECOND_CLASSIFIER" ]; then
+  python -m popalign.classify --output_dir "$OUT_DIR/images/$BASE_NAME" "${second_classify_args[@]}" --validate_only
+fi
 for index in "${!tuned_names[@]}"; do
   python -m popalign.generate "${generate_args[@]}" "--${tuned_kinds[$index]}" "${tuned_dirs[$index]}" \
     --prompts_csv "$staged_all_prompts" --output_dir "$OUT_DIR/images/${tuned_names[$index]}" --validate_only
