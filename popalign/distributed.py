@@ -39,9 +39,6 @@ def make_accelerator(**accelerator_options):
     return accelerator
 
 
-_release_registered = False
-
-
 def release_process_group_at_exit() -> None:
     """Destroy a gloo process group at interpreter exit (after the program ends or raises), while Python is still whole
     (once per process; a no-op without one). Left to interpreter finalization, gloo's worker threads can still hold
@@ -49,10 +46,8 @@ def release_process_group_at_exit() -> None:
     without an active exception", SIGABRT) after its work is done, so the launcher reports a failed run. Only gloo:
     NCCL's teardown may wait on its communicators and belongs to the code that knows they are idle (the trainer's
     end_training)."""
-    global _release_registered
-    if not _release_registered:
-        atexit.register(release_gloo_process_group)
-        _release_registered = True
+    atexit.unregister(release_gloo_process_group)  # registered once, however many Accelerators are made
+    atexit.register(release_gloo_process_group)
 
 
 def release_gloo_process_group() -> None:

@@ -843,18 +843,16 @@ def classifier_agreement_table(models: Sequence[ModelEvaluation], first: str, se
 
     rows = []
     for model in models:
+        prompt_ids = {f"{folder}/{image_path}": prompt for folder, image_path, prompt in
+                      zip(model.images["folder"], model.images["image_path"], model.images["prompt_id"])}
         files = {name: [] for name in (first, second)}
         for folder in model.folders:
             for name in files:
                 path = labels_path(folder, name)
                 labels = read_csv_checked(path, ["image_path", "face_detected"])
                 labels["image_path"] = [f"{folder}/{image_path}" for image_path in labels["image_path"]]
-                files[name].append(labels)
-        prompt_ids = {f"{folder}/{image_path}": prompt for folder, image_path, prompt in
-                      zip(model.images["folder"], model.images["image_path"], model.images["prompt_id"])}
-        # The images this evaluation reads (one split, or the images every model shares): the labels files hold all.
-        for name in files:
-            files[name] = [labels[labels["image_path"].isin(prompt_ids)] for labels in files[name]]
+                # The images this evaluation reads (one split, or the images every model shares): the file holds all.
+                files[name].append(labels[labels["image_path"].isin(prompt_ids)])
         agreements = classifier_agreement(pd.concat(files[first], ignore_index=True), pd.concat(files[second], ignore_index=True),
                                           prompt_ids, [*axes, FACE_AXIS], (labels_file_name(first), labels_file_name(second)),
                                           settings.confidence, settings.num_resamples, settings.seed)

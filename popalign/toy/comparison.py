@@ -78,13 +78,19 @@ OBJECTIVES = (
 )
 
 
+# Bracketing (added after the first run on the 36-occupation world chose SFT's largest rate): at most this many runs
+# per objective beyond its grid, unless a run declares its own cap (compare_objectives --max_bracketing_runs). The
+# four-objective run on that world declared 2 and ended with SFT's rate still on the edge; the default was then
+# raised to 6, declared before the SFT run that used it.
+MAX_BRACKETING_RUNS = 6
+
+
 def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTIVES,
-                          max_bracketing_runs: int | None = None) -> dict[str, str]:
+                          max_bracketing_runs: int = MAX_BRACKETING_RUNS) -> dict[str, str]:
     """`objective=run name[,objective=run name...]` -> {objective: run name}: settings that an earlier run of this
     protocol chose (same pairs, base, steps and SELECTION_RULE), so that the objective's grid is not trained again.
     Each name must be one of its objective's candidate_points (its grid or a point bracketing could add under the
-    cap `max_bracketing_runs`, MAX_BRACKETING_RUNS when None; run_name); raises ValueError naming the entry otherwise."""
-    cap = MAX_BRACKETING_RUNS if max_bracketing_runs is None else max_bracketing_runs
+    cap `max_bracketing_runs`; run_name); raises ValueError naming the entry otherwise."""
     known = {objective.name: objective for objective in objectives}
     chosen: dict[str, str] = {}
     for entry in [entry.strip() for entry in text.split(",") if entry.strip()]:
@@ -94,19 +100,12 @@ def parse_chosen_settings(text: str, objectives: tuple[Objective, ...] = OBJECTI
             raise ValueError(f"{entry!r}: unknown objective {name!r} (known: {', '.join(known)})")
         if name in chosen:
             raise ValueError(f"{entry!r}: {name} given twice")
-        if setting not in {run_name(known[name], point) for point in candidate_points(known[name], cap)}:
+        if setting not in {run_name(known[name], point) for point in candidate_points(known[name], max_bracketing_runs)}:
             points = [run_name(known[name], point) for point in known[name].grid]
             raise ValueError(f"{entry!r}: {setting!r} is not a point of {name}'s grid ({', '.join(points)}) nor of its "
-                             f"bracketing (a rate of the grid's edge times or divided by 2 to 2^{cap})")
+                             f"bracketing (a rate of the grid's edge times or divided by 2 to 2^{max_bracketing_runs})")
         chosen[name] = setting
     return chosen
-
-
-# Bracketing (added after the first run on the 36-occupation world chose SFT's largest rate): at most this many runs
-# per objective beyond its grid, unless a run declares its own cap (compare_objectives --max_bracketing_runs). The
-# four-objective run on that world declared 2 and ended with SFT's rate still on the edge; the default was then
-# raised to 6, declared before the SFT run that used it.
-MAX_BRACKETING_RUNS = 6
 
 
 def _other_values(point: dict) -> dict:
